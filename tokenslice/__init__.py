@@ -1,0 +1,3 @@
+"""tokenslice: preemptive, time-sliced (chunked-decoding) LLM serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from tokenslice.cli import main
+
+sys.exit(main())

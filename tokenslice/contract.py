@@ -1,0 +1,207 @@
+"""The chunk contract: the one definition of tokenslice's internal headers and their signing.
+
+Every chunk of a request -- the first included -- travels as an HTTP request
+driver sidecar -> gateway (Envoy + gateway_ext) -> worker sidecar, carrying the
+headers below.  They decide routing (KV holder), priority and fair-share
+accounting, so they are signed: an HMAC-SHA256 over the header values and an
+expiry, keyed by a secret shared by the gateway and the sidecars of one pool.
+A client never holds the key, so it can never forge a continuation, a tenant,
+a priority class or a destination.  The gateway strips every ``x-tokenslice-*``
+header and the destination header from client traffic before anything else.
+
+The same scheme signs the *admission* headers the gateway puts on a client's
+own request (tenant and class it resolved) so the driver can trust them.
+
+Both sides import this module; nothing else may spell these header names.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PREFIX = "x-tokenslice-"
+
+# --- header names -----------------------------------------------------------
+REQUEST_ID = "x-tokenslice-request-id"
+"""Stable id of the client request; every chunk of it carries the same value."""
+CHUNK_INDEX = "x-tokenslice-chunk-index"
+"""0 for the first chunk (prefill + first slice), then 1, 2, ..."""
+TENANT = "x-tokenslice-tenant"
+PRIORITY_CLASS = "x-tokenslice-class"
+GENERATED = "x-tokenslice-generated"
+"""Completion tokens generated before this chunk (fair-share and aging input)."""
+PROMPT_TOKENS = "x-tokenslice-prompt-tokens"
+"""Length of the original prompt in tokens (cost model input)."""
+SLICE = "x-tokenslice-slice"
+"""Decode tokens this chunk may produce (its max_tokens)."""
+KV_HOLDER = "x-tokenslice-kv-holder"
+"""``host:port`` of the endpoint that served the previous chunk ('' for chunk 0)."""
+EXPIRES = "x-tokenslice-expires"
+"""Unix time (integer seconds) after which the signature is void."""
+SIGNATURE = "x-tokenslice-signature"
+ROLE = "x-tokenslice-role"
+"""``chunk`` (driver -> worker) or ``admit`` (gateway -> driver, client request)."""
+
+# response headers set by the worker / gateway (informational, never trusted for routing)
+SERVED_BY = "x-tokenslice-served-by"
+QUEUE_WAIT_MS = "x-tokenslice-queue-wait-ms"
+
+# --- the Gateway API Inference Extension endpoint-picker protocol -----------
+DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
+"""Header the EPP sets to the picked ``ip:port``; Envoy's ORIGINAL_DST cluster forwards there."""
+LB_METADATA_NAMESPACE = "envoy.lb"
+SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
+
+ROLE_CHUNK = "chunk"
+ROLE_ADMIT = "admit"
+
+# Headers covered by the signature for each role, in signing order.
+CHUNK_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, TENANT, PRIORITY_CLASS, GENERATED,
+                PROMPT_TOKENS, SLICE, KV_HOLDER, EXPIRES)
+ADMIT_SIGNED = (ROLE, REQUEST_ID, TENANT, PRIORITY_CLASS, EXPIRES)
+
+DEFAULT_TTL_S = 300
+KEY_ENV = "TOKENSLICE_SIGNING_KEY"
+KEY_FILE_ENV = "TOKENSLICE_SIGNING_KEY_FILE"
+
+
+class ContractError(ValueError):
+    """A header set that must not be trusted (unsigned, forged, expired, malformed)."""
+
+
+def load_key(key: str | bytes | None = None, key_file: str | os.PathLike[str] | None = None) -> bytes:
+    """Resolve the signing key: explicit value, explicit file, $TOKENSLICE_SIGNING_KEY, or its _FILE."""
+    if key:
+        return key.encode() if isinstance(key, str) else key
+    path = key_file or os.environ.get(KEY_FILE_ENV)
+    if path:
+        data = Path(path).read_bytes().strip()
+        if data:
+            return data
+        raise ContractError(f"signing key file {path} is empty")
+    env = os.environ.get(KEY_ENV)
+    if env:
+        return env.encode()
+    raise ContractError(f"no signing key: set {KEY_ENV} or {KEY_FILE_ENV}, or pass --signing-key-file")
+
+
+def _mac(key: bytes, values: list[str]) -> str:
+    return hmac.new(key, "\n".join(values).encode(), hashlib.sha256).hexdigest()
+
+
+@dataclass(slots=True)
+class ChunkHeaders:
+    """What one chunk claims about itself; trusted only once ``verify`` accepted it."""
+
+    request_id: str
+    chunk_index: int
+    tenant: str
+    priority_class: str
+    generated: int = 0
+    prompt_tokens: int = 0
+    slice: int = 0
+    kv_holder: str = ""
+    expires: int = field(default_factory=lambda: int(time.time()) + DEFAULT_TTL_S)
+
+    def _values(self) -> dict[str, str]:
+        return {
+            ROLE: ROLE_CHUNK,
+            REQUEST_ID: self.request_id,
+            CHUNK_INDEX: str(self.chunk_index),
+            TENANT: self.tenant,
+            PRIORITY_CLASS: self.priority_class,
+            GENERATED: str(self.generated),
+            PROMPT_TOKENS: str(self.prompt_tokens),
+            SLICE: str(self.slice),
+            KV_HOLDER: self.kv_holder,
+            EXPIRES: str(self.expires),
+        }
+
+    def sign(self, key: bytes) -> dict[str, str]:
+        """Headers to put on the chunk request, signature included."""
+        values = self._values()
+        values[SIGNATURE] = _mac(key, [values[h] for h in CHUNK_SIGNED])
+        return values
+
+    @classmethod
+    def verify(cls, headers: Mapping[str, str], key: bytes, now: float | None = None) -> ChunkHeaders:
+        """Parse and authenticate chunk headers (lower-case names); raise ContractError if untrusted."""
+        values = _checked(headers, key, CHUNK_SIGNED, ROLE_CHUNK, now)
+        try:
+            return cls(
+                request_id=values[REQUEST_ID],
+                chunk_index=int(values[CHUNK_INDEX]),
+                tenant=values[TENANT],
+                priority_class=values[PRIORITY_CLASS],
+                generated=int(values[GENERATED]),
+                prompt_tokens=int(values[PROMPT_TOKENS]),
+                slice=int(values[SLICE]),
+                kv_holder=values[KV_HOLDER],
+                expires=int(values[EXPIRES]),
+            )
+        except ValueError as exc:
+            raise ContractError(f"malformed chunk header: {exc}") from None
+
+
+@dataclass(slots=True)
+class AdmitHeaders:
+    """The gateway's verdict on a client request: who the tenant is and which class it runs in."""
+
+    request_id: str
+    tenant: str
+    priority_class: str
+    expires: int = field(default_factory=lambda: int(time.time()) + DEFAULT_TTL_S)
+
+    def sign(self, key: bytes) -> dict[str, str]:
+        values = {
+            ROLE: ROLE_ADMIT,
+            REQUEST_ID: self.request_id,
+            TENANT: self.tenant,
+            PRIORITY_CLASS: self.priority_class,
+            EXPIRES: str(self.expires),
+        }
+        values[SIGNATURE] = _mac(key, [values[h] for h in ADMIT_SIGNED])
+        return values
+
+    @classmethod
+    def verify(cls, headers: Mapping[str, str], key: bytes, now: float | None = None) -> AdmitHeaders:
+        values = _checked(headers, key, ADMIT_SIGNED, ROLE_ADMIT, now)
+        return cls(values[REQUEST_ID], values[TENANT], values[PRIORITY_CLASS], int(values[EXPIRES]))
+
+
+def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], role: str,
+             now: float | None) -> dict[str, str]:
+    signature = headers.get(SIGNATURE)
+    if not signature:
+        raise ContractError("unsigned tokenslice headers")
+    missing = [h for h in names if h not in headers]
+    if missing:
+        raise ContractError(f"missing signed header(s): {', '.join(missing)}")
+    values = {h: headers[h] for h in names}
+    if values[ROLE] != role:
+        raise ContractError(f"role {values[ROLE]!r} where {role!r} was expected")
+    if not hmac.compare_digest(_mac(key, [values[h] for h in names]), signature):
+        raise ContractError("bad signature on tokenslice headers")
+    try:
+        expires = int(values[EXPIRES])
+    except ValueError:
+        raise ContractError("malformed expiry") from None
+    if expires < (time.time() if now is None else now):
+        raise ContractError("expired tokenslice headers")
+    return values
+
+
+def is_internal_header(name: str) -> bool:
+    """True for headers a client must never be able to set (lower-case name)."""
+    return name.startswith(PREFIX) or name == DESTINATION_ENDPOINT
+
+# --- paths ------------------------------------------------------------------
+SIDECAR_METRICS_PATH = "/tokenslice/metrics"
+"""The sidecar's own Prometheus metrics; ``/metrics`` on the same port passes through to vLLM."""
