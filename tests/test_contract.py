@@ -1,0 +1,82 @@
+"""The chunk contract: what signs verifies, and nothing forged, altered or stale does."""
+
+import time
+
+import pytest
+
+from tokenslice import contract as c
+
+KEY = b"k" * 32
+
+
+def chunk(**kw):
+    base = dict(request_id="r1", chunk_index=3, tenant="batch-a", priority_class="batch",
+                generated=96, prompt_tokens=12, slice=32, kv_holder="127.0.0.1:8001")
+    base.update(kw)
+    return c.ChunkHeaders(**base)
+
+
+def test_round_trip():
+    headers = chunk().sign(KEY)
+    got = c.ChunkHeaders.verify(headers, KEY)
+    assert got == chunk(expires=got.expires)
+    assert all(c.is_internal_header(h) for h in headers)
+
+
+@pytest.mark.parametrize("name,value", [
+    (c.PRIORITY_CLASS, "interactive"),  # escalation
+    (c.TENANT, "web"),                  # impersonation
+    (c.KV_HOLDER, "10.0.0.9:80"),       # steering
+    (c.GENERATED, "0"),                 # fair-share cheating
+    (c.EXPIRES, "9999999999"),          # extending a captured header set
+])
+def test_any_altered_value_is_rejected(name, value):
+    headers = chunk().sign(KEY)
+    headers[name] = value
+    with pytest.raises(c.ContractError, match="bad signature"):
+        c.ChunkHeaders.verify(headers, KEY)
+
+
+def test_wrong_key_unsigned_missing_expired():
+    headers = chunk().sign(KEY)
+    with pytest.raises(c.ContractError, match="bad signature"):
+        c.ChunkHeaders.verify(headers, b"other")
+    unsigned = {k: v for k, v in headers.items() if k != c.SIGNATURE}
+    with pytest.raises(c.ContractError, match="unsigned"):
+        c.ChunkHeaders.verify(unsigned, KEY)
+    partial = {k: v for k, v in headers.items() if k != c.TENANT}
+    with pytest.raises(c.ContractError, match="missing"):
+        c.ChunkHeaders.verify(partial, KEY)
+    stale = chunk(expires=int(time.time()) - 1).sign(KEY)
+    with pytest.raises(c.ContractError, match="expired"):
+        c.ChunkHeaders.verify(stale, KEY)
+
+
+def test_admit_headers_cannot_pass_as_chunk_and_back():
+    admit = c.AdmitHeaders("r1", "web", "interactive").sign(KEY)
+    assert c.AdmitHeaders.verify(admit, KEY).priority_class == "interactive"
+    with pytest.raises(c.ContractError):
+        c.ChunkHeaders.verify(admit, KEY)
+    with pytest.raises(c.ContractError, match="role"):
+        c.AdmitHeaders.verify(chunk().sign(KEY), KEY)
+
+
+def test_load_key(tmp_path, monkeypatch):
+    monkeypatch.delenv(c.KEY_ENV, raising=False)
+    monkeypatch.delenv(c.KEY_FILE_ENV, raising=False)
+    with pytest.raises(c.ContractError, match="no signing key"):
+        c.load_key()
+    f = tmp_path / "key"
+    f.write_text("secret\n")
+    assert c.load_key(key_file=f) == b"secret"
+    f.write_text("")
+    with pytest.raises(c.ContractError, match="empty"):
+        c.load_key(key_file=f)
+    monkeypatch.setenv(c.KEY_ENV, "envkey")
+    assert c.load_key() == b"envkey"
+
+
+def test_client_headers_are_internal():
+    assert c.is_internal_header("x-tokenslice-anything")
+    assert c.is_internal_header(c.DESTINATION_ENDPOINT)
+    assert not c.is_internal_header("x-tenant-id")
