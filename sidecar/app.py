@@ -1,0 +1,254 @@
+"""The sidecar's HTTP app: one port, three roles.
+
+* a request with signed chunk headers is a **worker** request: one chunk, forwarded to the
+  local vLLM and streamed back with ``x-tokenslice-served-by``;
+* ``POST /v1/completions`` / ``/v1/chat/completions`` without them are **driver** requests:
+  the client's own request, run as chunks;
+* everything else passes through to vLLM unchanged.
+
+Chunk headers that fail verification are refused with 403: they never run as a chunk, and
+never as a client request either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import uuid
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from tokenslice import contract
+from tokenslice.contract import AdmitHeaders, ChunkHeaders, ContractError
+
+from .driver import ChunkTarget, Generation, tokenize
+from .metrics import SidecarMetrics
+from .openai_stream import ResponseBuilder, error_body, sse
+from .proxy import forward, forward_headers
+from .requests import Endpoint, Plan, RequestError, plan
+from .upstream import UpstreamError
+
+log = logging.getLogger("tokenslice.sidecar")
+
+DRIVER_PATHS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+
+@dataclass(frozen=True, slots=True)
+class SidecarConfig:
+    vllm_url: str = "http://127.0.0.1:8200"
+    chunk_url: str | None = None
+    """Base URL of the gateway (Envoy); None sends chunks straight to the local vLLM."""
+    chunk_size: int = 32
+    advertise: str = ""
+    """``host:port`` this pod is reached at (the KV holder name); empty: the bound address."""
+    key: bytes = b""
+    """HMAC key shared with the gateway; empty means a random per-process key (local mode only)."""
+    default_tenant: str = "default"
+    default_class: str = "standard"
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 300.0
+    """Longest silence tolerated on an upstream stream (a queued chunk waits in the gateway)."""
+
+
+STATE = web.AppKey("tokenslice_sidecar", object)
+
+
+@dataclass(slots=True)
+class _State:
+    config: SidecarConfig
+    key: bytes
+    metrics: SidecarMetrics
+    advertise: str = ""
+    session: aiohttp.ClientSession | None = None
+
+    @property
+    def timeout(self) -> aiohttp.ClientTimeout:
+        c = self.config
+        return aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
+
+    def target(self) -> ChunkTarget:
+        c = self.config
+        base = (c.chunk_url or c.vllm_url).rstrip("/")
+        assert self.session is not None
+        return ChunkTarget(self.session, c.vllm_url.rstrip("/"), f"{base}/v1/completions", self.advertise,
+                           self.key, self.timeout)
+
+
+def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None) -> web.Application:
+    """The sidecar app; serve it with ``handler_cancellation=True`` so disconnects cancel upstream work."""
+    key = config.key
+    if not key:
+        key = secrets.token_bytes(32)
+        log.warning("no signing key configured: using a random per-process key (local mode without a gateway "
+                    "only)")
+    state = _State(config, key, metrics or SidecarMetrics(), advertise=config.advertise)
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[STATE] = state
+
+    async def session_ctx(_: web.Application):
+        state.session = aiohttp.ClientSession(read_bufsize=1 << 20,
+                                              connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        yield
+        await state.session.close()
+
+    app.cleanup_ctx.append(session_ctx)
+    app.router.add_get(contract.SIDECAR_METRICS_PATH, _metrics)
+    app.router.add_route("*", "/{tail:.*}", _dispatch)
+    return app
+
+
+def _state(request: web.Request) -> _State:
+    return request.app[STATE]  # type: ignore[return-value]
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = _state(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+def _error(message: str, status: int, err_type: str = "BadRequestError", param: str | None = None) -> web.Response:
+    return web.json_response(error_body(message, status, err_type, param), status=status)
+
+
+async def _dispatch(request: web.Request) -> web.StreamResponse:
+    st = _state(request)
+    lower = {k.lower(): v for k, v in request.headers.items()}
+    if lower.get(contract.ROLE) == contract.ROLE_CHUNK or contract.CHUNK_INDEX in lower:
+        try:
+            chunk = ChunkHeaders.verify(lower, st.key)
+        except ContractError as exc:
+            st.metrics.rejected.labels("bad_chunk_headers").inc()
+            log.warning("refused chunk request from %s: %s", request.remote, exc)
+            return _error(f"untrusted chunk headers: {exc}", 403, "PermissionDeniedError")
+        if request.method != "POST" or request.path != "/v1/completions":
+            return _error("chunks are POST /v1/completions only", 404, "NotFoundError")
+        return await _worker(request, st, chunk)
+    endpoint = DRIVER_PATHS.get(request.path)
+    if endpoint is not None and request.method == "POST":
+        return await _driver(request, st, endpoint, lower)
+    st.metrics.requests.labels("other", "passthrough").inc()
+    body = await request.read() if request.can_read_body else None
+    url = st.config.vllm_url.rstrip("/") + request.raw_path
+    return await forward(request, _session(st), url, body, st.timeout, forward_headers(request))
+
+
+def _session(st: _State) -> aiohttp.ClientSession:
+    assert st.session is not None
+    return st.session
+
+
+async def _worker(request: web.Request, st: _State, chunk: ChunkHeaders) -> web.StreamResponse:
+    """Run exactly one chunk on the local vLLM; the body is forwarded as is."""
+    st.metrics.worker_chunks.inc()
+    body = await request.read()
+    st.metrics.inflight.inc()
+    try:
+        return await forward(request, _session(st), st.config.vllm_url.rstrip("/") + "/v1/completions", body,
+                             st.timeout, {"Content-Type": "application/json"},
+                             {contract.SERVED_BY: st.advertise})
+    finally:
+        st.metrics.inflight.dec()
+
+
+async def _driver(request: web.Request, st: _State, endpoint: Endpoint,
+                  lower: dict[str, str]) -> web.StreamResponse:
+    raw = await request.read()
+    try:
+        body = json.loads(raw or b"null")
+    except ValueError as exc:
+        st.metrics.rejected.labels("bad_json").inc()
+        return _error(f"request body is not valid JSON: {exc}", 400)
+    try:
+        p = plan(endpoint, body)
+    except RequestError as exc:
+        st.metrics.rejected.labels("invalid").inc()
+        return _error(str(exc), 400, param=exc.param)
+    if p.passthrough:
+        st.metrics.requests.labels(endpoint, "passthrough").inc()
+        st.metrics.passthrough.labels(p.passthrough).inc()
+        log.info("running %s request unchunked: %s", endpoint, p.passthrough)
+        return await forward(request, _session(st), st.config.vllm_url.rstrip("/") + request.path, raw,
+                             st.timeout, forward_headers(request))
+    st.metrics.requests.labels(endpoint, "chunked").inc()
+
+    request_id, tenant, klass = uuid.uuid4().hex, st.config.default_tenant, st.config.default_class
+    if lower.get(contract.ROLE) == contract.ROLE_ADMIT:
+        try:
+            admit = AdmitHeaders.verify(lower, st.key)
+            request_id, tenant, klass = admit.request_id, admit.tenant, admit.priority_class
+        except ContractError as exc:
+            st.metrics.rejected.labels("bad_admit_headers").inc()
+            log.warning("ignoring untrusted admit headers from %s: %s", request.remote, exc)
+    return await run_chunked(request, st, p, request_id, tenant, klass, st.config.chunk_size)
+
+
+async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str, tenant: str, klass: str,
+                      chunk_size: int) -> web.StreamResponse:
+    """Tokenize once, then stream (or collect) the chunked generation."""
+    target = st.target()
+    try:
+        prompt_ids, max_model_len = await tokenize(target, p)
+        gen = Generation(target, p, request_id, tenant, klass, chunk_size, prompt_ids, max_model_len, st.metrics)
+        gen.budget()
+    except RequestError as exc:
+        st.metrics.rejected.labels("invalid").inc()
+        return _error(str(exc), 400, param=exc.param)
+    except UpstreamError as exc:
+        st.metrics.errors.labels("tokenize").inc()
+        return web.json_response(exc.body, status=exc.status)
+    out = ResponseBuilder(p, request_id, prompt_ids=prompt_ids)
+    stream: web.StreamResponse | None = None
+    try:
+        async with contextlib.aclosing(gen.run()) as deltas:
+            async for d in deltas:
+                out.model = out.model or gen.model or p.model or ""
+                if not p.stream:
+                    out.add(d)
+                    continue
+                if stream is None:
+                    stream = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                         "Cache-Control": "no-cache"})
+                    await stream.prepare(request)
+                    await stream.write(out.start_events())
+                event = out.event(d)
+                if event:
+                    await stream.write(event)
+    except UpstreamError as exc:
+        log.warning("request %s failed after %d chunk(s): %s", request_id, gen.chunks, exc)
+        if stream is None and not (p.stream and out.completion_tokens):
+            return web.json_response(exc.body, status=exc.status)
+        await stream.write(sse(exc.body) + b"data: [DONE]\n\n")
+        await stream.write_eof()
+        return stream
+    except (ConnectionResetError, asyncio.CancelledError):
+        st.metrics.cancelled.inc()
+        log.info("client of request %s went away after %d chunk(s)", request_id, gen.chunks)
+        raise
+    if not p.stream:
+        return web.json_response(out.body())
+    if stream is None:  # nothing was generated at all
+        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await stream.prepare(request)
+        await stream.write(out.start_events())
+    await stream.write(out.end_events())
+    await stream.write_eof()
+    return stream
+
+
+async def start(config: SidecarConfig, host: str = "127.0.0.1", port: int = 0,
+                metrics: SidecarMetrics | None = None) -> tuple[web.AppRunner, int]:
+    """Serve the sidecar in the running loop (tests, ``tokenslice local``); port 0 picks a free one."""
+    app = build_app(config, metrics)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound = int(runner.addresses[0][1])
+    state: _State = app[STATE]  # type: ignore[assignment]
+    state.advertise = state.advertise or f"{host}:{bound}"
+    return runner, bound

@@ -1,0 +1,200 @@
+"""The driver: runs one client request as a sequence of chunks with token-id continuation.
+
+The prompt is tokenized once (chat template applied once).  Chunk k is a plain vLLM
+``/v1/completions`` call whose prompt is the prompt ids plus every id generated so far and
+whose ``max_tokens`` is the slice; vLLM's prefix cache keeps the KV between chunks, and the
+gateway may pause or move the request at every boundary.  Text comes from vLLM's
+detokenizer primed with the whole context, so a chunk's text continues the previous one
+exactly; token ids come from ``return_token_ids``, never from re-tokenized text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+from tokenslice.contract import SERVED_BY, ChunkHeaders
+
+from .metrics import SidecarMetrics
+from .openai_stream import Delta, error_body
+from .requests import Plan, RequestError, chunk_seed, tokenize_body
+from .stops import StopScanner
+from .upstream import UpstreamError, error_from_response, sse_events
+
+log = logging.getLogger("tokenslice.sidecar.driver")
+
+
+@dataclass(slots=True)
+class ChunkTarget:
+    """Where chunks go and who this driver is."""
+
+    session: aiohttp.ClientSession
+    vllm_url: str
+    chunk_url: str
+    """``.../v1/completions`` of the gateway, or of the local vLLM when there is no gateway."""
+    advertise: str
+    key: bytes
+    timeout: aiohttp.ClientTimeout
+
+
+async def tokenize(target: ChunkTarget, plan: Plan) -> tuple[list[int], int]:
+    """Prompt token ids exactly as unchunked vLLM would build them, and the model's context length."""
+    try:
+        async with target.session.post(f"{target.vllm_url}/tokenize", json=tokenize_body(plan),
+                                       timeout=target.timeout) as resp:
+            if resp.status != 200:
+                raise await error_from_response(resp, "vLLM /tokenize")
+            data = await resp.json()
+    except aiohttp.ClientConnectionError as exc:
+        raise UpstreamError.unreachable("vLLM", exc) from None
+    except asyncio.TimeoutError:
+        raise UpstreamError.timeout("vLLM /tokenize") from None
+    ids = plan.prompt if isinstance(plan.prompt, list) else data["tokens"]
+    return list(ids), int(data["max_model_len"])
+
+
+@dataclass(slots=True)
+class Generation:
+    """One client request's chunk loop; iterate ``run()`` for the deltas the client sees."""
+
+    target: ChunkTarget
+    plan: Plan
+    request_id: str
+    tenant: str
+    priority_class: str
+    chunk_size: int
+    prompt_ids: list[int]
+    max_model_len: int
+    metrics: SidecarMetrics
+    generated: list[int] = field(default_factory=list)
+    model: str = ""
+    chunks: int = 0
+    kv_holder: str = ""
+
+    def budget(self) -> int:
+        """Completion tokens this request may produce in total."""
+        room = self.max_model_len - len(self.prompt_ids)
+        if room <= 0:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, your "
+                f"prompt contains {len(self.prompt_ids)} tokens, leaving no room for completion tokens.",
+                "messages" if self.plan.endpoint == "chat" else "prompt")
+        wanted = self.plan.max_tokens
+        if wanted is None:
+            return room
+        if wanted > room:
+            raise RequestError(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
+                f"requested {wanted} output tokens and your prompt contains {len(self.prompt_ids)} input "
+                f"tokens, for a total of {wanted + len(self.prompt_ids)} tokens.", "max_tokens")
+        return wanted
+
+    def _chunk_body(self, max_tokens: int) -> dict[str, Any]:
+        plan = self.plan
+        body = dict(plan.chunk_params)
+        body.update(prompt=self.prompt_ids + self.generated, max_tokens=max_tokens, stream=True,
+                    return_token_ids=True, request_id=f"{self.request_id}-{self.chunks}")
+        left = plan.min_tokens - len(self.generated)
+        if left > 0:
+            body["min_tokens"] = left
+        if plan.seed is not None:
+            body["seed"] = chunk_seed(plan.seed, len(self.generated))
+        if plan.logprobs is not None:
+            body["logprobs"] = plan.logprobs
+        return body
+
+    async def run(self) -> AsyncIterator[Delta]:
+        budget = self.budget()
+        scanner = StopScanner(self.plan.stops, self.plan.include_stop_str, self.plan.min_tokens)
+        last_end: float | None = None
+        while True:
+            remaining = budget - len(self.generated)
+            slice_ = min(self.chunk_size, remaining)
+            headers = ChunkHeaders(request_id=self.request_id, chunk_index=self.chunks, tenant=self.tenant,
+                                   priority_class=self.priority_class, generated=len(self.generated),
+                                   prompt_tokens=len(self.prompt_ids), slice=slice_,
+                                   kv_holder=self.kv_holder).sign(self.target.key)
+            body = self._chunk_body(slice_)
+            text_base = len(scanner.text)
+            produced = 0
+            started = time.monotonic()
+            first_token = True
+            self.metrics.chunks.inc()
+            self.metrics.inflight.inc()
+            try:
+                async with self.target.session.post(self.target.chunk_url, json=body, headers=headers,
+                                                    timeout=self.target.timeout) as resp:
+                    if resp.status != 200:
+                        raise await error_from_response(resp, "chunk upstream")
+                    self.kv_holder = resp.headers.get(SERVED_BY) or self.target.advertise
+                    finish: str | None = None
+                    stop_reason: int | str | None = None
+                    async for event in sse_events(resp):
+                        choices = event.get("choices")
+                        if not choices:
+                            continue
+                        if not self.model:
+                            self.model = event.get("model") or ""
+                        choice = choices[0]
+                        ids = choice.get("token_ids") or []
+                        if first_token and ids:
+                            first_token = False
+                            if last_end is not None:
+                                self.metrics.pause.observe(time.monotonic() - last_end)
+                        produced += len(ids)
+                        self.generated.extend(ids)
+                        text, stop = scanner.feed(choice.get("text") or "", len(ids))
+                        lp = _rebased(choice.get("logprobs"), text_base)
+                        if stop is not None:
+                            resp.close()  # abort the rest of this chunk upstream: the generation is over
+                            yield Delta(text, ids, lp, "stop", stop)
+                            return
+                        finish = choice.get("finish_reason")
+                        stop_reason = choice.get("stop_reason")
+                        if finish is None:
+                            if text or ids:
+                                yield Delta(text, ids, lp)
+                            continue
+                        if finish == "length" and produced == slice_ and len(self.generated) < budget:
+                            yield Delta(text, ids, lp)  # the slice is used up: a chunk boundary, not an end
+                        elif finish in ("stop", "length"):
+                            yield Delta(text + scanner.flush(), ids, lp, finish, stop_reason)
+                            return
+                        else:
+                            raise UpstreamError(500, error_body(f"chunk ended with finish_reason {finish!r}",
+                                                                500, "InternalServerError"))
+                        break
+                    if finish is None:
+                        raise UpstreamError(502, error_body("chunk stream ended without a finish_reason", 502,
+                                                            "UpstreamError"))
+            except aiohttp.ClientConnectionError as exc:
+                self.metrics.errors.labels("chunk").inc()
+                raise UpstreamError.unreachable("chunk upstream", exc) from None
+            except asyncio.TimeoutError:
+                self.metrics.errors.labels("chunk").inc()
+                raise UpstreamError.timeout("chunk upstream") from None
+            except UpstreamError:
+                self.metrics.errors.labels("chunk").inc()
+                raise
+            finally:
+                self.metrics.inflight.dec()
+            last_end = time.monotonic()
+            self.metrics.chunk_latency.observe(last_end - started)
+            self.metrics.chunk_tokens.observe(produced)
+            self.chunks += 1
+
+
+def _rebased(logprobs: dict[str, list[Any]] | None, text_base: int) -> dict[str, list[Any]] | None:
+    """A chunk's completions logprobs with ``text_offset`` counted from the start of the whole completion."""
+    if not logprobs:
+        return None
+    if text_base and logprobs.get("text_offset"):
+        logprobs = dict(logprobs)
+        logprobs["text_offset"] = [o + text_base for o in logprobs["text_offset"]]
+    return logprobs

@@ -1,0 +1,62 @@
+"""Talking to the upstream (vLLM or the gateway): SSE parsing and error mapping."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from .openai_stream import error_body
+
+
+class UpstreamError(Exception):
+    """An upstream failure, already shaped as the OpenAI error the client should see."""
+
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        super().__init__(body.get("error", {}).get("message", str(body)))
+        self.status = status
+        self.body = body
+
+    @classmethod
+    def unreachable(cls, what: str, exc: BaseException) -> UpstreamError:
+        return cls(502, error_body(f"{what} unreachable: {exc.__class__.__name__}: {exc}", 502,
+                                   "ServiceUnavailableError"))
+
+    @classmethod
+    def timeout(cls, what: str) -> UpstreamError:
+        return cls(504, error_body(f"{what} timed out", 504, "TimeoutError"))
+
+
+async def error_from_response(resp: aiohttp.ClientResponse, what: str) -> UpstreamError:
+    """Keep a JSON OpenAI error from upstream as is; wrap anything else."""
+    raw = await resp.read()
+    try:
+        body = json.loads(raw)
+        if isinstance(body, dict) and isinstance(body.get("error"), dict):
+            return UpstreamError(resp.status, body)
+        if isinstance(body, dict) and "detail" in body:  # FastAPI's own 4xx
+            return UpstreamError(resp.status, error_body(str(body["detail"]), resp.status))
+    except ValueError:
+        pass
+    text = raw.decode(errors="replace")[:500]
+    return UpstreamError(resp.status, error_body(f"{what} returned HTTP {resp.status}: {text}", resp.status,
+                                                 "UpstreamError"))
+
+
+async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """JSON objects of an SSE stream, up to ``[DONE]``; an ``error`` event raises UpstreamError."""
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        obj = json.loads(data)
+        if "error" in obj and not obj.get("choices"):
+            err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
+            status = int(err.get("code") or 500)
+            raise UpstreamError(status, {"error": err})
+        yield obj
