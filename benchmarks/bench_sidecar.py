@@ -1,0 +1,163 @@
+"""Direct vLLM vs through the chunking sidecar, side by side, for several chunk sizes.
+
+    .venv/bin/python benchmarks/bench_sidecar.py [--vllm-url URL] [--chunk-sizes 4,16,64]
+        [--concurrency 1,8] [--tokens 256] [--rounds 2]
+
+Starts a real vLLM with the tiny model (unless --vllm-url is given) and one sidecar process per
+chunk size (``tokenslice sidecar``, chunks straight to the local vLLM: the no-gateway mode), then
+streams the same greedy, ignore_eos requests direct and through each sidecar.  Prints one table:
+throughput (completion tokens/s over all streams), mean time per output token, time to first
+token, and the per-chunk overhead = (sidecar wall - direct wall) / chunks per request.
+Not a test: numbers depend on the machine; the command and its output go to docs/sidecar.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parent.parent
+PROMPT = "Once upon a time, in a kingdom by the sea, there lived"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Sample:
+    wall: float
+    ttft: float
+    tokens: int
+
+
+async def one_stream(http: aiohttp.ClientSession, url: str, model: str, tokens: int) -> Sample:
+    body = {"model": model, "prompt": PROMPT, "max_tokens": tokens, "ignore_eos": True, "temperature": 0,
+            "stream": True, "return_token_ids": True}
+    start = time.perf_counter()
+    ttft = None
+    n = 0
+    async with http.post(f"{url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+        async for line in resp.content:
+            if not line.startswith(b"data: {"):
+                continue
+            ev = json.loads(line[6:])
+            for ch in ev.get("choices") or []:
+                got = len(ch.get("token_ids") or [])
+                if got and ttft is None:
+                    ttft = time.perf_counter() - start
+                n += got
+    assert n == tokens, (n, tokens)
+    return Sample(time.perf_counter() - start, ttft or 0.0, n)
+
+
+async def measure(http: aiohttp.ClientSession, url: str, model: str, concurrency: int, tokens: int,
+                  rounds: int) -> dict[str, float]:
+    walls, ttfts, tputs = [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        samples = await asyncio.gather(*(one_stream(http, url, model, tokens) for _ in range(concurrency)))
+        elapsed = time.perf_counter() - t0
+        tputs.append(sum(s.tokens for s in samples) / elapsed)
+        walls.extend(s.wall for s in samples)
+        ttfts.extend(s.ttft for s in samples)
+    wall = statistics.mean(walls)
+    return {"tput": statistics.mean(tputs), "wall": wall, "ttft": statistics.mean(ttfts),
+            "tpot_ms": 1000 * (wall - statistics.mean(ttfts)) / max(1, tokens - 1)}
+
+
+async def wait_http(http: aiohttp.ClientSession, url: str, deadline_s: float = 60.0) -> None:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            async with http.get(url) as resp:
+                if resp.status == 200:
+                    return
+        except aiohttp.ClientError:
+            pass
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--vllm-url", help="use this running vLLM instead of starting the tiny one")
+    ap.add_argument("--model", help="served model name (default: the first of /v1/models)")
+    ap.add_argument("--chunk-sizes", default="4,16,64")
+    ap.add_argument("--concurrency", default="1,8")
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    sizes = [int(x) for x in args.chunk_sizes.split(",")]
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    async with AsyncExitStack() as stack:
+        http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)))
+        vllm_url = args.vllm_url
+        if not vllm_url:
+            from tokenslice.engine.server import start_vllm
+
+            print("starting vLLM (tiny model) ...", flush=True)
+            server = await start_vllm(extra_args=["--max-num-seqs", str(max(levels) * 2)])
+            stack.push_async_callback(server.stop)
+            vllm_url = server.url
+        async with http.get(f"{vllm_url}/v1/models") as resp:
+            model = args.model or (await resp.json())["data"][0]["id"]
+
+        sidecars: dict[int, str] = {}
+        for size in sizes:
+            port = free_port()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tokenslice", "sidecar", "--host", "127.0.0.1", "--port", str(port),
+                 "--vllm-url", vllm_url, "--chunk-size", str(size), "--log-level", "WARNING"],
+                cwd=REPO, env={**os.environ, "TOKENSLICE_SIGNING_KEY": "bench"}, start_new_session=True)
+            stack.callback(lambda p=proc: (os.killpg(p.pid, signal.SIGTERM), p.wait(10)))
+            sidecars[size] = f"http://127.0.0.1:{port}"
+            await wait_http(http, f"{sidecars[size]}/health")
+        print(f"vLLM {vllm_url} model {model}; sidecars {sidecars}", flush=True)
+
+        await measure(http, vllm_url, model, 1, 16, 1)  # warm-up (compile, caches)
+        rows = []
+        for conc in levels:
+            print(f"-- concurrency {conc}: direct ...", flush=True)
+            direct = await measure(http, vllm_url, model, conc, args.tokens, args.rounds)
+            rows.append(("direct", "-", conc, direct, None))
+            for size in sizes:
+                print(f"-- concurrency {conc}: sidecar chunk {size} ...", flush=True)
+                res = await measure(http, sidecars[size], model, conc, args.tokens, args.rounds)
+                chunks = -(-args.tokens // size)
+                overhead_ms = 1000 * (res["wall"] - direct["wall"]) / chunks
+                rows.append(("sidecar", str(size), conc, res, (direct, overhead_ms)))
+
+    print()
+    print(f"{args.tokens} tokens/stream, greedy, ignore_eos, {args.rounds} rounds; machine: {os.cpu_count()} cpus")
+    head = f"{'path':8} {'chunk':>5} {'streams':>7} {'tok/s':>8} {'vs direct':>9} {'TTFT ms':>8} " \
+           f"{'TPOT ms':>8} {'wall s':>7} {'ms/chunk overhead':>18}"
+    print(head)
+    print("-" * len(head))
+    for path, size, conc, res, extra in rows:
+        ratio = f"{res['tput'] / extra[0]['tput']:.2f}x" if extra else "1.00x"
+        over = f"{extra[1]:.1f}" if extra else "-"
+        print(f"{path:8} {size:>5} {conc:>7} {res['tput']:8.1f} {ratio:>9} {1000 * res['ttft']:8.1f} "
+              f"{res['tpot_ms']:8.2f} {res['wall']:7.2f} {over:>18}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(asyncio.run(main()))

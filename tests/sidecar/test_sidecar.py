@@ -1,0 +1,534 @@
+"""The chunking sidecar against the real vLLM: chunked == unchunked, token for token.
+
+Every reference is the same request sent straight to vLLM (unchunked).  The sidecar
+runs in-process on a free port; one sidecar per chunk size, shared by the session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from tokenslice import contract
+from tokenslice.contract import AdmitHeaders, ChunkHeaders
+
+from .conftest import TEST_KEY
+from .helpers import CHAT, PROMPTS, choice_text, post_json, post_stream
+
+pytestmark = pytest.mark.engine
+
+CHUNK_SIZES = [1, 7, 16, 64, 1000]
+MAX_TOKENS = 48
+
+
+def _greedy(**extra):
+    return {"temperature": 0.0, "return_token_ids": True, **extra}
+
+
+async def _reference(http, vllm, path: str, body: dict) -> dict:
+    return await post_json(http, f"{vllm.url}{path}", {"model": vllm.model, **body})
+
+
+# --- token-for-token equality ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+async def test_completions_equal_unchunked(http, vllm, sidecars, chunk_size):
+    sc = await sidecars(chunk_size)
+    for prompt in PROMPTS:
+        body = _greedy(prompt=prompt, max_tokens=MAX_TOKENS)
+        ref = await _reference(http, vllm, "/v1/completions", body)
+        got = await post_json(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body})
+        r, g = ref["choices"][0], got["choices"][0]
+        assert g["token_ids"] == r["token_ids"], prompt
+        assert g["text"] == r["text"], prompt
+        assert (g["finish_reason"], g["stop_reason"]) == (r["finish_reason"], r["stop_reason"])
+        assert got["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+        assert got["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+        assert got["object"] == "text_completion" and got["model"] == ref["model"]
+
+        streamed = await post_stream(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body})
+        assert streamed.token_ids == r["token_ids"]
+        assert streamed.text == r["text"]
+        assert streamed.finish_reason == r["finish_reason"]
+        assert streamed.usage is None  # not asked for
+        # token by token: about one event per token, not one per chunk
+        assert len(streamed.events) >= len(r["token_ids"]) * 0.8
+
+
+@pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
+async def test_chat_equal_unchunked(http, vllm, sidecars, chunk_size):
+    sc = await sidecars(chunk_size)
+    for messages in CHAT:
+        body = _greedy(messages=messages, max_completion_tokens=MAX_TOKENS)
+        ref = await _reference(http, vllm, "/v1/chat/completions", body)
+        got = await post_json(http, f"{sc.url}/v1/chat/completions", {"model": vllm.model, **body})
+        r, g = ref["choices"][0], got["choices"][0]
+        assert g["token_ids"] == r["token_ids"]
+        assert g["message"]["content"] == r["message"]["content"]
+        assert g["message"]["role"] == "assistant"
+        assert g["finish_reason"] == r["finish_reason"]
+        assert got["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+        assert got["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+        assert got["object"] == "chat.completion"
+
+        streamed = await post_stream(http, f"{sc.url}/v1/chat/completions", {"model": vllm.model, **body})
+        assert streamed.token_ids == r["token_ids"]
+        assert streamed.text == r["message"]["content"]
+        assert streamed.finish_reason == r["finish_reason"]
+
+
+async def test_equal_under_concurrent_load(http, vllm, sidecars):
+    """Many chunked requests interleaved in one engine still match their unchunked references."""
+    small, big = await sidecars(7), await sidecars(16)
+    jobs = []
+    for i, prompt in enumerate(PROMPTS * 2):
+        body = _greedy(prompt=prompt, max_tokens=40 + i)
+        jobs.append(("/v1/completions", body, small if i % 2 else big, bool(i % 3)))
+    for i, messages in enumerate(CHAT * 2):
+        body = _greedy(messages=messages, max_tokens=30 + i)
+        jobs.append(("/v1/chat/completions", body, big if i % 2 else small, bool(i % 2)))
+    refs = await asyncio.gather(*(_reference(http, vllm, path, body) for path, body, _, _ in jobs))
+
+    async def chunked(path, body, sc, stream):
+        url = f"{sc.url}{path}"
+        if stream:
+            s = await post_stream(http, url, {"model": vllm.model, **body})
+            return s.token_ids, s.text
+        got = await post_json(http, url, {"model": vllm.model, **body})
+        return got["choices"][0]["token_ids"], choice_text(got)
+
+    results = await asyncio.gather(*(chunked(*job) for job in jobs))
+    for (ids, text), ref in zip(results, refs, strict=True):
+        assert ids == ref["choices"][0]["token_ids"]
+        assert text == choice_text(ref)
+
+
+# --- stop conditions ----------------------------------------------------------------------------------------
+
+async def _token_texts(http, vllm, prompt: str, n: int) -> tuple[list[int], list[str]]:
+    """Token ids and the text each one added, from an unchunked greedy stream."""
+    s = await post_stream(http, f"{vllm.url}/v1/completions",
+                          {"model": vllm.model, **_greedy(prompt=prompt, max_tokens=n, ignore_eos=True)})
+    ids, texts = [], []
+    for ev in s.events:
+        for ch in ev["choices"]:
+            ids.extend(ch.get("token_ids") or [])
+            texts.extend([ch["text"]] + [""] * (len(ch.get("token_ids") or []) - 1))
+    return ids, texts
+
+
+async def test_stop_string_spanning_chunk_boundary(http, vllm, sidecars):
+    chunk = 8
+    sc = await sidecars(chunk)
+    found = 0
+    for prompt in PROMPTS:
+        ids, texts = await _token_texts(http, vllm, prompt, 40)
+        full = "".join(texts)
+        for boundary in (chunk, 2 * chunk, 3 * chunk):
+            b = len("".join(texts[:boundary]))
+            stop = full[max(0, b - 2):b + 2]
+            if len(stop) < 3 or not full[max(0, b - 2):b] or full.find(stop) != b - 2 or not stop.strip():
+                continue
+            found += 1
+            for include in (False, True):
+                body = _greedy(prompt=prompt, max_tokens=40, ignore_eos=True, stop=[stop, "\x00never"],
+                               include_stop_str_in_output=include)
+                ref = await _reference(http, vllm, "/v1/completions", body)
+                got = await post_json(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body})
+                r, g = ref["choices"][0], got["choices"][0]
+                assert r["finish_reason"] == "stop" and r["stop_reason"] == stop
+                assert (g["text"], g["finish_reason"], g["stop_reason"]) == (r["text"], "stop", stop)
+                assert got["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+                streamed = await post_stream(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body})
+                assert streamed.text == r["text"]  # the held-back stop text never leaked
+                assert streamed.finish_reason == "stop" and streamed.stop_reason == stop
+            break
+    assert found >= 2, "no usable stop string found across a boundary"
+
+
+async def test_max_tokens_across_chunks(http, vllm, sidecars):
+    sc = await sidecars(4)
+    got = await post_json(http, f"{sc.url}/v1/completions",
+                          {"model": vllm.model, **_greedy(prompt=PROMPTS[0], max_tokens=10, ignore_eos=True)})
+    assert len(got["choices"][0]["token_ids"]) == 10
+    assert got["usage"]["completion_tokens"] == 10 and got["choices"][0]["finish_reason"] == "length"
+    chat = await post_json(http, f"{sc.url}/v1/chat/completions",
+                           {"model": vllm.model, **_greedy(messages=CHAT[0], max_completion_tokens=9,
+                                                           ignore_eos=True)})
+    assert chat["usage"]["completion_tokens"] == 9 and chat["choices"][0]["finish_reason"] == "length"
+
+
+async def test_stop_token_ids_and_min_tokens(http, vllm, sidecars):
+    """A stop token (the same path as EOS) ends the generation mid-chunk exactly where vLLM does."""
+    sc = await sidecars(5)
+    ids, _ = await _token_texts(http, vllm, PROMPTS[1], 30)
+    stop_id = ids[12]
+    first = ids.index(stop_id)
+    for extra in ({}, {"min_tokens": first + 3}):
+        body = _greedy(prompt=PROMPTS[1], max_tokens=30, stop_token_ids=[stop_id], **extra)
+        ref = await _reference(http, vllm, "/v1/completions", body)
+        got = await post_json(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body})
+        r, g = ref["choices"][0], got["choices"][0]
+        assert g["token_ids"] == r["token_ids"] and g["text"] == r["text"]
+        assert (g["finish_reason"], g["stop_reason"]) == (r["finish_reason"], r["stop_reason"])
+    assert r["finish_reason"] in ("stop", "length")
+
+
+async def test_eos_ends_generation(http, vllm, sidecars):
+    """EOS inside a chunk (finish 'stop' before the slice is used up) is the real end; ignore_eos runs on."""
+    sc = await sidecars(3)
+    tok = await post_json(http, f"{vllm.url}/tokenize", {"model": vllm.model, "prompt": "x"})
+    del tok
+    info = await post_json(http, f"{vllm.url}/v1/completions",
+                           {"model": vllm.model, "prompt": PROMPTS[2], "max_tokens": 1, "temperature": 0})
+    del info
+    eos = await _eos_id(http, vllm)
+    for ignore in (False, True):
+        body = _greedy(prompt=PROMPTS[2], max_tokens=20, stop_token_ids=[], ignore_eos=ignore,
+                       logit_bias={str(eos): 100.0} if not ignore else {str(eos): 100.0})
+        ref = await _reference(http, vllm, "/v1/completions", body)
+        got = await post_json(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body})
+        assert got["choices"][0]["token_ids"] == ref["choices"][0]["token_ids"]
+        assert got["choices"][0]["finish_reason"] == ref["choices"][0]["finish_reason"]
+        assert got["usage"]["completion_tokens"] == ref["usage"]["completion_tokens"]
+        if not ignore:
+            assert ref["choices"][0]["finish_reason"] == "stop" and ref["usage"]["completion_tokens"] == 1
+        else:
+            assert ref["usage"]["completion_tokens"] == 20
+
+
+async def _eos_id(http, vllm) -> int:
+    data = await post_json(http, f"{vllm.url}/tokenize",
+                           {"model": vllm.model, "prompt": "", "add_special_tokens": True, "return_token_strs": True})
+    del data
+    async with http.get(f"{vllm.url}/tokenizer_info") as resp:
+        if resp.status == 200:
+            info = await resp.json()
+            eos = info.get("eos_token_id")
+            if isinstance(eos, int):
+                return eos
+    detok = await post_json(http, f"{vllm.url}/tokenize",
+                            {"model": vllm.model, "prompt": "<|end_of_text|>", "add_special_tokens": False})
+    assert len(detok["tokens"]) == 1
+    return detok["tokens"][0]
+
+
+# --- logprobs and usage -------------------------------------------------------------------------------------
+
+async def test_completion_logprobs_concatenated(http, vllm, sidecars):
+    sc = await sidecars(5)
+    body = _greedy(prompt=PROMPTS[3], max_tokens=17, logprobs=3)
+    ref = (await _reference(http, vllm, "/v1/completions", body))["choices"][0]["logprobs"]
+    got = (await post_json(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body}))["choices"][0]["logprobs"]
+    assert got["tokens"] == ref["tokens"]
+    assert got["text_offset"] == ref["text_offset"]
+    assert got["token_logprobs"] == pytest.approx(ref["token_logprobs"], abs=1e-3)
+    assert [list(t) for t in got["top_logprobs"]] == [list(t) for t in ref["top_logprobs"]]
+    streamed = await post_stream(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body})
+    tokens = [t for frag in streamed.logprobs for t in frag["tokens"]]
+    offsets = [o for frag in streamed.logprobs for o in frag["text_offset"]]
+    assert tokens == ref["tokens"] and offsets == ref["text_offset"]
+
+
+async def test_chat_logprobs_concatenated(http, vllm, sidecars):
+    sc = await sidecars(4)
+    body = _greedy(messages=CHAT[1], max_tokens=13, logprobs=True, top_logprobs=2)
+    ref = (await _reference(http, vllm, "/v1/chat/completions", body))["choices"][0]["logprobs"]["content"]
+    got = await post_json(http, f"{sc.url}/v1/chat/completions", {"model": vllm.model, **body})
+    content = got["choices"][0]["logprobs"]["content"]
+    assert [c["token"] for c in content] == [c["token"] for c in ref]
+    assert [c["bytes"] for c in content] == [c["bytes"] for c in ref]
+    assert [c["logprob"] for c in content] == pytest.approx([c["logprob"] for c in ref], abs=1e-3)
+    assert [[t["token"] for t in c["top_logprobs"]] for c in content] == \
+        [[t["token"] for t in c["top_logprobs"]] for c in ref]
+    streamed = await post_stream(http, f"{sc.url}/v1/chat/completions", {"model": vllm.model, **body})
+    assert [c["token"] for c in streamed.logprobs] == [c["token"] for c in ref]
+
+
+async def test_usage_streaming(http, vllm, sidecars):
+    sc = await sidecars(6)
+    body = _greedy(messages=CHAT[0], max_tokens=20, stream_options={"include_usage": True})
+    ref = await post_stream(http, f"{vllm.url}/v1/chat/completions", {"model": vllm.model, **body})
+    got = await post_stream(http, f"{sc.url}/v1/chat/completions", {"model": vllm.model, **body})
+    for key in ("prompt_tokens", "completion_tokens", "total_tokens"):
+        assert got.usage[key] == ref.usage[key]
+    assert got.events[-1]["choices"] == [] and got.events[-1]["usage"]
+    assert all(not ev.get("usage") for ev in got.events[:-1])
+
+
+# --- SSE format ---------------------------------------------------------------------------------------------
+
+async def test_chat_sse_format(http, vllm, sidecars):
+    sc = await sidecars(3)
+    s = await post_stream(http, f"{sc.url}/v1/chat/completions",
+                          {"model": vllm.model, "messages": CHAT[2], "max_tokens": 14, "temperature": 0})
+    assert {ev["object"] for ev in s.events} == {"chat.completion.chunk"}
+    assert len({ev["id"] for ev in s.events}) == 1 and len({ev["created"] for ev in s.events}) == 1
+    assert s.events[0]["id"].startswith("chatcmpl-")
+    roles = [ch["delta"]["role"] for ev in s.events for ch in ev["choices"] if "role" in ch["delta"]]
+    assert roles == ["assistant"]
+    finishes = [ch["finish_reason"] for ev in s.events for ch in ev["choices"]]
+    assert all(f is None for f in finishes[:-1]) and finishes[-1] in ("stop", "length")
+    assert all("usage" not in ev or ev["usage"] is None for ev in s.events)
+
+
+async def test_completion_sse_format(http, vllm, sidecars):
+    sc = await sidecars(2)
+    s = await post_stream(http, f"{sc.url}/v1/completions",
+                          {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 9, "temperature": 0})
+    assert {ev["object"] for ev in s.events} == {"text_completion"}
+    assert len({ev["id"] for ev in s.events}) == 1
+    finishes = [ch["finish_reason"] for ev in s.events for ch in ev["choices"]]
+    assert all(f is None for f in finishes[:-1]) and finishes[-1] is not None
+
+
+# --- the official client ------------------------------------------------------------------------------------
+
+async def test_openai_client(vllm, sidecars):
+    sc = await sidecars(5)
+    direct = openai.AsyncOpenAI(base_url=f"{vllm.url}/v1", api_key="x")
+    client = openai.AsyncOpenAI(base_url=f"{sc.url}/v1", api_key="x")
+    try:
+        kw = dict(model=vllm.model, temperature=0, max_tokens=21)
+        ref = await direct.chat.completions.create(messages=CHAT[0], **kw)
+        got = await client.chat.completions.create(messages=CHAT[0], **kw)
+        assert got.choices[0].message.content == ref.choices[0].message.content
+        assert got.usage.completion_tokens == ref.usage.completion_tokens
+        stream = await client.chat.completions.create(messages=CHAT[0], stream=True,
+                                                      stream_options={"include_usage": True}, **kw)
+        parts, usage = [], None
+        async for ev in stream:
+            if ev.choices:
+                parts.append(ev.choices[0].delta.content or "")
+            if ev.usage:
+                usage = ev.usage
+        assert "".join(parts) == ref.choices[0].message.content
+        assert usage.completion_tokens == ref.usage.completion_tokens
+
+        cref = await direct.completions.create(prompt=PROMPTS[1], **kw)
+        cgot = await client.completions.create(prompt=PROMPTS[1], **kw)
+        assert cgot.choices[0].text == cref.choices[0].text
+        ctext = "".join([ev.choices[0].text async for ev in
+                         await client.completions.create(prompt=PROMPTS[1], stream=True, **kw)])
+        assert ctext == cref.choices[0].text
+    finally:
+        await direct.close()
+        await client.close()
+
+
+# --- failures and cancellation ------------------------------------------------------------------------------
+
+async def _running(http, vllm) -> float:
+    async with http.get(f"{vllm.url}/metrics") as resp:
+        text = await resp.text()
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("vllm:num_requests_running"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+async def _wait_for(predicate, deadline_s: float = 20.0, what: str = "condition"):
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        if await predicate():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def test_client_disconnect_cancels_upstream(http, vllm, sidecars):
+    sc = await sidecars(4)
+    body = {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 3000, "ignore_eos": True, "stream": True,
+            "temperature": 0}
+    before = sc.metrics.cancelled._value.get()
+    async with aiohttp.ClientSession() as own:
+        resp = await own.post(f"{sc.url}/v1/completions", json=body)
+        assert resp.status == 200
+        seen = 0
+        async for line in resp.content:
+            seen += line.startswith(b"data:")
+            if seen >= 12:  # a few chunks in
+                break
+
+        async def busy():
+            return await _running(http, vllm) >= 1
+        await _wait_for(busy, what="the chunk to run")
+        resp.close()  # the client goes away mid-stream
+
+    async def cancelled():
+        return sc.metrics.cancelled._value.get() > before
+
+    async def idle():
+        return await _running(http, vllm) == 0
+    await _wait_for(cancelled, what="the sidecar to notice the disconnect")
+    await _wait_for(idle, what="vLLM to abort the in-flight chunk")
+    assert sc.metrics.inflight._value.get() == 0
+
+
+async def test_upstream_down_gives_clean_error(http):
+    """vLLM on a closed port: a prompt OpenAI error, no hang, both for chat and completions, stream or not."""
+    from sidecar.app import SidecarConfig, start
+
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    runner, port = await start(SidecarConfig(vllm_url=f"http://127.0.0.1:{dead}", key=TEST_KEY))
+    try:
+        for path, body in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", {"messages": CHAT[0]})):
+            for stream in (False, True):
+                started = time.monotonic()
+                data = await post_json(http, f"http://127.0.0.1:{port}{path}", {**body, "stream": stream}, 502)
+                assert data["error"]["code"] == 502 and "unreachable" in data["error"]["message"]
+                assert time.monotonic() - started < 10
+        data = await post_json(http, f"http://127.0.0.1:{port}/v1/models", {}, 405) if False else None
+        async with http.get(f"http://127.0.0.1:{port}/v1/models") as resp:
+            assert resp.status == 502
+    finally:
+        await runner.cleanup()
+
+
+async def test_mid_stream_upstream_error(http, vllm):
+    """A chunk endpoint that dies after the first chunk: an SSE error event, then [DONE].
+
+    A fake gateway is used here because a real vLLM cannot be made to fail between two chunks on
+    demand; it forwards chunk 0 to the real vLLM and answers 503 to chunk 1.
+    """
+    from aiohttp import web
+
+    from sidecar.app import SidecarConfig, start
+
+    async def flaky(request: web.Request) -> web.StreamResponse:
+        if request.headers.get(contract.CHUNK_INDEX) != "0":
+            return web.json_response({"error": {"message": "gateway overloaded", "type": "Unavailable",
+                                                "param": None, "code": 503}}, status=503)
+        async with http.post(f"{vllm.url}/v1/completions", data=await request.read(),
+                             headers={"Content-Type": "application/json"}) as up:
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            async for data in up.content.iter_any():
+                await resp.write(data)
+            return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", flaky)
+    gw = web.AppRunner(app)
+    await gw.setup()
+    site = web.TCPSite(gw, "127.0.0.1", 0)
+    await site.start()
+    gw_port = gw.addresses[0][1]
+    runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=f"http://127.0.0.1:{gw_port}",
+                                             chunk_size=4, key=TEST_KEY))
+    try:
+        body = {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 20, "ignore_eos": True}
+        s = await post_stream(http, f"http://127.0.0.1:{port}/v1/completions", body)
+        assert s.events[-1]["error"]["code"] == 503 and len(s.token_ids) == 0 or s.text
+        assert s.finish_reason is None
+        data = await post_json(http, f"http://127.0.0.1:{port}/v1/completions", body, 503)
+        assert data["error"]["message"] == "gateway overloaded"
+    finally:
+        await runner.cleanup()
+        await gw.cleanup()
+
+
+# --- the contract on the wire -------------------------------------------------------------------------------
+
+async def test_forged_chunk_headers_are_refused(http, vllm, sidecars):
+    sc = await sidecars(16)
+    body = {"model": vllm.model, "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}
+    hdr = ChunkHeaders(request_id="r1", chunk_index=1, tenant="t", priority_class="premium", generated=4,
+                       prompt_tokens=3, slice=2, kv_holder="10.0.0.1:8000")
+    cases = {
+        "unsigned": {k: v for k, v in hdr.sign(TEST_KEY).items() if k != contract.SIGNATURE},
+        "wrong key": hdr.sign(b"not-the-key"),
+        "tampered": {**hdr.sign(TEST_KEY), contract.PRIORITY_CLASS: "critical"},
+        "expired": ChunkHeaders("r1", 1, "t", "premium", expires=int(time.time()) - 5).sign(TEST_KEY),
+    }
+    for name, headers in cases.items():
+        async with http.post(f"{sc.url}/v1/completions", json=body, headers=headers) as resp:
+            data = await resp.json()
+            assert resp.status == 403, name
+            assert data["error"]["type"] == "PermissionDeniedError"
+    async with http.post(f"{sc.url}/v1/completions", json=body, headers=hdr.sign(TEST_KEY)) as resp:
+        assert resp.status == 200
+        assert resp.headers[contract.SERVED_BY] == sc.url.removeprefix("http://")
+        text = await resp.text()
+        assert text.rstrip().endswith("data: [DONE]")
+    assert sc.metrics.worker_chunks._value.get() >= 1
+
+
+async def test_admit_headers(http, vllm, sidecars):
+    """Signed admit headers name the request; forged ones are ignored (defaults), never an error."""
+    sc = await sidecars(16)
+    body = {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 3}
+    good = AdmitHeaders("admitted-42", "acme", "premium").sign(TEST_KEY)
+    async with http.post(f"{sc.url}/v1/completions", json=body, headers=good) as resp:
+        assert (await resp.json())["id"] == "cmpl-admitted-42"
+    forged = AdmitHeaders("forged-1", "acme", "premium").sign(b"wrong")
+    async with http.post(f"{sc.url}/v1/completions", json=body, headers=forged) as resp:
+        data = await resp.json()
+        assert resp.status == 200 and data["id"] != "cmpl-forged-1"
+
+
+# --- pass-through and refusals ------------------------------------------------------------------------------
+
+async def test_passthrough_endpoints(http, vllm, sidecars):
+    sc = await sidecars(16)
+    async with http.get(f"{sc.url}/v1/models") as a, http.get(f"{vllm.url}/v1/models") as b:
+        assert a.status == b.status == 200
+        assert [m["id"] for m in (await a.json())["data"]] == [m["id"] for m in (await b.json())["data"]]
+    async with http.get(f"{sc.url}/health") as resp:
+        assert resp.status == 200
+    tok = {"model": vllm.model, "prompt": PROMPTS[4]}
+    assert await post_json(http, f"{sc.url}/tokenize", tok) == await post_json(http, f"{vllm.url}/tokenize", tok)
+    async with http.get(f"{sc.url}/metrics") as resp:
+        assert "vllm:num_requests_running" in await resp.text()
+    async with http.get(f"{sc.url}{contract.SIDECAR_METRICS_PATH}") as resp:
+        text = await resp.text()
+        assert "tokenslice_sidecar_chunks_total" in text and "vllm:" not in text
+
+
+async def test_unchunkable_features_run_unchunked(http, vllm, sidecars):
+    sc = await sidecars(4)
+    body = {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 5, "n": 2, "temperature": 0}
+    got = await post_json(http, f"{sc.url}/v1/completions", body)
+    assert len(got["choices"]) == 2
+    echo = await post_json(http, f"{sc.url}/v1/completions", {**body, "n": 1, "echo": True})
+    assert echo["choices"][0]["text"].startswith(PROMPTS[0])
+    metrics = sc.metrics.passthrough
+    assert metrics.labels("n")._value.get() >= 1 and metrics.labels("echo")._value.get() >= 1
+
+
+async def test_bad_requests(http, vllm, sidecars):
+    sc = await sidecars(4)
+    async with http.post(f"{sc.url}/v1/completions", data=b"{not json",
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 400 and (await resp.json())["error"]["code"] == 400
+    cases = [
+        ("/v1/completions", {"prompt": "x", "stop": ""}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": -1}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 10**7}),
+        ("/v1/completions", {"prompt": "x", "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", {"messages": []}),
+        ("/v1/chat/completions", {"messages": CHAT[0], "temperature": -3}),
+    ]
+    for path, body in cases:
+        data = await post_json(http, f"{sc.url}{path}", {"model": vllm.model, **body}, 400)
+        assert data["error"]["type"] and data["error"]["message"], body
+
+
+async def test_sidecar_metrics_count_chunks(http, vllm, sidecars):
+    sc = await sidecars(3)
+    before = sc.metrics.chunks._value.get()
+    await post_json(http, f"{sc.url}/v1/completions",
+                    {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 10, "ignore_eos": True})
+    assert sc.metrics.chunks._value.get() - before == 4  # 3 + 3 + 3 + 1
+    async with http.get(f"{sc.url}{contract.SIDECAR_METRICS_PATH}") as resp:
+        text = await resp.text()
+    assert "tokenslice_sidecar_pause_seconds_count" in text
+    assert "tokenslice_sidecar_chunk_tokens_bucket" in text
