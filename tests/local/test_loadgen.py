@@ -1,0 +1,230 @@
+"""The load generator's arithmetic: trace determinism, arrival rates, percentiles, Jain index, reports.
+
+Pure functions, checked against hand-computed values -- no servers needed.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+
+import pytest
+
+from tokenslice.bench.report import checks, markdown, summarize
+from tokenslice.bench.runner import Plan, SystemResult, plan_systems, reusable_tokens, salted, sweep_policy
+from tokenslice.bench.scenario import Arrivals, LengthDist, Scenario, resolve_scenario
+from tokenslice.bench.stats import (RequestResult, fairness, jain_index, percentile, summarize_group,
+                                    throughput)
+from tokenslice.bench.trace import arrival_times, build_trace
+
+
+def _scenario(**update: object) -> Scenario:
+    base = resolve_scenario("demo").model_dump()
+    base.update(update)
+    return Scenario.model_validate(base)
+
+
+# --- trace ---------------------------------------------------------------------------------------------
+
+def test_trace_is_determined_by_the_seed() -> None:
+    a, b = build_trace(_scenario(seed=7)), build_trace(_scenario(seed=7))
+    assert a == b
+    c = build_trace(_scenario(seed=8))
+    assert [r.at for r in c] != [r.at for r in a]
+    assert [r.prompt for r in c] != [r.prompt for r in a]
+
+
+def test_trace_is_ordered_and_inside_the_window() -> None:
+    sc = _scenario()
+    trace = build_trace(sc)
+    assert [r.at for r in trace] == sorted(r.at for r in trace)
+    assert all(0 <= r.at < sc.window_s for r in trace)
+    assert [r.index for r in trace] == list(range(len(trace)))
+    hi = sc.stream("hi")
+    assert all(r.at >= hi.arrivals.start_s for r in trace if r.stream == "hi")
+    assert len({r.prompt for r in trace}) == len(trace), "every prompt unique (no accidental prefix sharing)"
+
+
+def test_streams_draw_independently() -> None:
+    """Adding or dropping a stream leaves the other streams' arrivals untouched."""
+    sc = _scenario()
+    full = [(r.at, r.prompt) for r in build_trace(sc) if r.stream == "hi"]
+    alone = [(r.at, r.prompt) for r in build_trace(sc, ["hi"])]
+    assert full == alone
+
+
+def test_poisson_rate_and_exponential_gaps() -> None:
+    rate, window = 5.0, 4000.0
+    times = arrival_times(Arrivals(process="poisson", rate=rate), window, random.Random(1))
+    n = len(times)
+    # Poisson count: mean = var = rate*window = 20000, sd ~ 141; allow 4 sd.
+    assert abs(n - rate * window) < 4 * math.sqrt(rate * window)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert statistics.fmean(gaps) == pytest.approx(1 / rate, rel=0.03)
+    assert statistics.pstdev(gaps) / statistics.fmean(gaps) == pytest.approx(1.0, abs=0.05)  # CV of exp = 1
+
+
+def test_bursty_arrivals_come_in_bursts_at_the_mean_rate() -> None:
+    times = arrival_times(Arrivals(process="bursty", rate=4.0, burst_size=8), 2000.0, random.Random(3))
+    assert len(times) % 8 == 0
+    bursts = [times[i:i + 8] for i in range(0, len(times), 8)]
+    assert all(len(set(b)) == 1 for b in bursts)
+    assert len(times) / 2000.0 == pytest.approx(4.0, rel=0.1)
+
+
+def test_arrivals_respect_start_and_stop() -> None:
+    times = arrival_times(Arrivals(rate=10, start_s=3, stop_s=7), 100, random.Random(0))
+    assert times and min(times) >= 3 and max(times) < 7
+
+
+def test_length_distributions_stay_in_bounds() -> None:
+    rng = random.Random(5)
+    assert LengthDist(kind="fixed", mean=42).sample(rng) == 42
+    u = [LengthDist(kind="uniform", min=10, max=20).sample(rng) for _ in range(2000)]
+    assert min(u) == 10 and max(u) == 20
+    ln = [LengthDist(kind="lognormal", mean=100, sigma=0.5, min=1, max=100_000).sample(rng) for _ in range(20000)]
+    assert statistics.fmean(ln) == pytest.approx(100, rel=0.03)
+    with pytest.raises(ValueError):
+        LengthDist(min=5, max=4)
+
+
+def test_scenario_rejects_unknown_class_and_duplicate_streams() -> None:
+    base = resolve_scenario("demo").model_dump()
+    bad = {**base, "streams": [{**base["streams"][0], "priority_class": "platinum"}]}
+    with pytest.raises(ValueError, match="platinum"):
+        Scenario.model_validate(bad)
+    dup = {**base, "streams": [base["streams"][0], base["streams"][0]]}
+    with pytest.raises(ValueError, match="unique"):
+        Scenario.model_validate(dup)
+
+
+def test_builtin_scenarios_load() -> None:
+    for name in ("demo", "headline", "two-engine"):
+        sc = resolve_scenario(name)
+        assert build_trace(sc)
+    assert resolve_scenario("two-engine").engines == 2
+
+
+# --- percentiles, Jain, fairness -----------------------------------------------------------------------
+
+def test_percentile_matches_hand_values() -> None:
+    xs = [4.0, 1.0, 3.0, 2.0]
+    assert percentile(xs, 0) == 1.0
+    assert percentile(xs, 50) == 2.5          # between ranks 1 and 2 (0-based), halfway
+    assert percentile(xs, 90) == pytest.approx(3.7)   # pos 2.7 -> 3 + 0.7*(4-3)
+    assert percentile(xs, 99) == pytest.approx(3.97)
+    assert percentile(xs, 100) == 4.0
+    assert percentile([7.0], 99) == 7.0
+    assert math.isnan(percentile([], 50))
+    assert percentile([1.0, 2.0, math.inf], 99) == math.inf
+
+
+def test_jain_index_hand_values() -> None:
+    assert jain_index([1, 1, 1, 1]) == 1.0
+    assert jain_index([1, 0, 0, 0]) == 0.25
+    assert jain_index([2, 1]) == pytest.approx(9 / 10)      # (2+1)^2 / (2 * (4+1))
+    assert jain_index([3, 1, 2]) == pytest.approx(36 / 42)  # 6^2 / (3 * 14)
+
+
+def _req(i: int, tenant: str, times: list[float], *, cls: str = "batch", sent: float = 0.0,
+         tokens: int | None = None, stream: str | None = None) -> RequestResult:
+    return RequestResult(index=i, stream=stream or tenant, tenant=tenant, priority_class=cls, scheduled=sent,
+                         sent=sent, first_token=times[0] if times else None, end=times[-1] if times else None,
+                         token_times=list(times), completion_tokens=len(times) if tokens is None else tokens)
+
+
+def test_fairness_of_weighted_service() -> None:
+    # in [10, 20): tenant a gets 20 tokens, b gets 10 -> weights 2:1 -> perfectly fair
+    a = _req(0, "batch-a", [10 + 0.5 * k for k in range(20)] + [25.0])
+    b = _req(1, "batch-b", [10 + 1.0 * k for k in range(10)] + [5.0])
+    f = fairness([a, b], "batch", {"batch-a": 2, "batch-b": 1}, 10, 20)
+    assert f.service == {"batch-a": 20, "batch-b": 10}
+    assert f.jain == pytest.approx(1.0)
+    assert f.max_share_error == pytest.approx(0.0)
+    # equal service under 2:1 weights: normalised 10/2 vs 10/1 -> Jain (5+10)^2/(2*(25+100)) = 0.9
+    b2 = _req(1, "batch-b", [10 + 0.5 * k for k in range(20)])
+    f2 = fairness([a, b2], "batch", {"batch-a": 2, "batch-b": 1}, 10, 20)
+    assert f2.jain == pytest.approx(0.9)
+    assert f2.max_share_error == pytest.approx(0.5)   # b has 1/2 instead of 1/3: 50% over
+
+
+def test_request_latency_properties() -> None:
+    r = _req(0, "t", [1.5, 1.6, 2.6, 2.7], sent=1.0)
+    assert r.ttft == pytest.approx(0.5)
+    assert r.e2e == pytest.approx(1.7)
+    assert r.tpot == pytest.approx((2.7 - 1.5) / 3)
+    assert r.longest_pause == pytest.approx(1.0)
+    assert r.tokens_between(1.55, 2.65) == 2
+    # usage says 8 tokens over 4 events: each event carries 2
+    assert _req(0, "t", [1, 2, 3, 4], tokens=8).tokens_between(0, 2.5) == 4
+
+
+def test_throughput_counts_only_the_window() -> None:
+    rs = [_req(0, "a", [0.5, 1.5, 2.5, 3.5]), _req(1, "b", [1.0, 2.0, 9.0])]
+    assert throughput(rs, 1.0, 3.0) == pytest.approx(4 / 2)
+
+
+def test_group_summary_censors_requests_still_waiting() -> None:
+    done = [_req(i, "web", [i + 0.2, i + 0.3], sent=float(i), cls="interactive") for i in range(3)]
+    waiting = RequestResult(index=9, stream="web", tenant="web", priority_class="interactive", scheduled=4,
+                            sent=4.0, status="timeout")
+    g = summarize_group("web", [*done, waiting], cutoff=10.0, duration=10.0, slo_ttft_s=1.0)
+    assert g.requests == 4 and g.completed == 3 and g.censored == 1
+    assert g.ttft.max == pytest.approx(6.0)      # lower bound: cutoff - sent
+    assert g.slo_attainment == pytest.approx(0.75)
+    assert g.goodput_rps == pytest.approx(0.3)
+
+
+# --- runner helpers and the report ---------------------------------------------------------------------
+
+def test_reusable_tokens_hand_values() -> None:
+    # prompt 100, 100 generated, chunks of 32 -> continuation chunks start at 132, 164, 196
+    # (L-1)//16*16: 131->128, 163->160, 195->192
+    assert reusable_tokens(100, 100, 32, 16) == 128 + 160 + 192
+    assert reusable_tokens(100, 32, 32, 16) == 0     # one chunk: nothing to continue
+    assert reusable_tokens(10, 300, 256, 128) == 256  # one continuation at L=266 -> 2 full blocks
+
+
+def test_plan_and_sweep_policy() -> None:
+    sc = _scenario(chunk_sizes=[16, 64])
+    labels = [p.label for p in plan_systems(sc)]
+    assert labels[:2] == ["tokenslice-c16", "tokenslice-c64"]
+    assert labels[-1] == "vllm-priority"                    # needs its own engine: last
+    assert any(p.unloaded for p in plan_systems(sc))
+    pol = sweep_policy(sc, 64)
+    assert pol.chunk_size == 64 and pol.slots_per_endpoint == sc.max_num_seqs
+    assert all(c.chunk_size is None for c in pol.priority_classes)
+    a, b = salted(build_trace(sc), "x"), salted(build_trace(sc), "y")
+    assert a[0].prompt != b[0].prompt and a[0].at == b[0].at
+
+
+def _system(label: str, kind: str, hi_ttft: float, tokens_a: int, tokens_b: int, *, unloaded: bool = False,
+            chunk: int | None = None) -> SystemResult:
+    rs = [_req(i, "web", [10 + i + hi_ttft, 10 + i + hi_ttft + 0.1], sent=10.0 + i, cls="interactive",
+               stream="hi") for i in range(10)]
+    if not unloaded:
+        rs.append(_req(20, "batch-a", [8 + k * 20 / tokens_a for k in range(tokens_a)], stream="batch-a"))
+        rs.append(_req(21, "batch-b", [8 + k * 20 / tokens_b for k in range(tokens_b)], stream="batch-b"))
+    return SystemResult(Plan(label, kind, "direct", chunk, "fcfs", unloaded), rs, cutoff=40, started_at=0)
+
+
+def test_checks_and_markdown_report_the_targets() -> None:
+    sc = _scenario(window_s=30, warmup_s=8)
+    results = [
+        _system("tokenslice-c16", "tokenslice", 0.3, 400, 200, chunk=16),
+        _system("vllm-fcfs", "vllm-fcfs", 9.0, 300, 300),
+        _system("vllm-priority", "vllm-priority", 2.0, 300, 300),
+        _system("unloaded-tokenslice-c32", "tokenslice", 0.2, 0, 0, unloaded=True, chunk=32),
+    ]
+    summaries = [summarize(r, sc) for r in results]
+    by = {c.claim: c for c in checks(summaries, sc)}
+    assert by["hi p99 TTFT <= 2x unloaded (tokenslice-c16)"].met is True
+    assert by["hi p99 TTFT >= 10x better than vLLM FCFS (tokenslice-c16)"].met is True   # 9.0/0.3 = 30x
+    assert by["hi p99 TTFT >= 5x better than vLLM priority (tokenslice-c16)"].met is True   # 2.0/0.3 = 6.7x
+    assert by["throughput >= 90% of vLLM FCFS (tokenslice-c16)"].met is True
+    assert by["batch tenants within 5% of their weights (tokenslice-c16)"].met is True
+    fcfs = next(s for s in summaries if s.label == "vllm-fcfs")
+    assert fcfs.fairness is not None and fcfs.fairness.max_share_error == pytest.approx(0.5)
+    text = markdown(summaries, sc, "tokenslice bench demo")
+    assert "| tokenslice-c16 |" in text and "`tokenslice bench demo`" in text and "| yes |" in text

@@ -1,0 +1,1 @@
+"""Load generator and side-by-side benchmark: tokenslice against vLLM FCFS, vLLM priority and plain chunking."""

@@ -1,0 +1,135 @@
+"""``tokenslice bench``: run a scenario against tokenslice and the baselines, side by side, in one run."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from tokenslice.paths import REPO_ROOT
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench_command", metavar="ACTION")
+    demo = sub.add_parser("demo", help="the short head-of-line scenario (a few minutes on 2 cores): table + plots",
+                          description="Start the engines and run the short 'demo' scenario against vLLM FCFS, "
+                          "vLLM priority, chunking without a scheduler and tokenslice; write results/demo/.")
+    _common(demo, default_out=REPO_ROOT / "results" / "demo")
+    run = sub.add_parser("run", help="run a scenario (built-in name or YAML file)")
+    run.add_argument("scenario", help="built-in scenario name (see `tokenslice bench list`) or a YAML file")
+    _common(run, default_out=None)
+    sub.add_parser("list", help="list the built-in scenarios")
+    trace = sub.add_parser("trace", help="print a scenario's arrival trace summary (no engines needed)")
+    trace.add_argument("scenario")
+    trace.add_argument("--seed", type=int, default=None)
+
+
+def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
+    p.add_argument("--out", type=Path, default=default_out, help="output directory (default results/<scenario>)")
+    p.add_argument("--systems", default=None,
+                   help="comma list of vllm-fcfs,vllm-priority,chunked,tokenslice (default: the scenario's)")
+    p.add_argument("--chunk-sizes", default=None, help="comma list, e.g. 16,32,64 (default: the scenario's)")
+    p.add_argument("--window", type=float, default=None, help="arrival window, seconds")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--model", type=Path, default=None, help="local model directory (default: the tiny model)")
+    p.add_argument("--keep-logs", action="store_true", help="keep the run directory with every component's log")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenslice.bench.scenario import builtin_scenarios, resolve_scenario
+
+    if args.bench_command == "list":
+        for name, path in builtin_scenarios().items():
+            sc = resolve_scenario(name)
+            print(f"{name:16s} {sc.description}  ({path})")
+        return 0
+    if args.bench_command not in ("demo", "run", "trace"):
+        print("usage: tokenslice bench {demo,run,list,trace} ...  (see --help)", file=sys.stderr)
+        return 2
+    name = "demo" if args.bench_command == "demo" else args.scenario
+    try:
+        scenario = resolve_scenario(name)
+        update: dict[str, object] = {}
+        if args.seed is not None:
+            update["seed"] = args.seed
+        if args.bench_command != "trace":
+            if args.systems:
+                update["systems"] = [s.strip() for s in args.systems.split(",") if s.strip()]
+            if args.chunk_sizes:
+                update["chunk_sizes"] = [int(x) for x in args.chunk_sizes.split(",") if x.strip()]
+            if args.window:
+                update["window_s"] = args.window
+        if update:
+            scenario = type(scenario).model_validate({**scenario.model_dump(), **update})
+    except (ValueError, OSError) as exc:
+        print(f"tokenslice bench: {exc}", file=sys.stderr)
+        return 2
+    if args.bench_command == "trace":
+        return _print_trace(scenario)
+    out = args.out or REPO_ROOT / "results" / scenario.name
+    return asyncio.run(_run(scenario, out, args))
+
+
+def _print_trace(scenario) -> int:  # type: ignore[no-untyped-def]
+    from tokenslice.bench.trace import build_trace
+
+    trace = build_trace(scenario)
+    print(f"{scenario.name}: {len(trace)} requests in {scenario.window_s:g}s (seed {scenario.seed})")
+    for s in scenario.streams:
+        rows = [r for r in trace if r.stream == s.name]
+        if rows:
+            print(f"  {s.name:10s} tenant {s.tenant:8s} class {s.priority_class:12s} {len(rows):4d} requests "
+                  f"({len(rows) / scenario.window_s:.2f}/s), output tokens {sum(r.max_tokens for r in rows)}, "
+                  f"first at {rows[0].at:.2f}s")
+    return 0
+
+
+async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
+    from tokenslice.bench import plots, report
+    from tokenslice.bench.runner import SystemResult, run_benchmark
+
+    out.mkdir(parents=True, exist_ok=True)
+    command = "tokenslice bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 \
+        else f"tokenslice bench {args.bench_command}"
+    meta = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "host": platform.node(), "python": platform.python_version(), "cpus": _cpus()}
+    done: list[SystemResult] = []
+
+    def write(final: bool) -> str:
+        summaries = [report.summarize(r, scenario) for r in done]
+        table = report.markdown(summaries, scenario, command)
+        (out / "results.md").write_text(table)
+        report.write_json(out / "results.json", scenario, done, summaries, {**meta, "complete": final})
+        if final:
+            for path in plots.write_all(done, summaries, scenario, out):
+                print(f"wrote {path}", file=sys.stderr)
+        return table
+
+    def on_result(result: SystemResult) -> None:
+        done.append(result)
+        write(final=False)
+
+    started = time.monotonic()
+    try:
+        await run_benchmark(scenario, model_dir=args.model, on_result=on_result, keep_run_dir=args.keep_logs)
+    except Exception as exc:  # keep what was measured; say what broke
+        print(f"tokenslice bench: run failed after {len(done)} system(s): {type(exc).__name__}: {exc}",
+              file=sys.stderr)
+        if done:
+            print(write(final=True))
+        return 1
+    table = write(final=True)
+    print(table)
+    print(f"results in {out}/ (results.md, results.json, *.png) after {time.monotonic() - started:.0f}s",
+          file=sys.stderr)
+    return 0
+
+
+def _cpus() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,145 @@
+"""PNG plots of a run (matplotlib, Agg): latency CDFs per system, p99 TTFT and throughput vs chunk size,
+and the batch tenants' service shares."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from tokenslice.bench.report import SystemSummary, fairness_class, focus_stream  # noqa: E402
+from tokenslice.bench.runner import SystemResult  # noqa: E402
+from tokenslice.bench.scenario import Scenario  # noqa: E402
+from tokenslice.bench.stats import ttft_censored  # noqa: E402
+
+_BASELINE_STYLE = {"vllm-fcfs": ("tab:red", "-"), "vllm-priority": ("tab:orange", "-"),
+                   "chunked": ("tab:brown", "--"), "no-affinity": ("tab:gray", "--")}
+
+
+def _style(res: SystemResult, i: int) -> tuple[str, str]:
+    if res.plan.unloaded:
+        return "black", ":"
+    if res.plan.kind in _BASELINE_STYLE:
+        return _BASELINE_STYLE[res.plan.kind]
+    return plt.get_cmap("viridis")(0.15 + 0.7 * (i % 6) / 5), "-"
+
+
+def _cdf(ax: plt.Axes, values: list[float], **kw: object) -> None:
+    xs = sorted(v for v in values if v is not None and not math.isnan(v))
+    if not xs:
+        return
+    ys = [(i + 1) / len(xs) for i in range(len(xs))]
+    ax.step(xs, ys, where="post", **kw)
+
+
+def latency_cdfs(results: list[SystemResult], scenario: Scenario, path: Path) -> None:
+    hi = focus_stream(scenario)
+    batch = [s.name for s in scenario.streams if s.name != hi]
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
+    ts_index = 0
+    for res in results:
+        color, ls = _style(res, ts_index)
+        if res.plan.kind == "tokenslice" and not res.plan.unloaded:
+            ts_index += 1
+        rows = [r for r in res.results if r.stream == hi]
+        ttft = [t for r in rows if (t := ttft_censored(r, res.cutoff)) is not None]
+        _cdf(axes[0], ttft, color=color, linestyle=ls, label=res.plan.label, linewidth=1.8)
+        _cdf(axes[1], [r.e2e for r in rows if r.e2e is not None], color=color, linestyle=ls,
+             label=res.plan.label, linewidth=1.8)
+        pauses = [p for r in res.results if r.stream in batch and (p := r.longest_pause) is not None]
+        if not res.plan.unloaded:
+            _cdf(axes[2], pauses, color=color, linestyle=ls, label=res.plan.label, linewidth=1.8)
+    axes[0].set_title(f"time to first token: '{hi}' (censored = still waiting at cutoff)")
+    axes[1].set_title(f"end-to-end latency: '{hi}'")
+    axes[2].set_title(f"longest pause inside a stream: {', '.join(batch) or '-'}")
+    for ax in axes:
+        ax.set_xscale("log")
+        ax.set_xlabel("seconds (log scale)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.set_ylim(0, 1.02)
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"{scenario.name}: latency CDFs per system (same arrival trace)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def versus_chunk_size(summaries: list[SystemSummary], scenario: Scenario, path: Path) -> None:
+    hi = focus_stream(scenario)
+    sweep = sorted((s for s in summaries if s.kind == "tokenslice" and not s.unloaded and s.chunk_size),
+                   key=lambda s: s.chunk_size or 0)
+    if not sweep:
+        return
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    xs = [s.chunk_size for s in sweep]
+
+    def p99(s: SystemSummary) -> float:
+        g = s.groups.get(hi)
+        return g.ttft.p99 if g else math.nan
+
+    ax1.plot(xs, [p99(s) for s in sweep], "o-", color="tab:blue", linewidth=2, label="tokenslice")
+    ax2.plot(xs, [s.throughput_tps for s in sweep], "o-", color="tab:blue", linewidth=2, label="tokenslice")
+    for s in summaries:
+        if s.kind == "tokenslice" and not s.unloaded:
+            continue
+        color, ls = ("black", ":") if s.unloaded else _BASELINE_STYLE.get(s.kind, ("gray", "--"))
+        ax1.axhline(p99(s), color=color, linestyle=ls, label=s.label)
+        if not s.unloaded:
+            ax2.axhline(s.throughput_tps, color=color, linestyle=ls, label=s.label)
+    ax1.set_yscale("log")
+    ax1.set_title(f"p99 time to first token of '{hi}' under load")
+    ax1.set_ylabel("seconds (log scale)")
+    ax2.set_title("output throughput (all streams)")
+    ax2.set_ylabel("tokens / second")
+    ax2.set_ylim(bottom=0)
+    for ax in (ax1, ax2):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel("chunk size (decode tokens per time slice)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{scenario.name}: tokenslice chunk size sweep vs the baselines")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fairness_shares(summaries: list[SystemSummary], scenario: Scenario, path: Path) -> None:
+    rows = [s for s in summaries if s.fairness and sum(s.fairness.service.values()) > 0]
+    if not rows:
+        return
+    tenants = sorted(rows[0].fairness.service)  # type: ignore[union-attr]
+    weights = rows[0].fairness.weights  # type: ignore[union-attr]
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows) + 3), 4.8))
+    bottom = [0.0] * len(rows)
+    colors = plt.get_cmap("Set2")
+    for j, t in enumerate(tenants):
+        shares = [s.fairness.service.get(t, 0) / sum(s.fairness.service.values()) for s in rows]  # type: ignore[union-attr]
+        ax.bar([s.label for s in rows], shares, bottom=bottom, color=colors(j), label=f"{t} (weight {weights[t]:g})")
+        bottom = [b + x for b, x in zip(bottom, shares)]
+    acc = 0.0
+    wsum = sum(weights[t] for t in tenants)
+    for t in tenants[:-1]:
+        acc += weights[t] / wsum
+        ax.axhline(acc, color="black", linestyle="--", linewidth=1)
+    ax.set_ylabel("share of output tokens")
+    ax.set_title(f"'{fairness_class(scenario)}' tenants' service while backlogged (dashed: weighted target)")
+    ax.legend(fontsize=8, loc="upper right")
+    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_all(results: list[SystemResult], summaries: list[SystemSummary], scenario: Scenario,
+              out_dir: Path) -> list[Path]:
+    paths = [out_dir / "latency_cdf.png", out_dir / "chunk_size.png", out_dir / "fairness.png"]
+    latency_cdfs(results, scenario, paths[0])
+    versus_chunk_size(summaries, scenario, paths[1])
+    fairness_shares(summaries, scenario, paths[2])
+    return [p for p in paths if p.exists()]

@@ -1,0 +1,247 @@
+"""From per-request results to the numbers people read: JSON, a Markdown table, the target check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tokenslice.bench.runner import SystemResult
+from tokenslice.bench.scenario import Scenario
+from tokenslice.bench.stats import Fairness, GroupSummary, fairness, summarize_group, throughput
+
+
+@dataclass
+class SystemSummary:
+    label: str
+    kind: str
+    chunk_size: int | None
+    unloaded: bool
+    groups: dict[str, GroupSummary]
+    throughput_tps: float
+    fairness: Fairness | None
+    prefix_hit_rate: float | None
+    """vLLM prefix-cache hits / queries over the run (all chunks, first chunks included)."""
+    affinity_hit_rate: float | None
+    """vLLM prefix-cache hits / reusable continuation-prefix tokens (the KV-affinity figure)."""
+    preemptions: float | None
+    migrations: float | None
+    errors: int
+    first_error: str | None
+
+
+def focus_stream(scenario: Scenario) -> str:
+    """The latency-critical stream the headline numbers are about."""
+    if scenario.unloaded_stream:
+        return scenario.unloaded_stream
+    drained = [s.name for s in scenario.streams if s.drain]
+    if drained:
+        return drained[0]
+    return max(scenario.streams, key=lambda s: scenario.policy.klass(s.priority_class).priority).name  # type: ignore[union-attr]
+
+
+def fairness_class(scenario: Scenario) -> str:
+    """The lowest class among the streams: the backlogged batch tenants share it."""
+    return min((s.priority_class for s in scenario.streams),
+               key=lambda c: scenario.policy.klass(c).priority)  # type: ignore[union-attr]
+
+
+def _counter(counters: dict[str, float], fragment: str) -> float | None:
+    values = [v for k, v in counters.items() if fragment in k]
+    return sum(values) if values else None
+
+
+def summarize(result: SystemResult, scenario: Scenario) -> SystemSummary:
+    plan = result.plan
+    groups: dict[str, GroupSummary] = {}
+    for stream in scenario.streams:
+        rows = [r for r in result.results if r.stream == stream.name]
+        if rows:
+            groups[stream.name] = summarize_group(stream.name, rows, result.cutoff, scenario.window_s,
+                                                  stream.slo_ttft_s, stream.slo_tpot_s)
+    window = (scenario.warmup_s, scenario.window_s)
+    fclass = fairness_class(scenario)
+    weights = {t.name: t.weight for t in scenario.policy.tenants}
+    tenants = {s.tenant for s in scenario.streams if s.priority_class == fclass}
+    fair = None
+    if not plan.unloaded and len(tenants) >= 2:
+        fair = fairness(result.results, fclass, weights, *window)
+    queries = result.engine_counters.get("prefix_cache_queries", 0.0)
+    hits = result.engine_counters.get("prefix_cache_hits", 0.0)
+    errors = [r for r in result.results if r.status == "error"]
+    return SystemSummary(
+        label=plan.label, kind=plan.kind, chunk_size=plan.chunk_size, unloaded=plan.unloaded, groups=groups,
+        throughput_tps=throughput(result.results, *window), fairness=fair,
+        prefix_hit_rate=hits / queries if queries else None,
+        affinity_hit_rate=min(1.0, hits / result.reusable_tokens) if result.reusable_tokens else None,
+        preemptions=_counter(result.gateway_counters, "preempt"),
+        migrations=_counter(result.gateway_counters, "migrat"),
+        errors=len(errors), first_error=errors[0].error if errors else None)
+
+
+# --- the target check (the issue's "Done means") ----------------------------------------------------
+
+@dataclass
+class Check:
+    claim: str
+    measured: str
+    met: bool | None
+
+
+def _p99(s: SystemSummary | None, stream: str) -> float | None:
+    if s is None or stream not in s.groups:
+        return None
+    v = s.groups[stream].ttft.p99
+    return None if math.isnan(v) else v
+
+
+def checks(summaries: list[SystemSummary], scenario: Scenario) -> list[Check]:
+    hi = focus_stream(scenario)
+    by = {s.label: s for s in summaries}
+    loaded = [s for s in summaries if s.kind == "tokenslice" and not s.unloaded]
+    unloaded = next((s for s in summaries if s.unloaded), None)
+    fcfs, prio = by.get("vllm-fcfs"), by.get("vllm-priority")
+    out: list[Check] = []
+    if not loaded:
+        return out
+    best = min(loaded, key=lambda s: _p99(s, hi) if _p99(s, hi) is not None else math.inf)
+    bp = _p99(best, hi)
+    name = f"{best.label}"
+    if bp is None:
+        return out
+    up = _p99(unloaded, hi)
+    if up:
+        out.append(Check(f"{hi} p99 TTFT <= 2x unloaded ({name})", f"{bp:.3f}s vs 2x{up:.3f}s = "
+                         f"{bp / up:.1f}x", bp <= 2 * up))
+    fp = _p99(fcfs, hi)
+    if fp:
+        out.append(Check(f"{hi} p99 TTFT >= 10x better than vLLM FCFS ({name})",
+                         f"{fp:.3f}s / {bp:.3f}s = {fp / bp:.1f}x", fp / bp >= 10))
+    pp = _p99(prio, hi)
+    if pp:
+        out.append(Check(f"{hi} p99 TTFT >= 5x better than vLLM priority ({name})",
+                         f"{pp:.3f}s / {bp:.3f}s = {pp / bp:.1f}x", pp / bp >= 5))
+    if fcfs and fcfs.throughput_tps > 0:
+        for s in loaded:
+            ratio = s.throughput_tps / fcfs.throughput_tps
+            out.append(Check(f"throughput >= 90% of vLLM FCFS ({s.label})",
+                             f"{s.throughput_tps:.0f} vs {fcfs.throughput_tps:.0f} tok/s = {ratio:.0%}",
+                             ratio >= 0.9))
+    for s in loaded:
+        if s.fairness and s.fairness.service:
+            f = s.fairness
+            shares = ", ".join(f"{t} {v:.0f} (w {f.weights[t]:g})" for t, v in sorted(f.service.items()))
+            out.append(Check(f"batch tenants within 5% of their weights ({s.label})",
+                             f"{shares}; max error {f.max_share_error:.1%}; Jain {f.jain:.3f}",
+                             f.max_share_error <= 0.05))
+    for s in summaries:
+        if s.affinity_hit_rate is not None and s.kind in ("tokenslice", "no-affinity"):
+            out.append(Check(f"continuation chunks hit the prefix cache >= 95% ({s.label})",
+                             f"{s.affinity_hit_rate:.1%} of reusable prefix tokens",
+                             s.affinity_hit_rate >= 0.95 if s.kind == "tokenslice" else None))
+    return out
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+def _f(x: float | None, unit: str = "", digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.{digits}f}{unit}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:.1%}"
+
+
+def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | None = None) -> str:
+    hi = focus_stream(scenario)
+    fclass = fairness_class(scenario)
+    fcfs = next((s for s in summaries if s.label == "vllm-fcfs"), None)
+    lines = [f"### {scenario.name}: {scenario.description}".rstrip(": "), ""]
+    if command:
+        lines += [f"`{command}`", ""]
+    lines += [f"Headline: `{hi}` is the latency-critical stream; fairness is over the `{fclass}` tenants "
+              f"(output tokens in [{scenario.warmup_s:g}s, {scenario.window_s:g}s), divided by weight).", "",
+              f"| system | {hi} TTFT p50 | p90 | p99 | {hi} longest pause p99 | throughput tok/s | vs FCFS "
+              f"| {fclass} service | Jain | preemptions | KV hit (reusable) | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+    for s in summaries:
+        g = s.groups.get(hi)
+        ttft = g.ttft if g else None
+        cens = f" ({g.censored} censored)" if g and g.censored else ""
+        rel = _pct(s.throughput_tps / fcfs.throughput_tps) if fcfs and fcfs.throughput_tps else "-"
+        share = ("-" if not s.fairness else
+                 " : ".join(f"{s.fairness.service[t]:.0f}" for t in sorted(s.fairness.service)))
+        lines.append(
+            f"| {s.label} | {_f(ttft.p50 if ttft else None, 's')} | {_f(ttft.p90 if ttft else None, 's')} "
+            f"| {_f(ttft.p99 if ttft else None, 's')}{cens} | {_f(g.longest_pause.p99 if g else None, 's')} "
+            f"| {_f(s.throughput_tps, '', 0) if not s.unloaded else '(unloaded)'} | {rel if not s.unloaded else '-'} "
+            f"| {share} | {_f(s.fairness.jain if s.fairness else None)} "
+            f"| {_f(s.preemptions, '', 0)} | {_pct(s.affinity_hit_rate)} | {s.errors} |")
+    if any(s.fairness for s in summaries):
+        tenants = sorted(next(s.fairness for s in summaries if s.fairness).service)
+        lines += ["", f"`{fclass}` service columns are output tokens of {' : '.join(tenants)}."]
+    lines += ["", "Per stream (TTFT / TPOT / end-to-end / longest pause in seconds; SLO = the stream's objectives):",
+              "", "| system | stream | req | done | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | E2E p50 | E2E p99 "
+              "| pause p99 | tokens | SLO met | goodput req/s |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in summaries:
+        for g in s.groups.values():
+            lines.append(
+                f"| {s.label} | {g.name} | {g.requests} | {g.completed} | {_f(g.ttft.p50)} | {_f(g.ttft.p99)} "
+                f"| {_f(g.tpot.p50, '', 4)} | {_f(g.tpot.p99, '', 4)} | {_f(g.e2e.p50, '', 2)} "
+                f"| {_f(g.e2e.p99, '', 2)} | {_f(g.longest_pause.p99)} | {g.output_tokens} "
+                f"| {_pct(g.slo_attainment)} | {_f(g.goodput_rps, '', 2)} |")
+    cs = checks(summaries, scenario)
+    if cs:
+        lines += ["", "Targets:", "", "| claim | measured | met |", "|---|---|---|"]
+        for c in cs:
+            lines.append(f"| {c.claim} | {c.measured} | {'yes' if c.met else 'no' if c.met is False else 'n/a'} |")
+    errs = [s for s in summaries if s.first_error]
+    for s in errs:
+        lines.append(f"\n{s.label}: {s.errors} error(s), first: `{s.first_error}`")
+    return "\n".join(lines) + "\n"
+
+
+def _jsonable(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    return obj
+
+
+def write_json(path: Path, scenario: Scenario, results: list[SystemResult], summaries: list[SystemSummary],
+               meta: dict[str, Any]) -> None:
+    def request_row(r: Any) -> dict[str, Any]:
+        return {"index": r.index, "stream": r.stream, "tenant": r.tenant, "class": r.priority_class,
+                "scheduled": round(r.scheduled, 4), "sent": round(r.sent, 4) if r.sent == r.sent else None,
+                "ttft": r.ttft, "tpot": r.tpot, "e2e": r.e2e, "longest_pause": r.longest_pause,
+                "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens, "status": r.status,
+                "error": r.error}
+
+    doc = {
+        "meta": meta,
+        "scenario": scenario.model_dump(mode="json", by_alias=True),
+        "systems": [{
+            "summary": _jsonable(s),
+            "cutoff": res.cutoff,
+            "engine_counters": res.engine_counters,
+            "gateway_counters": res.gateway_counters,
+            "reusable_tokens": res.reusable_tokens,
+            "block_size": res.block_size,
+            "requests": [_jsonable(request_row(r)) for r in res.results],
+        } for s, res in zip(summaries, results)],
+        "checks": _jsonable(checks(summaries, scenario)),
+    }
+    path.write_text(json.dumps(doc, indent=1))

@@ -1,0 +1,227 @@
+"""One benchmark run: the same trace against every system, on the same engines, one after another.
+
+Engines are the slow part to start, so they are started once per vLLM
+scheduling policy (FCFS for everything but baseline b, which needs an engine
+started with ``--scheduling-policy priority``) and only the data plane in front
+of them is swapped between systems.  Each system gets the trace with a
+per-system salt in front of every prompt, so nothing is served from prefix
+cache left behind by the previous system.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from tokenslice.bench import promtext
+from tokenslice.bench.loadgen import Target, replay
+from tokenslice.bench.scenario import Scenario
+from tokenslice.bench.stats import RequestResult
+from tokenslice.bench.trace import TraceRequest, build_trace
+from tokenslice.local.stack import DataPlane, Engine, EnginePool, Mode, RunDir
+from tokenslice.policy import SchedulingPolicySpec
+
+Progress = Callable[[str], None]
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """One system to run: its label, kind, chunk size and which trace (full or unloaded)."""
+
+    label: str
+    kind: str  # vllm-fcfs | vllm-priority | chunked | tokenslice | no-affinity
+    mode: Mode
+    chunk_size: int | None
+    engine_policy: str  # fcfs | priority
+    unloaded: bool = False
+
+
+@dataclass
+class SystemResult:
+    plan: Plan
+    results: list[RequestResult]
+    cutoff: float
+    started_at: float
+    engine_counters: dict[str, float] = field(default_factory=dict)
+    """Deltas over the run, summed over engines: prefix_cache_queries/hits (tokens)."""
+    gateway_counters: dict[str, float] = field(default_factory=dict)
+    """Deltas of the gateway's counters whose names mention preempt / migrat / shed."""
+    reusable_tokens: float = 0.0
+    """Tokens of continuation-chunk prefixes that vLLM *could* serve from cache (full blocks)."""
+    block_size: int = 0
+
+
+def plan_systems(scenario: Scenario) -> list[Plan]:
+    """The run order: tokenslice sweep first, then the FCFS-engine baselines, then baseline (b)."""
+    default = scenario.policy.chunk_size
+    plans: list[Plan] = []
+    if "tokenslice" in scenario.systems:
+        plans += [Plan(f"tokenslice-c{n}", "tokenslice", "tokenslice", n, "fcfs") for n in scenario.chunk_sizes]
+    if "chunked" in scenario.systems:
+        plans.append(Plan(f"chunked-c{default}", "chunked", "chunked", default, "fcfs"))
+    if scenario.no_affinity:
+        plans.append(Plan(f"no-affinity-c{default}", "no-affinity", "chunked-rr", default, "fcfs"))
+    if "vllm-fcfs" in scenario.systems:
+        plans.append(Plan("vllm-fcfs", "vllm-fcfs", "direct", None, "fcfs"))
+    if scenario.unloaded_stream:
+        plans.append(Plan(f"unloaded-tokenslice-c{default}", "tokenslice", "tokenslice", default, "fcfs",
+                          unloaded=True))
+    if "vllm-priority" in scenario.systems:
+        plans.append(Plan("vllm-priority", "vllm-priority", "direct", None, "priority"))
+    return plans
+
+
+def sweep_policy(scenario: Scenario, chunk_size: int | None) -> SchedulingPolicySpec:
+    """The scenario's policy with one chunk size for every class and one slot per vLLM sequence.
+
+    slots = max-num-seqs so vLLM never queues a chunk behind the scheduler's back (its own queue is FCFS).
+    """
+    policy = scenario.policy
+    update: dict[str, object] = {"slots_per_endpoint": scenario.max_num_seqs}
+    if chunk_size is not None:
+        update["chunk_size"] = chunk_size
+        update["priority_classes"] = [c.model_copy(update={"chunk_size": None}) for c in policy.priority_classes]
+    return policy.model_copy(update=update)
+
+
+def salted(trace: list[TraceRequest], label: str) -> list[TraceRequest]:
+    salt = hashlib.sha256(label.encode()).hexdigest()[:8]
+    return [dataclasses.replace(r, prompt=f"{salt} {r.prompt}") for r in trace]
+
+
+def reusable_tokens(prompt_tokens: int, generated: int, chunk_size: int, block_size: int) -> int:
+    """Prefix tokens vLLM can serve from cache over a request's continuation chunks.
+
+    Chunk k >= 1 starts with context L = prompt + k*chunk; vLLM caches only full blocks and always
+    recomputes the last token, so at most floor((L-1)/block)*block of it can hit.
+    """
+    total, k = 0, 1
+    while k * chunk_size < generated:
+        context = prompt_tokens + k * chunk_size
+        total += (context - 1) // block_size * block_size
+        k += 1
+    return total
+
+
+async def _tokenize_counts(engine: Engine, prompts: list[str]) -> list[int]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        sem = asyncio.Semaphore(8)
+
+        async def one(prompt: str) -> int:
+            async with sem, session.post(f"{engine.url}/tokenize",
+                                         json={"model": engine.model, "prompt": prompt}) as resp:
+                resp.raise_for_status()
+                return int((await resp.json())["count"])
+        return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+async def wait_idle(engines: list[Engine], timeout_s: float = 120.0) -> None:
+    """Poll until no engine runs or queues a request (cancelled work of the previous system has drained)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        scraped = await promtext.scrape_all(f"{e.url}/metrics" for e in engines)
+        busy = sum(promtext.total(s, promtext.RUNNING) + promtext.total(s, promtext.WAITING) for s in scraped)
+        if busy == 0 or loop.time() > deadline:
+            return
+        await asyncio.sleep(0.2)  # polling a condition with a deadline
+
+
+def _engine_counters(scraped: list[list[promtext.Sample]]) -> dict[str, float]:
+    return {"prefix_cache_queries": sum(promtext.total(s, promtext.PREFIX_QUERIES) for s in scraped),
+            "prefix_cache_hits": sum(promtext.total(s, promtext.PREFIX_HITS) for s in scraped)}
+
+
+def _gateway_counters(samples: list[promtext.Sample]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for fragment in ("preempt", "migrat", "shed"):
+        out.update(promtext.totals_matching(samples, fragment))
+    return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
+
+
+async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_dir: RunDir,
+                     trace: list[TraceRequest], progress: Progress) -> SystemResult:
+    policy = sweep_policy(scenario, plan.chunk_size)
+    trace = salted(trace, plan.label)
+    prompt_counts = await _tokenize_counts(engines[0], [r.prompt for r in trace])
+    await wait_idle(engines)
+    draining = {s.name for s in scenario.streams if s.drain}
+    async with DataPlane(engines, policy, run_dir, mode=plan.mode, progress=progress) as plane:
+        engine_urls = [f"{e.url}/metrics" for e in engines]
+        gw_urls = [plane.gateway_metrics_url] if plane.gateway_metrics_url else []
+        before = await promtext.scrape_all(engine_urls + gw_urls)
+        block = int(promtext.label(before[0], promtext.CACHE_CONFIG, "block_size") or 0)
+        target = Target(
+            plan.label, plane.url, engines[0].model,
+            tenant_header=policy.tenant_header, class_header=policy.class_header,
+            priorities={s.name: scenario.vllm_priority(s) for s in scenario.streams}
+            if plan.kind == "vllm-priority" else {})
+        started = time.time()
+        results, cutoff = await replay(trace, target, window_s=scenario.window_s, drain_s=scenario.drain_s,
+                                       draining=draining, progress=progress)
+        after = await promtext.scrape_all(engine_urls + gw_urls)
+    n = len(engines)
+    result = SystemResult(plan, results, cutoff, started,
+                          engine_counters=_delta(_engine_counters(after[:n]), _engine_counters(before[:n])),
+                          gateway_counters=_delta(_gateway_counters(after[n]), _gateway_counters(before[n]))
+                          if gw_urls else {}, block_size=block)
+    for r, count in zip(results, prompt_counts):
+        r.prompt_tokens = r.prompt_tokens or count
+    if plan.chunk_size and plan.kind != "vllm-fcfs" and block:
+        result.reusable_tokens = float(sum(
+            reusable_tokens(r.prompt_tokens, r.completion_tokens or len(r.token_times), plan.chunk_size, block)
+            for r in results))
+    return result
+
+
+async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, model_dir=None,
+                        on_result: Callable[[SystemResult], None] | None = None,
+                        keep_run_dir: bool = False) -> list[SystemResult]:
+    """Run every planned system; ``on_result`` sees each result as soon as it exists (partial reports)."""
+    trace = build_trace(scenario)
+    unloaded = build_trace(scenario, [scenario.unloaded_stream]) if scenario.unloaded_stream else []
+    plans = plan_systems(scenario)
+    progress(f"scenario {scenario.name}: {len(trace)} requests over {scenario.window_s:.0f}s "
+             f"({', '.join(f'{s.name}: {sum(r.stream == s.name for r in trace)}' for s in scenario.streams)}); "
+             f"systems: {', '.join(p.label for p in plans)}")
+    out: list[SystemResult] = []
+    run_dir = RunDir(keep=keep_run_dir)
+    try:
+        for engine_policy in ("fcfs", "priority"):
+            group = [p for p in plans if p.engine_policy == engine_policy]
+            if not group:
+                continue
+            async with EnginePool(scenario.engines, run_dir=run_dir, model_dir=model_dir,
+                                  max_num_seqs=scenario.max_num_seqs, scheduling_policy=engine_policy,
+                                  vllm_args=scenario.vllm_args, progress=progress,
+                                  tag=f"engine-{engine_policy}") as engines:
+                for plan in group:
+                    progress(f"== {plan.label} ({len(out) + 1}/{len(plans)})")
+                    result = await run_system(plan, scenario, engines, run_dir,
+                                              unloaded if plan.unloaded else trace, progress)
+                    out.append(result)
+                    if on_result:
+                        on_result(result)
+    finally:
+        run_dir.close()
+    return out
+
+
+def finite(x: float | None) -> float | None:
+    return None if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))) else x

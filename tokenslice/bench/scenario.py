@@ -1,0 +1,155 @@
+"""A benchmark scenario: who sends what, when, and what they expect -- one pydantic model, YAML-loadable.
+
+A scenario is data, not code, so that the same arrival trace can be replayed
+against every system in one run (the baselines and tokenslice) and so that a
+user can write their own in YAML (``tokenslice bench run --scenario my.yaml``).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tokenslice.policy import SchedulingPolicySpec
+
+SYSTEMS = ("vllm-fcfs", "vllm-priority", "chunked", "tokenslice")
+"""(a) vLLM direct FCFS, (b) vLLM direct with priority scheduling, (c) chunking without the
+scheduler (sidecar straight to its own vLLM), (d) tokenslice (Envoy + gateway + sidecars)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LengthDist(_Model):
+    """A distribution of token counts; ``fixed`` uses ``mean``, others clip to [min, max]."""
+
+    kind: Literal["fixed", "uniform", "lognormal", "exponential"] = "fixed"
+    mean: float = Field(default=64, gt=0)
+    min: int = Field(default=1, ge=1)
+    max: int = Field(default=4096, ge=1)
+    sigma: float = Field(default=0.5, gt=0, description="lognormal: sigma of the underlying normal")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> LengthDist:
+        if self.min > self.max:
+            raise ValueError(f"min {self.min} > max {self.max}")
+        return self
+
+    def sample(self, rng: random.Random) -> int:
+        if self.kind == "fixed":
+            value = self.mean
+        elif self.kind == "uniform":
+            value = rng.uniform(self.min, self.max)
+        elif self.kind == "exponential":
+            value = rng.expovariate(1.0 / self.mean)
+        else:  # lognormal with the requested mean
+            mu = math.log(self.mean) - self.sigma ** 2 / 2
+            value = rng.lognormvariate(mu, self.sigma)
+        return int(min(self.max, max(self.min, round(value))))
+
+
+class Arrivals(_Model):
+    """Open-loop arrivals: a Poisson process, or Poisson-timed bursts of ``burst_size`` requests."""
+
+    process: Literal["poisson", "bursty"] = "poisson"
+    rate: float = Field(gt=0, description="mean requests per second (bursty: counting every request)")
+    burst_size: int = Field(default=4, ge=1, description="bursty: requests per burst")
+    start_s: float = Field(default=0.0, ge=0, description="first possible arrival, seconds into the run")
+    stop_s: float | None = Field(default=None, gt=0, description="last possible arrival; default: the window")
+
+
+class Stream(_Model):
+    """One kind of traffic: a tenant sending requests of one priority class."""
+
+    name: str = Field(min_length=1)
+    tenant: str
+    priority_class: str
+    arrivals: Arrivals
+    prompt_tokens: LengthDist = LengthDist(mean=32)
+    output_tokens: LengthDist = LengthDist(mean=64)
+    ignore_eos: bool = True
+    slo_ttft_s: float | None = Field(default=None, gt=0)
+    slo_tpot_s: float | None = Field(default=None, gt=0)
+    drain: bool = Field(
+        default=False,
+        description="at the end of the window wait for this stream's requests to finish (up to drain_s) "
+        "instead of cancelling them -- for the latency-critical stream whose tail we report")
+
+
+class Scenario(_Model):
+    """A whole benchmark: traffic, engine shape, the systems to compare and the policy tokenslice runs."""
+
+    name: str
+    description: str = ""
+    seed: int = 0
+    window_s: float = Field(default=30.0, gt=0, description="arrivals happen in [0, window_s)")
+    warmup_s: float = Field(default=5.0, ge=0, description="fairness/throughput windows start here")
+    drain_s: float = Field(default=60.0, ge=0, description="longest wait for draining streams after the window")
+    streams: list[Stream] = Field(min_length=1)
+    engines: int = Field(default=1, ge=1, le=8)
+    max_num_seqs: int = Field(default=4, ge=1)
+    vllm_args: list[str] = Field(default_factory=list, description="extra vLLM flags for every engine")
+    systems: list[Literal["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"]] = Field(
+        default_factory=lambda: list(SYSTEMS))
+    chunk_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    unloaded_stream: str | None = Field(
+        default=None, description="also run this stream alone through tokenslice: the unloaded reference")
+    no_affinity: bool = Field(
+        default=False, description="also run tokenslice chunking through a plain round-robin Envoy (no KV "
+        "affinity) to show the prefix-cache drop; meaningful with engines >= 2")
+    policy: SchedulingPolicySpec
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Scenario:
+        names = [s.name for s in self.streams]
+        if len(set(names)) != len(names):
+            raise ValueError("stream names must be unique")
+        for s in self.streams:
+            if self.policy.klass(s.priority_class) is None:
+                raise ValueError(f"stream {s.name!r}: class {s.priority_class!r} is not in the policy")
+        if self.unloaded_stream is not None and self.unloaded_stream not in names:
+            raise ValueError(f"unloaded_stream {self.unloaded_stream!r} is not a stream")
+        if self.warmup_s >= self.window_s:
+            raise ValueError("warmup_s must be shorter than window_s")
+        return self
+
+    def stream(self, name: str) -> Stream:
+        for s in self.streams:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+    def vllm_priority(self, stream: Stream) -> int:
+        """vLLM's per-request priority for baseline (b): lower runs first, so the negated class priority."""
+        klass = self.policy.klass(stream.priority_class)
+        assert klass is not None
+        return -klass.priority
+
+
+def load_scenario(path: str | Path) -> Scenario:
+    return Scenario.model_validate(yaml.safe_load(Path(path).read_text()))
+
+
+BUILTIN_DIR = Path(__file__).parent / "scenarios"
+
+
+def builtin_scenarios() -> dict[str, Path]:
+    return {p.stem: p for p in sorted(BUILTIN_DIR.glob("*.yaml"))}
+
+
+def resolve_scenario(name_or_path: str) -> Scenario:
+    """A built-in scenario by name (``headline``, ``demo``, ...) or a YAML file path."""
+    builtins = builtin_scenarios()
+    if name_or_path in builtins:
+        return load_scenario(builtins[name_or_path])
+    path = Path(name_or_path)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no scenario {name_or_path!r}: not a file and not one of {', '.join(builtins) or '(none)'}")
+    return load_scenario(path)

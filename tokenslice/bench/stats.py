@@ -1,0 +1,206 @@
+"""The numbers of a run: per-request latencies, percentiles, SLO attainment, throughput, Jain fairness.
+
+Pure functions over the per-request records, so the arithmetic is unit-tested
+against hand-computed values and independent of how the requests were sent.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Status = Literal["ok", "cancelled", "timeout", "error"]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks (numpy's default).
+
+    NaN for no values; +inf if the rank falls on an infinite value.
+    """
+    if not values:
+        return math.nan
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} outside [0, 100]")
+    data = sorted(values)
+    pos = (len(data) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(data) - 1)
+    frac = pos - lo
+    if frac == 0:
+        return data[lo]
+    if math.isinf(data[hi]):
+        return data[hi]
+    return data[lo] + (data[hi] - data[lo]) * frac
+
+
+def jain_index(values: Iterable[float]) -> float:
+    """Jain's fairness index (sum x)^2 / (n * sum x^2): 1 = perfectly fair, 1/n = one takes all."""
+    xs = list(values)
+    if not xs:
+        return math.nan
+    square_sum = sum(x * x for x in xs)
+    if square_sum == 0:
+        return 1.0
+    return sum(xs) ** 2 / (len(xs) * square_sum)
+
+
+@dataclass(slots=True)
+class RequestResult:
+    """What one request saw, times in seconds since the run's start."""
+
+    index: int
+    stream: str
+    tenant: str
+    priority_class: str
+    scheduled: float
+    sent: float = math.nan
+    first_token: float | None = None
+    end: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    """Arrival time of every streamed event that carried text (one token each, as vLLM streams them)."""
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    status: Status = "ok"
+    error: str | None = None
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.sent
+
+    @property
+    def e2e(self) -> float | None:
+        return None if self.end is None or self.status != "ok" else self.end - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first (the usual TPOT / inter-token latency)."""
+        if self.first_token is None or self.end is None or self.status != "ok" or self.completion_tokens < 2:
+            return None
+        return (self.end - self.first_token) / (self.completion_tokens - 1)
+
+    @property
+    def longest_pause(self) -> float | None:
+        """Largest gap between consecutive tokens: how long the client saw the stream stall."""
+        if len(self.token_times) < 2:
+            return None
+        return max(b - a for a, b in zip(self.token_times, self.token_times[1:]))
+
+    def tokens_between(self, start: float, stop: float) -> float:
+        """Output tokens delivered in [start, stop), spreading the usage count evenly over the events."""
+        if not self.token_times:
+            return 0.0
+        per_event = (self.completion_tokens or len(self.token_times)) / len(self.token_times)
+        return per_event * sum(1 for t in self.token_times if start <= t < stop)
+
+
+def ttft_censored(r: RequestResult, cutoff: float) -> float | None:
+    """TTFT, or for a request still waiting at ``cutoff`` a lower bound (cutoff - sent)."""
+    if r.ttft is not None:
+        return r.ttft
+    if r.status in ("timeout", "cancelled") and not math.isnan(r.sent):
+        return max(0.0, cutoff - r.sent)
+    return None
+
+
+@dataclass(slots=True)
+class Dist:
+    p50: float
+    p90: float
+    p99: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Dist:
+        return cls(percentile(values, 50), percentile(values, 90), percentile(values, 99),
+                   max(values) if values else math.nan, len(values))
+
+
+@dataclass(slots=True)
+class GroupSummary:
+    """Latency and SLO numbers of one stream (a tenant sending one class)."""
+
+    name: str
+    tenant: str
+    priority_class: str
+    requests: int
+    completed: int
+    censored: int
+    ttft: Dist
+    tpot: Dist
+    e2e: Dist
+    longest_pause: Dist
+    output_tokens: int
+    slo_attainment: float | None
+    goodput_rps: float | None
+
+
+def summarize_group(name: str, results: Sequence[RequestResult], cutoff: float, duration: float,
+                    slo_ttft_s: float | None = None, slo_tpot_s: float | None = None) -> GroupSummary:
+    """Summary of one stream. Requests that never got a first token count with a censored TTFT (lower bound)."""
+    ttfts = [t for r in results if (t := ttft_censored(r, cutoff)) is not None]
+    censored = sum(1 for r in results if r.ttft is None and ttft_censored(r, cutoff) is not None)
+    done = [r for r in results if r.status == "ok" and r.end is not None]
+    slo = goodput = None
+    if slo_ttft_s is not None or slo_tpot_s is not None:
+        def meets(r: RequestResult) -> bool:
+            if r.status != "ok" or r.ttft is None:
+                return False
+            if slo_ttft_s is not None and r.ttft > slo_ttft_s:
+                return False
+            tpot = r.tpot
+            return slo_tpot_s is None or tpot is None or tpot <= slo_tpot_s
+        met = sum(1 for r in results if meets(r))
+        slo = met / len(results) if results else math.nan
+        goodput = met / duration if duration > 0 else math.nan
+    first = results[0] if results else None
+    return GroupSummary(
+        name=name,
+        tenant=first.tenant if first else "",
+        priority_class=first.priority_class if first else "",
+        requests=len(results),
+        completed=len(done),
+        censored=censored,
+        ttft=Dist.of(ttfts),
+        tpot=Dist.of([t for r in done if (t := r.tpot) is not None]),
+        e2e=Dist.of([e for r in done if (e := r.e2e) is not None]),
+        longest_pause=Dist.of([p for r in results if (p := r.longest_pause) is not None]),
+        output_tokens=sum(r.completion_tokens for r in results),
+        slo_attainment=slo,
+        goodput_rps=goodput,
+    )
+
+
+def throughput(results: Iterable[RequestResult], start: float, stop: float) -> float:
+    """Output tokens per second delivered to clients in [start, stop)."""
+    if stop <= start:
+        return math.nan
+    return sum(r.tokens_between(start, stop) for r in results) / (stop - start)
+
+
+@dataclass(slots=True)
+class Fairness:
+    """Weighted service among the backlogged tenants of one class over [start, stop)."""
+
+    priority_class: str
+    service: dict[str, float]
+    weights: dict[str, float]
+    jain: float
+    max_share_error: float
+    """max over tenants of |observed share / weighted share - 1| (0.05 = within 5%)."""
+
+
+def fairness(results: Iterable[RequestResult], priority_class: str, weights: dict[str, float],
+             start: float, stop: float) -> Fairness:
+    """Jain index of weight-normalised output tokens per tenant of ``priority_class`` in [start, stop)."""
+    service: dict[str, float] = {}
+    for r in results:
+        if r.priority_class == priority_class:
+            service[r.tenant] = service.get(r.tenant, 0.0) + r.tokens_between(start, stop)
+    ws = {t: weights.get(t, 1.0) for t in service}
+    total, wtotal = sum(service.values()), sum(ws.values())
+    errors = [abs((service[t] / total) / (ws[t] / wtotal) - 1) for t in service] if total > 0 else [math.nan]
+    return Fairness(priority_class, service, ws, jain_index(service[t] / ws[t] for t in service),
+                    max(errors) if errors else math.nan)
