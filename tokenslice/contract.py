@@ -51,6 +51,14 @@ ROLE = "x-tokenslice-role"
 # response headers set by the worker / gateway (informational, never trusted for routing)
 SERVED_BY = "x-tokenslice-served-by"
 QUEUE_WAIT_MS = "x-tokenslice-queue-wait-ms"
+CHUNK_TOKENS = "x-tokenslice-chunk-tokens"
+"""Optional response *trailer* from the worker: tokens the chunk produced (lets the gateway correct
+its fair-share charge at once instead of at the next chunk; needs HTTP/2 or HTTP/1.1 trailers)."""
+
+# unsigned scheduling hint (driver -> gateway, first chunk only): it can only move a chunk between
+# pool members, never outside the pool, so it needs no signature
+PREFIX_HASHES = "x-tokenslice-prefix-hashes"
+"""Comma-separated hashes of the prompt's leading token blocks (prefix-cache affinity scoring)."""
 
 # --- the Gateway API Inference Extension endpoint-picker protocol -----------
 DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"

@@ -1,0 +1,288 @@
+"""The dispatcher: a chunk waits here, inside its ext_proc call, until it is granted an endpoint slot.
+
+It joins the layers: flow control decides *which* waiting chunk goes next, the scheduling profile
+decides *where*, the datastore knows the pool.  Everything runs on the event loop; no locks.
+
+Invariant: after every dispatch pass no queued chunk can be placed.  So an arriving chunk that
+can be placed right away may go at once (the fast path, O(filters)); a pass over the queue runs
+only when a slot frees, the pool changes, the policy changes, or an arrival must wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway_ext.datastore.endpoints import Datastore, Endpoint
+from gateway_ext.flowcontrol.chunk import Chunk, NoEndpoints, Shed
+from gateway_ext.flowcontrol.fairness import ServiceWindow, jain_index
+from gateway_ext.flowcontrol.limits import TenantLimits
+from gateway_ext.flowcontrol.queues import FlowQueues
+from gateway_ext.metrics import GatewayMetrics
+from gateway_ext.scheduling.context import PickContext
+from gateway_ext.scheduling.cost_model import CostModel
+from gateway_ext.scheduling.filters import subset_hint_filter
+from gateway_ext.scheduling.profile import SchedulerProfile, default_profile
+from tokenslice.policy import SchedulingPolicySpec
+
+log = logging.getLogger("gateway_ext.dispatcher")
+
+
+@dataclass(slots=True)
+class _Ledger:
+    """What the last chunk of a request was charged, to correct it when the next chunk reports."""
+
+    klass: str
+    tenant: str
+    generated: int
+    charged_output: int
+
+
+class Dispatcher:
+    def __init__(self, policy: SchedulingPolicySpec, datastore: Datastore, metrics: GatewayMetrics, *,
+                 cost_model: CostModel | None = None, profile: SchedulerProfile | None = None,
+                 idle_grace_s: float = 2.0, ledger_size: int = 100_000) -> None:
+        self.queues = FlowQueues(policy)
+        self.datastore = datastore
+        self.metrics = metrics
+        self.cost_model = cost_model or CostModel()
+        self.profile = profile or default_profile()
+        self.limits = TenantLimits()
+        self.window = ServiceWindow()
+        self.idle_grace_s = idle_grace_s
+        self._inflight: dict[tuple[str, str], int] = {}
+        self._last_active: dict[tuple[str, str], float] = {}
+        self._ledger: OrderedDict[str, _Ledger] = OrderedDict()
+        self._ledger_size = ledger_size
+        self._ttl_handles: dict[int, asyncio.TimerHandle] = {}
+        self.migrations = 0
+        self.release_listeners: list[Callable[[Chunk, float], None]] = []
+        """Called with (chunk, monotonic time) when a chunk ends; benchmarks measure notification latency."""
+        datastore.on_change(self._pool_changed)
+
+    @property
+    def policy(self) -> SchedulingPolicySpec:
+        return self.queues.policy
+
+    def set_policy(self, policy: SchedulingPolicySpec) -> None:
+        """Hot reload: queued chunks stay queued and are re-ordered under the new policy."""
+        self.queues.set_policy(policy)
+        self.dispatch()
+
+    # --- chunk lifecycle ----------------------------------------------------------
+    async def acquire(self, chunk: Chunk) -> Endpoint:
+        """Wait for a slot; return the endpoint granted. Raises Shed (429) or NoEndpoints (503)."""
+        now = time.monotonic()
+        self._reconcile(chunk)
+        candidates = self._candidates(chunk)
+        if not candidates:
+            raise NoEndpoints("no ready endpoint in the pool" if chunk.subset is None
+                              else "no ready endpoint in the pool matches the subset hint")
+        if not chunk.kv_holder or self._holder_free(chunk.kv_holder):
+            decision = self.profile.pick(self._ctx(chunk, 0), candidates)
+            if decision.endpoint is not None:
+                chunk.enqueued_at = now
+                return self._grant(chunk, decision.endpoint, decision.migrated, now)
+        loop = asyncio.get_running_loop()
+        chunk.future = loop.create_future()
+        self.queues.push(chunk, now, self._active_tenants(chunk.klass, now))
+        chunk.waited = True
+        if chunk.index == 0:
+            self._ttl_handles[id(chunk)] = loop.call_later(self.policy.queue.queue_ttl_seconds,
+                                                          self._expire, chunk)
+        self.dispatch()
+        try:
+            address = await chunk.future
+        except asyncio.CancelledError:
+            if self.queues.remove(chunk):
+                self._cancel_ttl(chunk)
+            elif chunk.endpoint:  # granted in the same tick the caller went away
+                self.release(chunk, None)
+            raise
+        ep = self.datastore.get(address)
+        if ep is None:  # left the pool between grant and wake-up: its slot went with it
+            raise NoEndpoints(f"endpoint {address} left the pool")
+        return ep
+
+    def release(self, chunk: Chunk, produced: int | None) -> None:
+        """The chunk ended (its ext_proc stream closed): free the slot, learn its duration."""
+        if not chunk.endpoint:
+            return
+        now = time.monotonic()
+        ep = self.datastore.get(chunk.endpoint)
+        if ep is not None and ep.granted > 0:
+            ep.granted -= 1
+            ep.observe_chunk(now - chunk.dispatched_at)
+        self.metrics.chunk_seconds.observe(now - chunk.dispatched_at)
+        key = (self.queues.klass(chunk.klass).name, chunk.tenant)
+        n = self._inflight.get(key, 1) - 1
+        if n > 0:
+            self._inflight[key] = n
+        else:
+            self._inflight.pop(key, None)
+        self._last_active[key] = now
+        if produced is not None and produced != chunk.charged_output:
+            self._correct(chunk.klass, chunk.tenant, produced - chunk.charged_output)
+            ledger = self._ledger.get(chunk.request_id)
+            if ledger is not None:
+                ledger.charged_output = produced
+        chunk.endpoint = ""
+        for listener in self.release_listeners:
+            listener(chunk, now)
+        self.dispatch()
+
+    # --- client requests (admission) ------------------------------------------------
+    def admit(self, chunk: Chunk) -> Endpoint:
+        """Pick the driver sidecar for a client request (no slot). Raises Shed / NoEndpoints."""
+        candidates = self._candidates(chunk)
+        if not candidates:
+            raise NoEndpoints("no ready endpoint in the pool")
+        limits = self.policy.queue
+        if len(self.queues) >= limits.max_queued_chunks:
+            raise Shed("queue_full", f"the gateway queue is full ({limits.max_queued_chunks} chunks)")
+        why = self.limits.check(self.policy, chunk.tenant)
+        if why:
+            raise Shed("tenant_limit", why)
+        decision = self.profile.pick(PickContext(chunk, self.policy.slots_per_endpoint, self.cost_model,
+                                                 admission=True), candidates)
+        assert decision.endpoint is not None
+        self.profile.driver_scorer.record(chunk.request_id, decision.endpoint.address)
+        self.limits.opened(chunk.tenant)
+        return decision.endpoint
+
+    def admitted_done(self, chunk: Chunk) -> None:
+        self.limits.closed(chunk.tenant)
+        self.profile.driver_scorer.forget(chunk.request_id)
+        self._ledger.pop(chunk.request_id, None)
+
+    # --- the dispatch pass ------------------------------------------------------------
+    def dispatch(self) -> None:
+        """Grant queued chunks while some endpoint has a free slot and some queued chunk fits one."""
+        if not self.queues.total:
+            return
+        slots = self.policy.slots_per_endpoint
+        while self.queues.total:
+            members = self.datastore.endpoints()
+            if not any(e.granted < slots for e in members):
+                return
+            now = time.monotonic()
+            ahead: dict[str, int] = {}
+            placed = False
+            for chunk in self.queues.in_order(now):
+                candidates = self._candidates(chunk)
+                if not candidates:
+                    self._fail(chunk, NoEndpoints("no ready endpoint in the pool matches this chunk"))
+                    placed = True
+                    break
+                holder = chunk.kv_holder
+                decision = self.profile.pick(self._ctx(chunk, ahead.get(holder, 0)), candidates)
+                if decision.endpoint is not None:
+                    self.queues.remove(chunk)
+                    self._cancel_ttl(chunk)
+                    self._grant(chunk, decision.endpoint, decision.migrated, now)
+                    assert chunk.future is not None
+                    if not chunk.future.done():
+                        chunk.future.set_result(decision.endpoint.address)
+                    placed = True
+                    break
+                if holder:
+                    ahead[holder] = ahead.get(holder, 0) + 1
+            if not placed:
+                return
+
+    # --- internals ----------------------------------------------------------------
+    def _ctx(self, chunk: Chunk, ahead: int) -> PickContext:
+        return PickContext(chunk, self.policy.slots_per_endpoint, self.cost_model, ahead_on_holder=ahead)
+
+    def _candidates(self, chunk: Chunk) -> list[Endpoint]:
+        members = self.datastore.endpoints()
+        return subset_hint_filter(self._ctx(chunk, 0), members) if chunk.subset is not None else members
+
+    def _holder_free(self, address: str) -> bool:
+        ep = self.datastore.get(address)
+        return ep is None or ep.granted < self.policy.slots_per_endpoint
+
+    def _grant(self, chunk: Chunk, ep: Endpoint, migrated: bool, now: float) -> Endpoint:
+        ep.granted += 1
+        chunk.endpoint = ep.address
+        chunk.dispatched_at = now
+        chunk.migrated = migrated
+        klass = self.queues.klass(chunk.klass).name
+        key = (klass, chunk.tenant)
+        self._inflight[key] = self._inflight.get(key, 0) + 1
+        self._last_active[key] = now
+        fairness = self.policy.fairness
+        # Input is charged when the prefix is (re)computed: chunk 0, or a chunk that lost its KV cache.
+        recompute = chunk.index == 0 or (chunk.kv_holder != ep.address)
+        input_tokens = (chunk.prompt_tokens + (chunk.generated if chunk.index else 0)) if recompute else 0
+        cost = fairness.input * input_tokens + fairness.output * chunk.slice
+        chunk.charged_output = chunk.slice
+        self.queues.charge(chunk, cost)
+        self.limits.spend(self.policy, chunk.tenant, input_tokens + chunk.slice)
+        self.window.add(chunk.tenant, chunk.slice, now)
+        self._ledger[chunk.request_id] = _Ledger(klass, chunk.tenant, chunk.generated, chunk.slice)
+        if len(self._ledger) > self._ledger_size:
+            self._ledger.popitem(last=False)
+        if chunk.index == 0 and chunk.prefix_hashes:
+            self.profile.prefix_scorer.record(chunk.prefix_hashes, ep.address)
+        wait = now - chunk.enqueued_at
+        self.metrics.on_dispatch(chunk, klass, wait, migrated)
+        if migrated:
+            self.migrations += 1
+            log.info("migrated", extra={"request_id": chunk.request_id, "from": chunk.kv_holder,
+                                        "to": ep.address, "chunk": chunk.index})
+        return ep
+
+    def _reconcile(self, chunk: Chunk) -> None:
+        """The next chunk's signed ``generated`` tells what the previous chunk really produced."""
+        if chunk.index == 0:
+            return
+        ledger = self._ledger.get(chunk.request_id)
+        if ledger is None:
+            return
+        produced = chunk.generated - ledger.generated
+        if produced != ledger.charged_output and produced >= 0:
+            self._correct(ledger.klass, ledger.tenant, produced - ledger.charged_output)
+            ledger.charged_output = produced
+
+    def _correct(self, klass: str, tenant: str, delta_output: int) -> None:
+        self.queues.counters.charge(klass, tenant, self.policy.fairness.output * delta_output,
+                                    self.queues.weight(tenant))
+        self.metrics.tokens_served.labels(tenant=tenant).inc(delta_output) if delta_output > 0 else None
+        self.window.add(tenant, delta_output)
+
+    def _active_tenants(self, klass: str, now: float) -> set[str]:
+        name = self.queues.klass(klass).name
+        return {t for (k, t), n in self._inflight.items() if k == name and n > 0} | {
+            t for (k, t), at in self._last_active.items() if k == name and now - at < self.idle_grace_s}
+
+    def _expire(self, chunk: Chunk) -> None:
+        self._ttl_handles.pop(id(chunk), None)
+        if self.queues.remove(chunk):
+            ttl = self.policy.queue.queue_ttl_seconds
+            self._fail(chunk, Shed("queue_ttl", f"the request waited longer than the queue TTL ({ttl:g}s)"),
+                       removed=True)
+
+    def _fail(self, chunk: Chunk, exc: Exception, removed: bool = False) -> None:
+        if not removed:
+            self.queues.remove(chunk)
+        self._cancel_ttl(chunk)
+        if chunk.future is not None and not chunk.future.done():
+            chunk.future.set_exception(exc)
+
+    def _cancel_ttl(self, chunk: Chunk) -> None:
+        handle = self._ttl_handles.pop(id(chunk), None)
+        if handle is not None:
+            handle.cancel()
+
+    def _pool_changed(self) -> None:
+        self.dispatch()
+
+    # --- introspection ----------------------------------------------------------------
+    def jain(self) -> float:
+        served = self.window.per_tenant()
+        return jain_index(v / self.queues.weight(t) for t, v in served.items())

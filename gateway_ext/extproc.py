@@ -1,0 +1,216 @@
+"""The Envoy ext_proc servicer: one gRPC stream per HTTP request through Envoy.
+
+A *chunk* (signed ``x-tokenslice-role: chunk`` headers from a driver sidecar) waits inside this
+call until the dispatcher grants it a slot -- that wait is the preemption -- and holds the slot
+until Envoy closes the stream, which with ``response_trailer_mode: SEND`` happens when the
+upstream response has ended (the chunk-end signal; see docs/gateway.md for its latency).
+
+A *client request* (anything else) is stripped of every internal header, given signed admission
+headers (tenant, class) and routed to a driver sidecar without taking a chunk slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+
+from gateway_ext.dispatcher import Dispatcher
+from gateway_ext.flowcontrol.chunk import Chunk, NoEndpoints, Shed
+from tokenslice import contract
+
+log = logging.getLogger("gateway_ext.extproc")
+
+_CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
+_CONTINUE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+_DEST = contract.DESTINATION_ENDPOINT
+
+
+def _hv(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, raw_value=value.encode()),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
+def error_body(status: int, message: str, code: str) -> bytes:
+    """OpenAI-style error JSON."""
+    kind = {429: "rate_limit_error", 503: "service_unavailable", 403: "permission_error"}.get(
+        status, "invalid_request_error")
+    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
+
+
+def immediate(status: int, message: str, code: str, retry_after: float | None = None) -> pb.ProcessingResponse:
+    headers = [_hv("content-type", "application/json")]
+    if retry_after is not None:
+        headers.append(_hv("retry-after", str(max(1, int(retry_after)))))
+    return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
+        status=http_status_pb2.HttpStatus(code=status),
+        headers=pb.HeaderMutation(set_headers=headers),
+        body=error_body(status, message, code),
+        details=code))
+
+
+def headers_of(message: pb.HttpHeaders) -> dict[str, str]:
+    """Envoy sends lower-case keys, values in ``raw_value`` (bytes) or ``value``."""
+    return {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in message.headers.headers}
+
+
+def subset_of(request: pb.ProcessingRequest) -> frozenset[str] | None:
+    """The ``envoy.lb.subset_hint`` candidate list, if Envoy forwarded one (list or comma string)."""
+    md = request.metadata_context.filter_metadata
+    if contract.SUBSET_HINT_NAMESPACE not in md:
+        return None
+    fields = md[contract.SUBSET_HINT_NAMESPACE].fields
+    if contract.SUBSET_HINT_KEY not in fields:
+        return None
+    value = fields[contract.SUBSET_HINT_KEY]
+    kind = value.WhichOneof("kind")
+    if kind == "list_value":
+        items = [v.string_value for v in value.list_value.values]
+    elif kind == "string_value":
+        items = value.string_value.split(",")
+    else:
+        return None
+    return frozenset(i.strip() for i in items if i.strip())
+
+
+def _route(address: str, extra: list[base_pb2.HeaderValueOption], remove: list[str]) -> pb.ProcessingResponse:
+    md = struct_pb2.Struct()
+    md.get_or_create_struct(contract.LB_METADATA_NAMESPACE)[_DEST] = address
+    return pb.ProcessingResponse(
+        request_headers=pb.HeadersResponse(response=pb.CommonResponse(
+            header_mutation=pb.HeaderMutation(set_headers=[_hv(_DEST, address), *extra], remove_headers=remove),
+            clear_route_cache=True)),
+        dynamic_metadata=md)
+
+
+class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
+    def __init__(self, dispatcher: Dispatcher, key: bytes) -> None:
+        self.dispatcher = dispatcher
+        self.key = key
+        self.metrics = dispatcher.metrics
+
+    async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        stream = request_iterator.__aiter__()
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("request") != "request_headers":  # not configured; let it pass untouched
+            yield pb.ProcessingResponse()
+            return
+        t0 = time.perf_counter()
+        headers = headers_of(first.request_headers)
+        if headers.get(contract.ROLE) == contract.ROLE_CHUNK:
+            handler = self._chunk(first, headers, stream, t0)
+        else:
+            handler = self._client(first, headers, stream, t0)
+        async for response in handler:
+            yield response
+
+    # --- a chunk from a driver sidecar ---------------------------------------------------
+    async def _chunk(self, first: pb.ProcessingRequest, headers: dict[str, str],
+                     stream: AsyncIterator[pb.ProcessingRequest], t0: float) -> AsyncIterator[pb.ProcessingResponse]:
+        try:
+            claimed = contract.ChunkHeaders.verify(headers, self.key)
+        except contract.ContractError as exc:
+            self.metrics.rejections.labels("forged").inc()
+            log.warning("rejected chunk headers", extra={"request_id": headers.get(contract.REQUEST_ID, ""),
+                                                         "error": str(exc)})
+            yield immediate(403, f"untrusted tokenslice headers: {exc}", "forged_internal_header")
+            return
+        hashes = headers.get(contract.PREFIX_HASHES, "") if claimed.chunk_index == 0 else ""
+        chunk = Chunk(request_id=claimed.request_id, tenant=claimed.tenant, klass=claimed.priority_class,
+                      index=claimed.chunk_index, kv_holder=claimed.kv_holder, prompt_tokens=claimed.prompt_tokens,
+                      generated=claimed.generated, slice=claimed.slice, subset=subset_of(first),
+                      prefix_hashes=tuple(h for h in hashes.split(",")[:64] if h))
+        decided = time.perf_counter()
+        try:
+            endpoint = await self.dispatcher.acquire(chunk)
+        except Shed as exc:
+            self.metrics.sheds.labels(exc.reason, chunk.tenant).inc()
+            log.info("shed", extra={"request_id": chunk.request_id, "reason": exc.reason, "chunk": chunk.index})
+            yield immediate(429, str(exc), exc.reason, retry_after=1)
+            return
+        except NoEndpoints as exc:
+            self.metrics.rejections.labels("no_endpoints").inc()
+            yield immediate(503, str(exc), "no_endpoints")
+            return
+        granted = time.perf_counter()
+        produced: int | None = None
+        try:
+            self.metrics.decision_seconds.observe((decided - t0) + (time.perf_counter() - granted))
+            yield _route(endpoint.address, [], [])
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("chunk routed", extra={"request_id": chunk.request_id, "chunk": chunk.index,
+                                                 "endpoint": endpoint.address, "migrated": chunk.migrated,
+                                                 "wait_ms": round((granted - decided) * 1e3, 3)})
+            async for message in stream:
+                kind = message.WhichOneof("request")
+                if kind == "response_headers":
+                    wait_ms = f"{(granted - decided) * 1e3:.3f}"
+                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
+                        header_mutation=pb.HeaderMutation(set_headers=[_hv(contract.QUEUE_WAIT_MS, wait_ms)]))))
+                elif kind == "response_trailers":
+                    trailers = headers_of(message.response_trailers)
+                    value = trailers.get(contract.CHUNK_TOKENS, "")
+                    if value.isdigit():
+                        produced = int(value)
+                    yield _CONTINUE_TRAILERS
+                else:
+                    yield pb.ProcessingResponse()
+        finally:
+            # Envoy closed the stream (the upstream response ended, or the client went away).
+            self.dispatcher.release(chunk, produced)
+
+    # --- a client's own request --------------------------------------------------------
+    async def _client(self, first: pb.ProcessingRequest, headers: dict[str, str],
+                      stream: AsyncIterator[pb.ProcessingRequest], t0: float) -> AsyncIterator[pb.ProcessingResponse]:
+        policy = self.dispatcher.policy
+        strip = [name for name in headers if contract.is_internal_header(name)]
+        tenant, klass = policy.resolve(headers.get(policy.tenant_header), headers.get(policy.class_header))
+        request_id = uuid.uuid4().hex
+        chunk = Chunk(request_id=request_id, tenant=tenant, klass=klass.name, subset=subset_of(first))
+        try:
+            endpoint = self.dispatcher.admit(chunk)
+        except Shed as exc:
+            self.metrics.sheds.labels(exc.reason, tenant).inc()
+            log.info("shed", extra={"request_id": request_id, "reason": exc.reason, "tenant": tenant})
+            yield immediate(429, str(exc), exc.reason, retry_after=1)
+            return
+        except NoEndpoints as exc:
+            self.metrics.rejections.labels("no_endpoints").inc()
+            yield immediate(503, str(exc), "no_endpoints")
+            return
+        try:
+            self.metrics.admissions.labels(klass.name, tenant).inc()
+            admit = contract.AdmitHeaders(request_id=request_id, tenant=tenant, priority_class=klass.name).sign(self.key)
+            extra = [_hv(k, v) for k, v in admit.items()]
+            # the signed set overwrites; strip only the client's internal headers it does not cover
+            remove = [h for h in strip if h not in admit and h != _DEST]
+            self.metrics.decision_seconds.observe(time.perf_counter() - t0)
+            yield _route(endpoint.address, extra, remove)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request admitted", extra={"request_id": request_id, "tenant": tenant,
+                                                     "class": klass.name, "driver": endpoint.address,
+                                                     "stripped": strip})
+            async for message in stream:
+                kind = message.WhichOneof("request")
+                if kind == "response_headers":
+                    yield _CONTINUE_RESPONSE_HEADERS
+                elif kind == "response_trailers":
+                    yield _CONTINUE_TRAILERS
+                else:
+                    yield pb.ProcessingResponse()
+        finally:
+            self.dispatcher.admitted_done(chunk)

@@ -1,0 +1,84 @@
+"""Scorers rate candidate endpoints in [0, 1]; the profile sums them with weights."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from gateway_ext.datastore.endpoints import Endpoint
+from gateway_ext.scheduling.context import PickContext
+
+
+def least_load_scorer(ctx: PickContext, candidates: list[Endpoint]) -> list[float]:
+    """Fewer granted chunk slots and fewer engine-queued requests score higher."""
+    return [1.0 / (1.0 + e.granted + e.waiting) for e in candidates]
+
+
+def kv_cache_scorer(ctx: PickContext, candidates: list[Endpoint]) -> list[float]:
+    """More free KV cache (scraped ``vllm:kv_cache_usage_perc``) scores higher."""
+    return [1.0 - min(1.0, max(0.0, e.kv_usage)) for e in candidates]
+
+
+class PrefixAffinityScorer:
+    """Prefix-cache affinity: endpoints that recently served the same leading prompt blocks score higher.
+
+    The driver hashes the prompt's leading token blocks into ``x-tokenslice-prefix-hashes`` on a
+    first chunk; the index remembers which endpoints served which block hash (LRU-bounded).  The
+    score is the fraction of the chunk's leading blocks found on the endpoint, so a longer shared
+    prefix wins.  Without hashes every candidate scores 0 (no information).
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._index: OrderedDict[str, set[str]] = OrderedDict()
+
+    def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float]:
+        hashes = ctx.chunk.prefix_hashes
+        if not hashes:
+            return [0.0] * len(candidates)
+        scores = []
+        for e in candidates:
+            matched = 0
+            for h in hashes:
+                holders = self._index.get(h)
+                if holders is None or e.address not in holders:
+                    break
+                matched += 1
+            scores.append(matched / len(hashes))
+        return scores
+
+    def record(self, hashes: tuple[str, ...], address: str) -> None:
+        for h in hashes:
+            holders = self._index.get(h)
+            if holders is None:
+                holders = self._index[h] = set()
+            else:
+                self._index.move_to_end(h)
+            holders.add(address)
+        while len(self._index) > self.capacity:
+            self._index.popitem(last=False)
+
+
+class DriverAffinityScorer:
+    """A first chunk prefers the pod whose driver sidecar runs its request (no hop, warm locality).
+
+    The gateway routed the client request to that driver by the same scorers, so this makes
+    "the driver sits where the first chunk will likely run" hold by construction.
+    """
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._drivers: OrderedDict[str, str] = OrderedDict()
+
+    def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float]:
+        if ctx.chunk.index != 0:
+            return [0.0] * len(candidates)
+        driver = self._drivers.get(ctx.chunk.request_id)
+        return [1.0 if e.address == driver else 0.0 for e in candidates]
+
+    def record(self, request_id: str, address: str) -> None:
+        self._drivers[request_id] = address
+        if len(self._drivers) > self.capacity:
+            self._drivers.popitem(last=False)
+
+    def forget(self, request_id: str) -> None:
+        self._drivers.pop(request_id, None)

@@ -1,0 +1,174 @@
+"""The picker process: gRPC (ext_proc + health), the metrics endpoint, and the background sources.
+
+``start_gateway(...)`` runs it in-process (tests, the local stack); ``tokenslice gateway`` runs it
+as a service (see ``gateway_ext.cli``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+
+import grpc
+from aiohttp import web
+from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from gateway_ext.datastore.endpoints import Datastore
+from gateway_ext.datastore.scraper import MetricsScraper
+from gateway_ext.dispatcher import Dispatcher
+from gateway_ext.extproc import ExtProcServicer
+from gateway_ext.metrics import GatewayMetrics
+from gateway_ext.policy_source import PolicyFile
+from gateway_ext.scheduling.cost_model import CostModel
+from gateway_ext.scheduling.profile import default_profile
+from tokenslice.policy import SchedulingPolicySpec
+
+log = logging.getLogger("gateway_ext.server")
+EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
+
+class GatewaySettings(BaseModel):
+    """Everything the picker is configured with (CLI flags map 1:1)."""
+
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    signing_key: bytes = Field(min_length=1, repr=False)
+    endpoints: list[str] = Field(default_factory=list, description="Static pool (local mode): ip:port.")
+    policy_path: Path | None = None
+    policy: SchedulingPolicySpec | None = Field(default=None, description="In-process policy (no file).")
+    grpc_host: str = "127.0.0.1"
+    grpc_port: int = Field(default=0, ge=0, lt=65536)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(default=None, ge=0, lt=65536, description="None: no metrics server.")
+    policy_poll_s: float = Field(default=1.0, gt=0)
+    scrape_interval_s: float = Field(default=1.0, ge=0, description="0 disables scraping /metrics.")
+    prefill_tokens_per_second: float = Field(default=4000.0, gt=0, description="Migration cost model.")
+    default_chunk_seconds: float = Field(default=1.0, gt=0, description="Chunk duration before any is observed.")
+    idle_grace_s: float = Field(default=2.0, ge=0, description="A tenant is idle this long after its last chunk.")
+    load_weight: float = 1.0
+    prefix_weight: float = 2.0
+    kv_cache_weight: float = 0.5
+    driver_weight: float = 0.5
+    kube: bool = False
+    pool: str | None = None
+    namespace: str = "default"
+    kubeconfig: Path | None = None
+    policy_name: str | None = Field(default=None, description="Kubernetes mode: watch this SchedulingPolicy CR.")
+
+
+class Gateway:
+    """A running picker. ``grpc_port`` is what Envoy's ext_proc cluster points at."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self.metrics = GatewayMetrics()
+        self.policy_file: PolicyFile | None = None
+        if settings.policy is not None:
+            policy = settings.policy
+        elif settings.policy_path is not None:
+            self.policy_file = PolicyFile(settings.policy_path, self.set_policy,
+                                          lambda r: self.metrics.policy_reloads.labels(r).inc(),
+                                          settings.policy_poll_s)
+            policy = self.policy_file.load()
+        else:
+            policy = SchedulingPolicySpec()
+        self.datastore = Datastore(settings.endpoints, default_chunk_s=settings.default_chunk_seconds)
+        self.dispatcher = Dispatcher(
+            policy, self.datastore, self.metrics,
+            cost_model=CostModel(settings.prefill_tokens_per_second),
+            profile=default_profile(load_weight=settings.load_weight, prefix_weight=settings.prefix_weight,
+                                    kv_cache_weight=settings.kv_cache_weight, driver_weight=settings.driver_weight),
+            idle_grace_s=settings.idle_grace_s)
+        self.metrics.attach(self.dispatcher)
+        self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s) if settings.scrape_interval_s else None
+        self._grpc: grpc.aio.Server | None = None
+        self._health: health_aio.HealthServicer | None = None
+        self._metrics_runner: web.AppRunner | None = None
+        self._kube: object | None = None
+        self.grpc_port = 0
+        self.metrics_port: int | None = None
+
+    @property
+    def policy(self) -> SchedulingPolicySpec:
+        return self.dispatcher.policy
+
+    def set_policy(self, policy: SchedulingPolicySpec) -> None:
+        self.dispatcher.set_policy(policy)
+
+    async def start(self) -> None:
+        s = self.settings
+        server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1_000_000),
+                                          ("grpc.so_reuseport", 0)])
+        pb_grpc.add_ExternalProcessorServicer_to_server(
+            ExtProcServicer(self.dispatcher, s.signing_key), server)
+        self._health = health_aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
+        if not self.grpc_port:
+            raise OSError(f"cannot bind gRPC on {s.grpc_host}:{s.grpc_port}")
+        await server.start()
+        self._grpc = server
+        if s.metrics_port is not None:
+            app = web.Application()
+            app.router.add_get("/metrics", self._serve_metrics)
+            app.router.add_get("/healthz", lambda _: web.Response(text="ok"))
+            runner = web.AppRunner(app, access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, s.metrics_host, s.metrics_port)
+            await site.start()
+            self._metrics_runner = runner
+            self.metrics_port = runner.addresses[0][1]
+        if self.policy_file:
+            self.policy_file.start()
+        if self.scraper:
+            self.scraper.start()
+        if s.kube:
+            from gateway_ext.datastore.kube import KubeSources
+
+            self._kube = KubeSources(s, self.datastore, self.set_policy,
+                                     lambda r: self.metrics.policy_reloads.labels(r).inc())
+            await self._kube.start()  # type: ignore[attr-defined]
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for name in ("", EXT_PROC_SERVICE):
+            await self._health.set(name, serving)
+        log.info("gateway started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+                                           "endpoints": self.datastore.addresses()})
+
+    async def _serve_metrics(self, _: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def stop(self, grace_s: float = 1.0) -> None:
+        if self._health:
+            await self._health.enter_graceful_shutdown()
+        for part in (self.policy_file, self.scraper, self._kube):
+            if part is not None:
+                await part.stop()  # type: ignore[attr-defined]
+        if self._grpc:
+            await self._grpc.stop(grace_s)
+        if self._metrics_runner:
+            await self._metrics_runner.cleanup()
+
+    async def serve_forever(self) -> None:
+        assert self._grpc is not None
+        await self._grpc.wait_for_termination()
+
+
+async def start_gateway(**settings: object) -> Gateway:
+    """Start a picker in this event loop: ``await start_gateway(signing_key=..., endpoints=[...])``."""
+    gw = Gateway(GatewaySettings(**settings))  # type: ignore[arg-type]
+    try:
+        await gw.start()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            await gw.stop(0)
+        raise
+    return gw
+
+
+__all__ = ["Gateway", "GatewaySettings", "start_gateway"]
