@@ -1,0 +1,121 @@
+"""Wire kopf, the reconciler and the webhook into one running operator.
+
+Handlers are level-triggered ``on.event`` handlers registered in an explicit registry
+(no kopf globals): every watch event of a pool, a policy or a managed child re-converges
+the pool it belongs to.  Initial listings replay every object, so a restarted operator
+converges without stored progress; no finalizers or annotations are put on users' objects.
+
+Several replicas: kopf peering (ClusterKopfPeering ``tokenslice``) pauses every replica
+but the one with the highest priority; each replica picks a random priority so two never tie
+(kopf pauses *all* replicas of equal priority).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import kopf
+
+from tokenslice import policy
+from tokenslice_operator.config import MANAGED_BY, POOL_LABEL, OperatorConfig
+from tokenslice_operator.kube import KubeClient, connection_from_kubeconfig
+from tokenslice_operator.reconcile import Reconciler
+from tokenslice_operator.webhook import Webhook, serve
+
+log = logging.getLogger("tokenslice.operator")
+PEERING_NAME = "tokenslice"
+SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+CHILD_RESOURCES = (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "configmaps"),
+                   ("", "v1", "secrets"), ("", "v1", "serviceaccounts"),
+                   ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"))
+
+
+def connection(kubeconfig: str | None) -> tuple[kopf.ConnectionInfo, str | None]:
+    """Credentials from a kubeconfig, else the pod's service account; (info, token file to re-read)."""
+    if kubeconfig:
+        return connection_from_kubeconfig(kubeconfig), None
+    info = kopf.login_with_service_account(settings=kopf.OperatorSettings())
+    if info is None:
+        raise kopf.LoginError("no --kubeconfig/$KUBECONFIG and not running in a pod with a service account")
+    return info, str(SA_DIR / "token")
+
+
+def build_registry(reconciler: Reconciler, info: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.login(registry=registry)
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        return info
+
+    @kopf.on.event("inference.networking.k8s.io", "v1", "inferencepools", registry=registry)
+    async def pool_event(namespace: str, name: str, **_: Any) -> None:
+        await reconciler.sync_pool(namespace, name)
+
+    @kopf.on.event(policy.API_GROUP, policy.API_VERSION, policy.PLURAL, registry=registry)
+    async def policy_event(body: kopf.Body, **_: Any) -> None:
+        await reconciler.sync_policy(dict(body))
+
+    async def child_event(namespace: str, labels: kopf.Labels, **_: Any) -> None:
+        await reconciler.sync_pool(namespace, labels[POOL_LABEL])
+
+    for group, version, plural in CHILD_RESOURCES:
+        kopf.on.event(group, version, plural, registry=registry, id=f"child-{plural}",
+                      labels={**MANAGED_BY, POOL_LABEL: kopf.PRESENT})(child_event)
+    return registry
+
+
+def settings(priority: int | None = None) -> kopf.OperatorSettings:
+    s = kopf.OperatorSettings()
+    s.peering.name = PEERING_NAME
+    s.peering.clusterwide = True
+    s.peering.mandatory = True
+    s.peering.priority = random.randint(1, 2**31 - 1) if priority is None else priority
+    s.peering.stealth = False
+    s.scanning.disabled = True  # resources must exist at start: no cluster-wide CRD watch needed
+    s.posting.enabled = True
+    s.posting.level = logging.WARNING
+    s.watching.server_timeout = 300
+    s.persistence.finalizer = "tokenslice.io/operator"
+    return s
+
+
+@dataclass
+class RunOptions:
+    kubeconfig: str | None = None
+    config: OperatorConfig = field(default_factory=OperatorConfig)
+    webhook_host: str = "0.0.0.0"
+    standalone: bool = False
+    priority: int | None = None
+
+
+async def run_operator(opts: RunOptions, stop_flag: asyncio.Event | threading.Event | None = None,
+                       ready_flag: asyncio.Event | threading.Event | None = None) -> None:
+    """Run until ``stop_flag`` is set (or forever): kopf + the webhook when certificates are given."""
+    info, token_file = connection(opts.kubeconfig)
+    client = KubeClient(info, token_file=token_file)
+    runner = None
+    try:
+        reconciler = Reconciler(client=client, config=opts.config)
+        cfg = opts.config
+        if cfg.webhook_cert and cfg.webhook_key and cfg.webhook_port:
+            native = await client.server_version() >= (1, 29)
+            runner = await serve(Webhook(client, cfg, native_sidecars=native), opts.webhook_host, cfg.webhook_port,
+                                 cfg.webhook_cert, cfg.webhook_key)
+        await kopf.operator(
+            registry=build_registry(reconciler, info),
+            settings=settings(opts.priority),
+            clusterwide=True,
+            standalone=opts.standalone,
+            stop_flag=stop_flag,
+            ready_flag=ready_flag,
+        )
+    finally:
+        if runner is not None:
+            await runner.cleanup()
+        await client.close()

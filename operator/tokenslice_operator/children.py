@@ -1,0 +1,179 @@
+"""The objects one managed InferencePool gets: pure functions from (pool, config) to manifests.
+
+Each manifest is complete (server-side apply owns every field it lists) and carries an
+ownerReference to the pool, so Kubernetes' garbage collector removes them with it.
+"""
+
+from __future__ import annotations
+
+import base64
+import secrets
+from typing import Any
+
+import yaml
+
+from tokenslice import policy
+from tokenslice_operator.config import (
+    MANAGED_BY,
+    POLICY_FILE,
+    POLICY_GENERATION_ANNOTATION,
+    POLICY_LABEL,
+    POLICY_MOUNT,
+    POOL_LABEL,
+    SIGNING_KEY_FILE,
+    SIGNING_MOUNT,
+    OperatorConfig,
+    policy_configmap_name,
+    signing_secret_name,
+)
+
+Manifest = dict[str, Any]
+
+
+class PickerRefError(ValueError):
+    """The pool's endpointPickerRef cannot name a tokenslice picker."""
+
+
+def picker_ref(pool: Manifest) -> tuple[str, int]:
+    """(Service name, service port) of the pool's endpoint picker; PickerRefError when unusable."""
+    spec = pool.get("spec") or {}
+    ref = spec.get("endpointPickerRef")
+    if not ref:
+        raise PickerRefError("spec.endpointPickerRef is not set; tokenslice needs it to name its picker Service")
+    if ref.get("group", "") != "" or ref.get("kind", "Service") != "Service":
+        raise PickerRefError(f"endpointPickerRef must be a core Service, not {ref.get('group')}/{ref.get('kind')}")
+    port = (ref.get("port") or {}).get("number")
+    if not port:
+        raise PickerRefError("endpointPickerRef.port is required when kind is 'Service'")
+    numbers = [p.get("number") for p in spec.get("targetPorts") or []]
+    if len(numbers) != len(set(numbers)):
+        raise PickerRefError("spec.targetPorts: port number must be unique")
+    return ref["name"], int(port)
+
+
+def _labels(pool: Manifest, component: str) -> dict[str, str]:
+    return {**MANAGED_BY, "app.kubernetes.io/name": "tokenslice", "app.kubernetes.io/component": component,
+            POOL_LABEL: pool["metadata"]["name"]}
+
+
+def _meta(pool: Manifest, name: str, component: str, **extra: Any) -> Manifest:
+    m = pool["metadata"]
+    owner = {"apiVersion": pool["apiVersion"], "kind": pool["kind"], "name": m["name"], "uid": m["uid"],
+             "controller": True, "blockOwnerDeletion": True}
+    return {"name": name, "namespace": m["namespace"], "labels": _labels(pool, component),
+            "ownerReferences": [owner], **extra}
+
+
+def service_account(pool: Manifest, picker: str) -> Manifest:
+    return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(pool, picker, "endpoint-picker")}
+
+
+def role(pool: Manifest, picker: str) -> Manifest:
+    """Least privilege for the picker: read its pods, its pool and its policies, nothing else."""
+    read = ["get", "list", "watch"]
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+        "metadata": _meta(pool, picker, "endpoint-picker"),
+        "rules": [
+            {"apiGroups": [""], "resources": ["pods"], "verbs": read},
+            {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": read},
+            {"apiGroups": [policy.API_GROUP], "resources": [policy.PLURAL], "verbs": read},
+        ],
+    }
+
+
+def role_binding(pool: Manifest, picker: str) -> Manifest:
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+        "metadata": _meta(pool, picker, "endpoint-picker"),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": picker},
+        "subjects": [{"kind": "ServiceAccount", "name": picker, "namespace": pool["metadata"]["namespace"]}],
+    }
+
+
+def signing_secret(pool: Manifest) -> Manifest:
+    """A fresh random key; created once and never rewritten (rotating it would break in-flight chunks)."""
+    key = secrets.token_hex(32).encode()
+    return {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": _meta(pool, signing_secret_name(pool["metadata"]["name"]), "signing-key"),
+        "data": {SIGNING_KEY_FILE: base64.b64encode(key).decode()},
+    }
+
+
+def policy_configmap(pool: Manifest, picker: str, spec: policy.SchedulingPolicySpec,
+                     source: Manifest | None) -> Manifest:
+    """The policy file the picker reads (and hot-reloads); labelled with the SchedulingPolicy it came from."""
+    body = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
+    header = (f"# published by tokenslice-operator from SchedulingPolicy {source['metadata']['name']} "
+              f"generation {source['metadata'].get('generation', 0)}\n" if source
+              else "# no SchedulingPolicy names this pool: tokenslice defaults\n")
+    meta = _meta(pool, policy_configmap_name(picker), "endpoint-picker")
+    if source:
+        meta["labels"][POLICY_LABEL] = source["metadata"]["name"]
+        meta["annotations"] = {POLICY_GENERATION_ANNOTATION: str(source["metadata"].get("generation", 0))}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
+            "data": {POLICY_FILE: header + yaml.safe_dump(body, sort_keys=False)}}
+
+
+def service(pool: Manifest, picker: str, port: int, config: OperatorConfig) -> Manifest:
+    labels = _labels(pool, "endpoint-picker")
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(pool, picker, "endpoint-picker"),
+        "spec": {
+            "selector": {k: labels[k] for k in ("app.kubernetes.io/component", POOL_LABEL)},
+            "ports": [
+                {"name": "grpc-ext-proc", "port": port, "targetPort": config.picker_grpc_port,
+                 "protocol": "TCP", "appProtocol": "http2"},
+                {"name": "metrics", "port": config.picker_metrics_port, "targetPort": config.picker_metrics_port,
+                 "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def deployment(pool: Manifest, picker: str, config: OperatorConfig) -> Manifest:
+    """One picker replica: it holds the pool's scheduling state (queues, fair-share counters)."""
+    m = pool["metadata"]
+    labels = _labels(pool, "endpoint-picker")
+    selector = {k: labels[k] for k in ("app.kubernetes.io/component", POOL_LABEL)}
+    args = ["gateway", "--grpc-port", str(config.picker_grpc_port), "--metrics-port", str(config.picker_metrics_port),
+            "--policy", f"{POLICY_MOUNT}/{POLICY_FILE}", "--signing-key-file", f"{SIGNING_MOUNT}/{SIGNING_KEY_FILE}",
+            "--kube", "--pool", m["name"], "--namespace", m["namespace"]]
+    container = {
+        "name": "picker",
+        "image": config.gateway_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "args": args,
+        "ports": [{"name": "grpc-ext-proc", "containerPort": config.picker_grpc_port, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": config.picker_metrics_port, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": config.picker_grpc_port}, "periodSeconds": 5},
+        "livenessProbe": {"tcpSocket": {"port": config.picker_grpc_port}, "periodSeconds": 10,
+                          "failureThreshold": 6},
+        "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "policy", "mountPath": POLICY_MOUNT, "readOnly": True},
+                         {"name": "signing", "mountPath": SIGNING_MOUNT, "readOnly": True}],
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(pool, picker, "endpoint-picker"),
+        "spec": {
+            "replicas": 1,
+            "strategy": {"type": "Recreate"},  # never two pickers scheduling one pool
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "serviceAccountName": picker,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "policy", "configMap": {"name": policy_configmap_name(picker)}},
+                        {"name": "signing", "secret": {"secretName": signing_secret_name(m["name"])}},
+                    ],
+                },
+            },
+        },
+    }

@@ -1,0 +1,53 @@
+"""``tokenslice operator``: run the operator (default) or regenerate the CRDs (``crds``)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+
+from tokenslice_operator import crdgen
+from tokenslice_operator.config import OperatorConfig
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    d = OperatorConfig()
+    parser.add_argument("action", nargs="?", choices=["run", "crds"], default="run",
+                        help="run: the operator + admission webhook (default); crds: regenerate crds/ and the chart's")
+    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                        help="kubeconfig to use (default: $KUBECONFIG, else the pod's service account)")
+    parser.add_argument("--gateway-image", default=d.gateway_image, help="image of the endpoint picker")
+    parser.add_argument("--sidecar-image", default=d.sidecar_image, help="image of the injected sidecar")
+    parser.add_argument("--image-pull-policy", default=d.image_pull_policy)
+    parser.add_argument("--chunk-url", default=d.chunk_url,
+                        help="gateway URL injected sidecars send chunks to ({pool}, {namespace} are filled in)")
+    parser.add_argument("--gpu-resource", default=d.gpu_resource)
+    parser.add_argument("--webhook-port", type=int, default=d.webhook_port,
+                        help="HTTPS port of the admission webhook (0: no webhook)")
+    parser.add_argument("--webhook-host", default="0.0.0.0")
+    parser.add_argument("--webhook-cert", help="TLS certificate (PEM) of the webhook")
+    parser.add_argument("--webhook-key", help="TLS private key (PEM) of the webhook")
+    parser.add_argument("--standalone", action="store_true", help="no peering (a single replica, no peering CRDs)")
+    parser.add_argument("--priority", type=int, help="peering priority (default: random, so replicas never tie)")
+    parser.add_argument("--log-level", default="INFO")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "crds":
+        return crdgen.main([])
+    from tokenslice_operator.app import RunOptions, run_operator
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = OperatorConfig(
+        gateway_image=args.gateway_image, sidecar_image=args.sidecar_image,
+        image_pull_policy=args.image_pull_policy, chunk_url=args.chunk_url, gpu_resource=args.gpu_resource,
+        webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
+    )
+    opts = RunOptions(kubeconfig=args.kubeconfig, config=config, webhook_host=args.webhook_host,
+                      standalone=args.standalone, priority=args.priority)
+    try:
+        asyncio.run(run_operator(opts))
+    except KeyboardInterrupt:
+        pass
+    return 0

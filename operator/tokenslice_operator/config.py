@@ -1,0 +1,56 @@
+"""What the operator is told at start-up (flags / chart values), and the names it agrees on.
+
+The conventions below are the operator's public contract with users and the chart:
+
+* an ``InferencePool`` is *managed* when it carries the label ``tokenslice.io/managed: "true"``;
+  its ``spec.endpointPickerRef`` (kind Service, core group) names the picker Service the operator
+  creates, and ``endpointPickerRef.port.number`` is that Service's ext_proc port;
+* every child object carries ``tokenslice.io/pool: <pool>`` and is owned by the pool;
+* pods opt out of injection with the annotation ``tokenslice.io/inject: "false"`` and opt in
+  (without a GPU request) with the label ``tokenslice.io/inject: "true"``.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+MANAGED_LABEL = "tokenslice.io/managed"
+POOL_LABEL = "tokenslice.io/pool"
+POLICY_LABEL = "tokenslice.io/policy"
+POLICY_GENERATION_ANNOTATION = "tokenslice.io/policy-generation"
+INJECT_KEY = "tokenslice.io/inject"
+INJECTED_ANNOTATION = "tokenslice.io/injected"
+CHUNK_URL_ANNOTATION = "tokenslice.io/chunk-url"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "tokenslice-operator"}
+CONTROLLER_NAME = "tokenslice.io/operator"
+SIDECAR_NAME = "tokenslice-sidecar"
+POLICY_FILE = "policy.yaml"
+SIGNING_KEY_FILE = "key"
+POLICY_MOUNT = "/etc/tokenslice/policy"
+SIGNING_MOUNT = "/var/run/tokenslice/signing"
+
+
+def signing_secret_name(pool: str) -> str:
+    return f"{pool}-tokenslice-signing"
+
+
+def policy_configmap_name(picker: str) -> str:
+    return f"{picker}-policy"
+
+
+class OperatorConfig(BaseModel):
+    """Operator settings; every field has a ``tokenslice operator`` flag and a chart value."""
+
+    gateway_image: str = "ghcr.io/tokenslice/gateway:0.1.0"
+    sidecar_image: str = "ghcr.io/tokenslice/sidecar:0.1.0"
+    image_pull_policy: str = "IfNotPresent"
+    picker_grpc_port: int = Field(default=9002, ge=1, le=65535, description="container port of the picker")
+    picker_metrics_port: int = Field(default=9090, ge=1, le=65535)
+    chunk_url: str = Field(
+        default="http://{pool}-gateway.{namespace}.svc:8080",
+        description="Gateway URL injected sidecars send chunks to; {pool} and {namespace} are filled in. "
+        f"A pool's annotation {CHUNK_URL_ANNOTATION} overrides it.")
+    gpu_resource: str = "nvidia.com/gpu"
+    webhook_port: int = Field(default=9443, ge=0, le=65535)
+    webhook_cert: str | None = None
+    webhook_key: str | None = None
