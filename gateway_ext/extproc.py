@@ -101,6 +101,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+        # One flat generator per stream (no nested async generators: this is the per-chunk hot path).
         stream = request_iterator.__aiter__()
         try:
             first = await stream.__anext__()
@@ -111,29 +112,16 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return
         t0 = time.perf_counter()
         headers = headers_of(first.request_headers)
-        if headers.get(contract.ROLE) == contract.ROLE_CHUNK:
-            handler = self._chunk(first, headers, stream, t0)
-        else:
-            handler = self._client(first, headers, stream, t0)
-        async for response in handler:
-            yield response
-
-    # --- a chunk from a driver sidecar ---------------------------------------------------
-    async def _chunk(self, first: pb.ProcessingRequest, headers: dict[str, str],
-                     stream: AsyncIterator[pb.ProcessingRequest], t0: float) -> AsyncIterator[pb.ProcessingResponse]:
-        try:
-            claimed = contract.ChunkHeaders.verify(headers, self.key)
-        except contract.ContractError as exc:
-            self.metrics.rejections.labels("forged").inc()
-            log.warning("rejected chunk headers", extra={"request_id": headers.get(contract.REQUEST_ID, ""),
-                                                         "error": str(exc)})
-            yield immediate(403, f"untrusted tokenslice headers: {exc}", "forged_internal_header")
+        if headers.get(contract.ROLE) != contract.ROLE_CHUNK:
+            async for response in self._client(first, headers, stream, t0):
+                yield response
             return
-        hashes = headers.get(contract.PREFIX_HASHES, "") if claimed.chunk_index == 0 else ""
-        chunk = Chunk(request_id=claimed.request_id, tenant=claimed.tenant, klass=claimed.priority_class,
-                      index=claimed.chunk_index, kv_holder=claimed.kv_holder, prompt_tokens=claimed.prompt_tokens,
-                      generated=claimed.generated, slice=claimed.slice, subset=subset_of(first),
-                      prefix_hashes=tuple(h for h in hashes.split(",")[:64] if h))
+        # --- a chunk from a driver sidecar ---
+        chunk_or_error = self._parse_chunk(first, headers)
+        if not isinstance(chunk_or_error, Chunk):
+            yield chunk_or_error
+            return
+        chunk = chunk_or_error
         decided = time.perf_counter()
         try:
             endpoint = await self.dispatcher.acquire(chunk)
@@ -162,16 +150,29 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                     yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
                         header_mutation=pb.HeaderMutation(set_headers=[_hv(contract.QUEUE_WAIT_MS, wait_ms)]))))
                 elif kind == "response_trailers":
-                    trailers = headers_of(message.response_trailers)
-                    value = trailers.get(contract.CHUNK_TOKENS, "")
+                    value = headers_of(message.response_trailers).get(contract.CHUNK_TOKENS, "")
                     if value.isdigit():
                         produced = int(value)
                     yield _CONTINUE_TRAILERS
                 else:
                     yield pb.ProcessingResponse()
         finally:
-            # Envoy closed the stream (the upstream response ended, or the client went away).
+            # Envoy closed the stream: the upstream response ended (or the client went away).
             self.dispatcher.release(chunk, produced)
+
+    def _parse_chunk(self, first: pb.ProcessingRequest, headers: dict[str, str]) -> Chunk | pb.ProcessingResponse:
+        try:
+            claimed = contract.ChunkHeaders.verify(headers, self.key)
+        except contract.ContractError as exc:
+            self.metrics.rejections.labels("forged").inc()
+            log.warning("rejected chunk headers", extra={"request_id": headers.get(contract.REQUEST_ID, ""),
+                                                         "error": str(exc)})
+            return immediate(403, f"untrusted tokenslice headers: {exc}", "forged_internal_header")
+        hashes = headers.get(contract.PREFIX_HASHES, "") if claimed.chunk_index == 0 else ""
+        return Chunk(request_id=claimed.request_id, tenant=claimed.tenant, klass=claimed.priority_class,
+                     index=claimed.chunk_index, kv_holder=claimed.kv_holder, prompt_tokens=claimed.prompt_tokens,
+                     generated=claimed.generated, slice=claimed.slice, subset=subset_of(first),
+                     prefix_hashes=tuple(h for h in hashes.split(",")[:64] if h) if hashes else ())
 
     # --- a client's own request --------------------------------------------------------
     async def _client(self, first: pb.ProcessingRequest, headers: dict[str, str],

@@ -116,7 +116,7 @@ class Gateway:
         if s.metrics_port is not None:
             app = web.Application()
             app.router.add_get("/metrics", self._serve_metrics)
-            app.router.add_get("/healthz", lambda _: web.Response(text="ok"))
+            app.router.add_get("/healthz", self._serve_health)
             runner = web.AppRunner(app, access_log=None)
             await runner.setup()
             site = web.TCPSite(runner, s.metrics_host, s.metrics_port)
@@ -138,6 +138,9 @@ class Gateway:
             await self._health.set(name, serving)
         log.info("gateway started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
                                            "endpoints": self.datastore.addresses()})
+
+    async def _serve_health(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok")
 
     async def _serve_metrics(self, _: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry),

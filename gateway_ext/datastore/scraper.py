@@ -38,8 +38,9 @@ def parse_vllm_metrics(text: str) -> dict[str, float]:
         attr = METRICS.get(line[:name_end])
         if attr is None:
             continue
+        rest = line[line.index("}", name_end) + 1:] if line[name_end] == "{" else line[name_end:]
         try:
-            value = float(line.rsplit("}", 1)[-1].split()[0])
+            value = float(rest.split()[0])
         except (ValueError, IndexError):
             continue
         out[attr] = out.get(attr, 0.0) + value

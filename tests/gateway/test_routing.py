@@ -153,3 +153,31 @@ async def test_queue_bound_ttl_and_tenant_concurrency_shed_with_429(gateway_stac
     a.unblock()
     assert (await first)[0] == 200
     assert (await stack.post(headers={"x-tenant-id": "acme"}))[0] == 200
+
+
+async def test_live_load_scrape_and_metrics_endpoint(gateway_stack, upstreams):
+    import aiohttp
+
+    from gateway_ext.datastore.scraper import MetricsScraper
+
+    a, b = await upstreams(2)
+    a.metrics_text = "vllm:num_requests_running 3\nvllm:num_requests_waiting 7\nvllm:kv_cache_usage_perc 0.5\n"
+    stack = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY, metrics_port=0)
+    scraper = MetricsScraper(stack.gateway.datastore)
+    async with aiohttp.ClientSession() as s:
+        await scraper.scrape_once(s)
+    ep = stack.gateway.datastore.get(a.address)
+    assert (ep.running, ep.waiting, ep.kv_usage, ep.scrape_ok) == (3, 7, 0.5, True)
+    # the least-load scorer now steers new requests away from the endpoint with a queue
+    for _ in range(4):
+        assert (await stack.post(headers={"x-tenant-id": "gold"}))[0] == 200
+    assert len(b.received) == 4 and a.received == []
+    assert (await stack.post(headers=stack.chunk_headers(tenant="gold", slice=2)))[0] == 200
+    async with stack.session.get(f"http://127.0.0.1:{stack.gateway.metrics_port}/metrics") as r:
+        text = await r.text()
+    for name in ("tokenslice_gateway_queue_length", "tokenslice_gateway_queue_wait_seconds_bucket",
+                 "tokenslice_gateway_dispatches_total", "tokenslice_gateway_preemptions_total",
+                 "tokenslice_gateway_migrations_total", "tokenslice_gateway_sheds_total",
+                 'tokenslice_gateway_tokens_served_total{tenant="gold"} 2.0', "tokenslice_gateway_jain_fairness_index",
+                 "tokenslice_gateway_decision_seconds_bucket", "tokenslice_gateway_admissions_total"):
+        assert name in text, name

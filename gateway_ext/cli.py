@@ -1,0 +1,90 @@
+"""``tokenslice gateway``: run the endpoint picker, or print the Envoy bootstrap that fronts it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from gateway_ext.datastore.endpoints import parse_endpoints
+from gateway_ext.envoy import render_bootstrap
+from gateway_ext.logs import setup_logging
+from gateway_ext.server import Gateway, GatewaySettings
+from tokenslice import contract
+from tokenslice.policy import load_policy
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--grpc-port", type=int, default=9002, help="ext_proc + gRPC health port (default 9002)")
+    parser.add_argument("--grpc-host", default="0.0.0.0", help="bind address for gRPC (default 0.0.0.0)")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="Prometheus /metrics port (default 9090)")
+    parser.add_argument("--metrics-host", default="0.0.0.0")
+    parser.add_argument("--policy", type=Path, help="SchedulingPolicy YAML (spec or whole object); hot-reloaded")
+    parser.add_argument("--endpoints", default="", help="static pool: ip:port,ip:port (local mode)")
+    parser.add_argument("--signing-key-file", type=Path,
+                        help=f"HMAC key shared with the sidecars (else ${contract.KEY_FILE_ENV} / ${contract.KEY_ENV})")
+    parser.add_argument("--kube", action="store_true", help="Kubernetes mode: watch the InferencePool's pods")
+    parser.add_argument("--pool", help="InferencePool name (Kubernetes mode)")
+    parser.add_argument("--namespace", default="default", help="namespace of the pool (Kubernetes mode)")
+    parser.add_argument("--kubeconfig", type=Path, help="kubeconfig (default: in-cluster credentials)")
+    parser.add_argument("--policy-name", help="Kubernetes mode without --policy: watch this SchedulingPolicy CR")
+    parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes (0=off)")
+    parser.add_argument("--prefill-tokens-per-second", type=float, default=4000.0,
+                        help="migration cost model: prefix recompute speed of an idle endpoint")
+    parser.add_argument("--default-chunk-seconds", type=float, default=1.0,
+                        help="chunk duration assumed before one is observed")
+    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--print-envoy-config", action="store_true",
+                        help="print the Envoy bootstrap for this picker and exit (used by the chart)")
+    parser.add_argument("--envoy-listen-port", type=int, default=8081)
+    parser.add_argument("--envoy-admin-port", type=int, default=19000)
+    parser.add_argument("--envoy-ext-proc-host", default="127.0.0.1",
+                        help="address Envoy uses to reach this picker (a Service name is not allowed: STATIC)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.print_envoy_config:
+        sys.stdout.write(render_bootstrap(listen_port=args.envoy_listen_port, ext_proc_port=args.grpc_port,
+                                          admin_port=args.envoy_admin_port, listen_address="0.0.0.0",
+                                          ext_proc_host=args.envoy_ext_proc_host))
+        return 0
+    setup_logging(args.log_level)
+    try:
+        key = contract.load_key(key_file=args.signing_key_file)
+        if args.policy:
+            load_policy(args.policy)  # fail fast with a readable message
+        if args.kube and not args.pool:
+            raise ValueError("--kube needs --pool NAME")
+        if not args.kube and not args.endpoints:
+            raise ValueError("give --endpoints ip:port,... (local mode) or --kube --pool NAME")
+        settings = GatewaySettings(
+            signing_key=key, endpoints=parse_endpoints(args.endpoints) if args.endpoints else [],
+            policy_path=args.policy, grpc_host=args.grpc_host, grpc_port=args.grpc_port,
+            metrics_host=args.metrics_host, metrics_port=args.metrics_port,
+            scrape_interval_s=args.scrape_interval, prefill_tokens_per_second=args.prefill_tokens_per_second,
+            default_chunk_seconds=args.default_chunk_seconds, kube=args.kube, pool=args.pool,
+            namespace=args.namespace, kubeconfig=args.kubeconfig, policy_name=args.policy_name)
+    except (contract.ContractError, ValueError, ValidationError, OSError) as exc:
+        print(f"tokenslice gateway: {exc}", file=sys.stderr)
+        return 2
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: GatewaySettings) -> int:
+    gateway = Gateway(settings)
+    await gateway.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    print(f"tokenslice gateway: ext_proc on {settings.grpc_host}:{gateway.grpc_port}, "
+          f"metrics on :{gateway.metrics_port}, {len(gateway.datastore)} endpoint(s)", file=sys.stderr, flush=True)
+    await stop.wait()
+    await gateway.stop(grace_s=5.0)
+    return 0

@@ -1,0 +1,74 @@
+"""``tokenslice gateway`` as a process: flags, key file, policy file, gRPC health, clean shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway_ext.envoy import free_port
+
+
+async def test_cli_serves_health_and_metrics_then_stops(tmp_path):
+    (tmp_path / "key").write_text("secret\n")
+    (tmp_path / "policy.yaml").write_text("apiVersion: tokenslice.io/v1alpha1\nkind: SchedulingPolicy\n"
+                                          "metadata: {name: p}\nspec: {chunkSize: 16}\n")
+    grpc_port, metrics_port = free_port(), free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "tokenslice", "gateway", "--grpc-host", "127.0.0.1",
+                             "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1", "--metrics-port",
+                             str(metrics_port), "--policy", str(tmp_path / "policy.yaml"),
+                             "--endpoints", "127.0.0.1:1", "--signing-key-file", str(tmp_path / "key"),
+                             "--scrape-interval", "0"], stderr=subprocess.PIPE)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            status: list[int] = []
+
+            async def probe() -> None:
+                try:
+                    r = await stub.Check(health_pb2.HealthCheckRequest(
+                        service="envoy.service.ext_proc.v3.ExternalProcessor"), timeout=1)
+                    status.append(r.status)
+                except grpc.aio.AioRpcError:
+                    pass
+
+            deadline = asyncio.get_running_loop().time() + 30
+            while not status and asyncio.get_running_loop().time() < deadline and proc.poll() is None:
+                await probe()
+            assert status == [health_pb2.HealthCheckResponse.SERVING]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert b"gateway started" in err  # structured JSON log line
+
+
+def test_cli_rejects_bad_input_clearly(tmp_path):
+    (tmp_path / "bad.yaml").write_text("slotsPerEndpoint: 0\n")
+    (tmp_path / "key").write_text("k")
+    cases = [
+        (["--endpoints", "127.0.0.1:1"], "no signing key"),
+        (["--endpoints", "db.local:1", "--signing-key-file", str(tmp_path / "key")], "must be an IP address"),
+        (["--endpoints", "127.0.0.1:1", "--signing-key-file", str(tmp_path / "key"), "--policy",
+          str(tmp_path / "bad.yaml")], "slotsPerEndpoint"),
+        (["--signing-key-file", str(tmp_path / "key")], "--endpoints"),
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "-m", "tokenslice", "gateway", *args], capture_output=True, text=True,
+                           env={"PATH": "/usr/bin:/bin"}, timeout=60)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+
+
+def test_print_envoy_config_is_valid_for_envoy(tmp_path, envoy_bin):
+    r = subprocess.run([sys.executable, "-m", "tokenslice", "gateway", "--print-envoy-config", "--grpc-port", "9002"],
+                       capture_output=True, text=True, check=True, timeout=60)
+    (tmp_path / "envoy.yaml").write_text(r.stdout)
+    v = subprocess.run([envoy_bin, "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+                       capture_output=True, text=True, timeout=60)
+    assert v.returncode == 0, v.stdout + v.stderr
+
+
