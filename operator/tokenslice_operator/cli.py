@@ -29,7 +29,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--webhook-cert", help="TLS certificate (PEM) of the webhook")
     parser.add_argument("--webhook-key", help="TLS private key (PEM) of the webhook")
     parser.add_argument("--standalone", action="store_true", help="no peering (a single replica, no peering CRDs)")
+    parser.add_argument("--peering-name", default="tokenslice",
+                        help="ClusterKopfPeering the replicas coordinate through (the chart creates it)")
     parser.add_argument("--priority", type=int, help="peering priority (default: random, so replicas never tie)")
+    parser.add_argument("--health-port", type=int, default=0, help="serve kopf's liveness /healthz here (0: off)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -45,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
         webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
     )
     opts = RunOptions(kubeconfig=args.kubeconfig, config=config, webhook_host=args.webhook_host,
-                      standalone=args.standalone, priority=args.priority)
+                      standalone=args.standalone, priority=args.priority, peering_name=args.peering_name,
+                      liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None)
     try:
         asyncio.run(run_operator(opts))
     except KeyboardInterrupt:

@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# Image of the chunking sidecar beside vLLM (tokenslice sidecar).
+# Build from the repository root:  docker build -f docker/sidecar.Dockerfile -t ghcr.io/tokenslice/sidecar:0.1.0 .
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY tokenslice tokenslice
+COPY sidecar sidecar
+COPY gateway_ext gateway_ext
+COPY operator operator
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+FROM python:3.11-slim
+RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
+    pip install --no-cache-dir /wheels/*.whl
+# distroless-style nonroot uid; the chart runs with a read-only root filesystem
+USER 65532:65532
+ENV PYTHONUNBUFFERED=1
+EXPOSE 8000
+ENTRYPOINT ["tokenslice"]
+CMD ["sidecar"]
