@@ -182,8 +182,21 @@ async def run_load(url_port: int, conns: int, duration: float, headers: dict[str
             "n": len(lat), "errors": sum(r["errors"] for r in results)}
 
 
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _pin(pid: int, cpu: str | None) -> None:
+    """Pin every thread of a running process (Envoy starts its workers before we can wrap it)."""
+    if cpu and shutil.which("taskset"):
+        subprocess.run(["taskset", "-a", "-p", "-c", cpu, str(pid)], check=True, stdout=subprocess.DEVNULL)
+
+
 async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None, load_cpu: str | None,
-                     procs: int) -> list[dict[str, float]]:
+                     procs: int, envoy_cpu: str | None = None, upstream_cpu: str | None = None
+                     ) -> list[dict[str, float]]:
     key = secrets.token_bytes(32)
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     up_ports = [free_port(), free_port()]
@@ -191,6 +204,7 @@ async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None
     up = subprocess.Popen([envoy_binary(), "-c", str(workdir / "up.yaml"), "--concurrency", "1", "-l", "error",
                            "--base-id", str(os.getpid() % 10000 * 10 + 7)], stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
+    _pin(up.pid, upstream_cpu)
     (workdir / "key").write_bytes(key.hex().encode())
     (workdir / "policy.yaml").write_text("slotsPerEndpoint: 4096\nqueue: {maxQueuedChunks: 100000}\n")
     grpc_port, metrics_port = free_port(), free_port()
@@ -205,6 +219,8 @@ async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None
         await _wait_port(grpc_port)
         direct = await start_envoy(ext_proc_port=None, direct_upstream=f"127.0.0.1:{up_ports[0]}")
         picked = await start_envoy(ext_proc_port=grpc_port)
+        for e in (direct, picked):
+            _pin(e.process.pid, envoy_cpu)
         chunk = contract.ChunkHeaders(request_id="bench", chunk_index=1, tenant="default", priority_class="standard",
                                       generated=32, prompt_tokens=256, slice=32, kv_holder="",
                                       expires=int(time.time()) + 3600).sign(key.hex().encode())
@@ -213,16 +229,19 @@ async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None
         rows = []
         for conns in levels:
             d = await run_load(direct.listen_port, conns, duration, chunk, load_cpu, procs)
+            cpu0 = _cpu_seconds(gw.pid)
             p = await run_load(picked.listen_port, conns, duration, chunk, load_cpu, procs)
+            cpu_us = (_cpu_seconds(gw.pid) - cpu0) / max(1, p["n"]) * 1e6
             rows.append({"conns": conns, "direct_rps": d["rps"], "direct_p50_ms": d["p50_ms"],
                          "direct_p99_ms": d["p99_ms"], "picker_rps": p["rps"], "picker_p50_ms": p["p50_ms"],
                          "picker_p99_ms": p["p99_ms"], "added_p50_ms": p["p50_ms"] - d["p50_ms"],
-                         "added_p99_ms": p["p99_ms"] - d["p99_ms"], "errors": d["errors"] + p["errors"]})
+                         "added_p99_ms": p["p99_ms"] - d["p99_ms"], "errors": d["errors"] + p["errors"],
+                         "picker_cpu_us_per_chunk": cpu_us})
             r = rows[-1]
             print(f"  conns={conns:3d}  direct {r['direct_rps']:7.0f}/s p50 {r['direct_p50_ms']:6.2f} "
                   f"p99 {r['direct_p99_ms']:6.2f} ms | picker {r['picker_rps']:7.0f}/s p50 {r['picker_p50_ms']:6.2f} "
                   f"p99 {r['picker_p99_ms']:6.2f} ms | added p50 {r['added_p50_ms']:5.2f} p99 {r['added_p99_ms']:5.2f}"
-                  f" ms  errors {r['errors']}", flush=True)
+                  f" ms | picker CPU {cpu_us:5.0f} us/chunk  errors {r['errors']}", flush=True)
         return rows
     finally:
         for e in (direct, picked):
@@ -304,6 +323,8 @@ def main() -> int:
     ap.add_argument("--gateway-cpu", default="0", help="CPU the picker is pinned to (taskset); '' = unpinned")
     ap.add_argument("--load-cpu", default="", help="CPUs for the load generator; '' = unpinned")
     ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
+    ap.add_argument("--envoy-cpu", default="", help="CPU for the front Envoys (both modes); '' = unpinned")
+    ap.add_argument("--upstream-cpu", default="", help="CPU for the upstream Envoy; '' = unpinned")
     ap.add_argument("--json", type=Path, help="also write results here")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -317,7 +338,8 @@ def main() -> int:
         print(f"== added latency per chunk and decisions/s; picker pinned to CPU {args.gateway_cpu or '-'}, "
               f"Envoy --concurrency 1, {args.duration:g}s per point", flush=True)
         results["load"] = asyncio.run(bench_load([int(x) for x in args.levels.split(",")], args.duration,
-                                                 args.gateway_cpu or None, args.load_cpu or None, args.load_procs))
+                                                 args.gateway_cpu or None, args.load_cpu or None, args.load_procs,
+                                                 args.envoy_cpu or None, args.upstream_cpu or None))
     if "notify" in parts:
         print("== chunk-end notification: upstream's last byte -> picker frees the slot", flush=True)
         results["notify"] = r = asyncio.run(bench_notify())

@@ -79,9 +79,10 @@ def bootstrap_config(*, listen_port: int, ext_proc_port: int | None, admin_port:
                                  "timeout": f"{message_timeout_s:g}s"},
                 "failure_mode_allow": False,
                 "message_timeout": f"{message_timeout_s:g}s",
-                # request headers decide the route; response headers carry the worker's verdict and
-                # let the picker see the start of the answer; the stream's end marks the chunk's end.
-                "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SEND",
+                # request headers decide the route; response headers bypass the picker (no extra hop on
+                # the answer's path); trailers SEND keeps the stream open until the response is complete,
+                # so the stream's end marks the chunk's end.
+                "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
                                     "request_body_mode": "NONE", "response_body_mode": "NONE",
                                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SEND"},
                 "metadata_options": {
@@ -123,6 +124,13 @@ def bootstrap_config(*, listen_port: int, ext_proc_port: int | None, admin_port:
             "original_dst_lb_config": {"use_http_header": True,
                                        "http_header_name": contract.DESTINATION_ENDPOINT},
             "circuit_breakers": _thresholds(),
+            # HTTP/1.1 trailers are parsed so a worker's x-tokenslice-chunk-tokens trailer reaches the picker
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http_protocol_options": {"enable_trailers": True}},
+                },
+            },
         })
         clusters.append({
             "name": EXT_PROC_CLUSTER,

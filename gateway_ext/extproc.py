@@ -138,18 +138,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         produced: int | None = None
         try:
             self.metrics.decision_seconds.observe((decided - t0) + (time.perf_counter() - granted))
-            yield _route(endpoint.address, [], [])
+            yield _route(endpoint.address, [_hv(contract.QUEUE_WAIT_MS, f"{(granted - decided) * 1e3:.3f}")], [])
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("chunk routed", extra={"request_id": chunk.request_id, "chunk": chunk.index,
                                                  "endpoint": endpoint.address, "migrated": chunk.migrated,
                                                  "wait_ms": round((granted - decided) * 1e3, 3)})
             async for message in stream:
                 kind = message.WhichOneof("request")
-                if kind == "response_headers":
-                    wait_ms = f"{(granted - decided) * 1e3:.3f}"
-                    yield pb.ProcessingResponse(response_headers=pb.HeadersResponse(response=pb.CommonResponse(
-                        header_mutation=pb.HeaderMutation(set_headers=[_hv(contract.QUEUE_WAIT_MS, wait_ms)]))))
-                elif kind == "response_trailers":
+                if kind == "response_trailers":
                     value = headers_of(message.response_trailers).get(contract.CHUNK_TOKENS, "")
                     if value.isdigit():
                         produced = int(value)

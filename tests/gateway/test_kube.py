@@ -1,0 +1,104 @@
+"""Kubernetes mode against a REAL kube-apiserver (tests/fixtures/kube.py): the pool's endpoints are the
+Ready pods matching the InferencePool's selector, followed by a watch; the policy follows its CR.
+
+There is no kubelet, so the test plays it: it creates pods and writes their status (podIP, Ready)
+through the API's status subresource, exactly what a kubelet would write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import ssl
+
+import aiohttp
+import pytest
+
+from gateway_ext.server import start_gateway
+from tests.fixtures.kube import ADMIN_TOKEN
+from tests.gateway.conftest import until
+from tokenslice.paths import REPO_ROOT
+
+pytestmark = pytest.mark.k8s
+
+
+class Api:
+    def __init__(self, cluster) -> None:
+        self.server = cluster.server
+        self.ssl = ssl.create_default_context(cafile=str(cluster.ca.cert_path))
+        self.session = aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    async def call(self, method: str, path: str, body: dict | None = None, patch: bool = False) -> dict:
+        headers = {"Content-Type": "application/merge-patch+json"} if patch else {}
+        async with self.session.request(method, self.server + path, json=body, headers=headers, ssl=self.ssl) as r:
+            data = await r.json()
+            assert r.status < 300, data
+            return data
+
+
+def _pod(name: str, labels: dict[str, str]) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": labels},
+            "spec": {"containers": [{"name": "c", "image": "example.invalid/none"}]}}
+
+
+async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_cluster):
+    cluster = kube_cluster
+    for crd in ("inference.networking.k8s.io_inferencepools.yaml", "tokenslice.io_schedulingpolicies.yaml"):
+        cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / crd))
+    ns = f"gw-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", ns)
+    api = Api(cluster)
+    try:
+        await _wait_crds(api)
+        await api.call("POST", f"/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools", {
+            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool", "metadata": {"name": "pool"},
+            "spec": {"selector": {"matchLabels": {"app": "llm"}}, "targetPorts": [{"number": 8000}],
+                     "endpointPickerRef": {"name": "picker", "port": {"number": 9002}}}})
+        await api.call("POST", f"/apis/tokenslice.io/v1alpha1/namespaces/{ns}/schedulingpolicies", {
+            "apiVersion": "tokenslice.io/v1alpha1", "kind": "SchedulingPolicy", "metadata": {"name": "policy"},
+            "spec": {"slotsPerEndpoint": 3}})
+        for name, labels in (("p1", {"app": "llm"}), ("p2", {"app": "llm"}), ("other", {"app": "web"})):
+            await api.call("POST", f"/api/v1/namespaces/{ns}/pods", _pod(name, labels))
+
+        async def ready(name: str, ip: str, status: str = "True") -> None:
+            await api.call("PATCH", f"/api/v1/namespaces/{ns}/pods/{name}/status", {"status": {
+                "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                "conditions": [{"type": "Ready", "status": status}]}}, patch=True)
+
+        await ready("p1", "10.1.0.1")
+        await ready("other", "10.1.0.9")
+        gw = await start_gateway(signing_key=b"k", kube=True, pool="pool", namespace=ns,
+                                 kubeconfig=cluster.kubeconfig, policy_name="policy", scrape_interval_s=0)
+        try:
+            ds = gw.datastore
+            await until(lambda: ds.addresses() == ["10.1.0.1:8000"], what="p1 in the pool")
+            await until(lambda: gw.policy.slots_per_endpoint == 3, what="policy from the CR")
+            await ready("p2", "10.1.0.2")
+            await until(lambda: ds.addresses() == ["10.1.0.1:8000", "10.1.0.2:8000"], what="p2 joins")
+            await ready("p1", "10.1.0.1", status="False")
+            await until(lambda: ds.addresses() == ["10.1.0.2:8000"], what="unready p1 leaves")
+            await api.call("DELETE", f"/api/v1/namespaces/{ns}/pods/p2")
+            await until(lambda: ds.addresses() == [], what="deleted p2 leaves")
+            await api.call("PATCH", f"/apis/tokenslice.io/v1alpha1/namespaces/{ns}/schedulingpolicies/policy",
+                           {"spec": {"slotsPerEndpoint": 5}}, patch=True)
+            await until(lambda: gw.policy.slots_per_endpoint == 5, what="CR change applied")
+        finally:
+            await gw.stop(0)
+    finally:
+        await api.session.close()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+async def _wait_crds(api: Api, timeout_s: float = 30.0) -> None:
+    """Poll until both API groups are served (CRDs established), with a deadline."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        statuses = []
+        for path in ("/apis/inference.networking.k8s.io/v1", "/apis/tokenslice.io/v1alpha1"):
+            async with api.session.get(api.server + path, ssl=api.ssl) as r:
+                statuses.append(r.status)
+        if statuses == [200, 200]:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"CRDs not served: {statuses}")
+        await asyncio.sleep(0.1)
