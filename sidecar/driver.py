@@ -76,6 +76,9 @@ class Generation:
     model: str = ""
     chunks: int = 0
     kv_holder: str = ""
+    since_clean: list[int] = field(default_factory=list)
+    """Generated ids after the last point known to end on a character boundary with all text emitted."""
+    text_since_clean: str = ""
 
     def budget(self) -> int:
         """Completion tokens this request may produce in total."""
@@ -109,6 +112,38 @@ class Generation:
             body["logprobs"] = plan.logprobs
         return body
 
+    async def _repair_boundary(self, text: str, ids: list[int]) -> tuple[str, bool]:
+        """The text unchunked vLLM would emit, where a chunk boundary may have split a character.
+
+        vLLM primes its detokenizer (tokenizers' DecodeStream) with the chunk's prompt; when that
+        prompt ends inside a multi-byte character, the event completing the character carries the
+        decoded *whole context* instead of the new text.  Only checked when the previous chunk did
+        not end on an event known to be clean (one token, text emitted); the new text is then
+        re-derived with /detokenize from the last clean point.  Returns the text and whether the
+        clean point was moved past this event.
+        """
+        base, emitted = self.since_clean, self.text_since_clean
+        decoded = await asyncio.gather(*(_detokenize(self.target, base + ids[:j], self.plan.model)
+                                         for j in range(len(ids) + 1)))
+        if decoded[0] == emitted and not emitted.endswith("\ufffd"):
+            self.since_clean.clear()  # the boundary was clean after all
+            self.text_since_clean = ""
+            return text, False
+        for j in range(len(ids), 0, -1):  # the token at which vLLM emitted: the last one that completes text
+            if not decoded[j].endswith("\ufffd") and len(decoded[j]) > len(emitted) \
+                    and decoded[j].startswith(emitted):
+                new = decoded[j][len(emitted):]
+                if text.endswith(new):
+                    self.since_clean, self.text_since_clean = list(ids[j:]), ""
+                    return new, True
+                break
+        log.warning("request %s: unexpected text at a chunk boundary; keeping vLLM's", self.request_id)
+        return text, False
+
+    async def _tokens_covering(self, ids: list[int], chars: int) -> int:
+        context = (self.prompt_ids + self.generated)[-8:]
+        return await _tokens_covering(self.target, context, ids, chars, self.plan.model)
+
     async def run(self) -> AsyncIterator[Delta]:
         budget = self.budget()
         scanner = StopScanner(self.plan.stops, self.plan.include_stop_str, self.plan.min_tokens)
@@ -125,6 +160,7 @@ class Generation:
             produced = 0
             started = time.monotonic()
             first_token = True
+            dirty = bool(self.since_clean)  # the context may end inside a character
             self.metrics.chunks.inc()
             self.metrics.inflight.inc()
             try:
@@ -147,14 +183,33 @@ class Generation:
                             first_token = False
                             if last_end is not None:
                                 self.metrics.pause.observe(time.monotonic() - last_end)
-                        produced += len(ids)
-                        self.generated.extend(ids)
-                        text, stop = scanner.feed(choice.get("text") or "", len(ids))
+                        raw = choice.get("text") or ""
+                        moved = False
+                        if dirty and raw:
+                            dirty = False
+                            raw, moved = await self._repair_boundary(raw, ids)
+                        if moved:
+                            pass
+                        elif raw and len(ids) == 1:
+                            self.since_clean.clear()
+                            self.text_since_clean = ""
+                        else:
+                            self.since_clean.extend(ids)
+                            self.text_since_clean += raw
+                        start = len(scanner.text)
+                        text, stop = scanner.feed(raw, len(ids))
                         lp = _rebased(choice.get("logprobs"), text_base)
                         if stop is not None:
                             resp.close()  # abort the rest of this chunk upstream: the generation is over
+                            if len(ids) > 1:  # vLLM merged tokens into one event: keep those up to the stop
+                                keep = await self._tokens_covering(ids, scanner.stop_end - start)
+                                ids = ids[:keep]
+                                lp = {k: v[:keep] for k, v in lp.items()} if lp else lp
+                            self.generated.extend(ids)
                             yield Delta(text, ids, lp, "stop", stop)
                             return
+                        produced += len(ids)
+                        self.generated.extend(ids)
                         finish = choice.get("finish_reason")
                         stop_reason = choice.get("stop_reason")
                         if finish is None:
@@ -188,6 +243,44 @@ class Generation:
             self.metrics.chunk_latency.observe(last_end - started)
             self.metrics.chunk_tokens.observe(produced)
             self.chunks += 1
+
+
+async def _detokenize(target: ChunkTarget, tokens: list[int], model: str | None) -> str:
+    body: dict[str, Any] = {"tokens": tokens}
+    if model:
+        body["model"] = model
+    try:
+        async with target.session.post(f"{target.vllm_url}/detokenize", json=body, timeout=target.timeout) as r:
+            if r.status != 200:
+                raise await error_from_response(r, "vLLM /detokenize")
+            return (await r.json())["prompt"]
+    except aiohttp.ClientConnectionError as exc:
+        raise UpstreamError.unreachable("vLLM", exc) from None
+    except asyncio.TimeoutError:
+        raise UpstreamError.timeout("vLLM /detokenize") from None
+
+
+async def _tokens_covering(target: ChunkTarget, context: list[int], ids: list[int], chars: int,
+                           model: str | None) -> int:
+    """How many of ``ids`` it takes to produce ``chars`` characters of text after ``context``.
+
+    vLLM sometimes merges several tokens into one stream event; when a stop string completes
+    inside such an event, the tokens after the completing one must not count (as vLLM
+    itself drops them).  The per-token text lengths are recovered with /detokenize.
+    """
+
+    async def length(tokens: list[int]) -> int:
+        return len(await _detokenize(target, tokens, model))
+
+    try:
+        lengths = await asyncio.gather(*(length(context + ids[:j]) for j in range(len(ids) + 1)))
+    except (aiohttp.ClientError, asyncio.TimeoutError, UpstreamError) as exc:
+        log.warning("cannot split a merged stream event (%s); counting all its tokens", exc)
+        return len(ids)
+    for j in range(1, len(ids) + 1):
+        if lengths[j] - lengths[0] >= chars:
+            return j
+    return len(ids)
 
 
 def _rebased(logprobs: dict[str, list[Any]] | None, text_base: int) -> dict[str, list[Any]] | None:

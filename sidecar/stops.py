@@ -39,7 +39,7 @@ def find_stop(text: str, new_chars: int, stops: list[str], include_in_output: bo
 class StopScanner:
     """Accumulates generated text, finds stop strings, and says what may be released to the client."""
 
-    __slots__ = ("stops", "include_in_output", "min_tokens", "hold", "text", "released", "tokens")
+    __slots__ = ("stops", "include_in_output", "min_tokens", "hold", "text", "released", "tokens", "stop_end")
 
     def __init__(self, stops: list[str], include_in_output: bool = False, min_tokens: int = 0) -> None:
         self.stops = stops
@@ -49,6 +49,8 @@ class StopScanner:
         self.text = ""
         self.released = 0
         self.tokens = 0
+        self.stop_end = 0
+        """Where the matched stop string ends in the untruncated text (which token completed it)."""
 
     def feed(self, text: str, num_tokens: int) -> tuple[str, str | None]:
         """Add the text of ``num_tokens`` new tokens; return (text to release now, matched stop)."""
@@ -59,6 +61,7 @@ class StopScanner:
             found = find_stop(self.text, len(self.text) - start, self.stops, self.include_in_output)
             if found is not None:
                 stop, cut = found
+                self.stop_end = cut if self.include_in_output else cut + len(stop)
                 self.text = self.text[:cut]
                 return self.flush(), stop
         end = len(self.text) - self.hold
