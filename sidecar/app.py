@@ -220,7 +220,7 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
                     await stream.write(event)
     except UpstreamError as exc:
         log.warning("request %s failed after %d chunk(s): %s", request_id, gen.chunks, exc)
-        if stream is None and not (p.stream and out.completion_tokens):
+        if stream is None:  # nothing sent yet: a plain OpenAI error
             return web.json_response(exc.body, status=exc.status)
         await stream.write(sse(exc.body) + b"data: [DONE]\n\n")
         await stream.write_eof()

@@ -11,6 +11,7 @@ exactly; token ids come from ``return_token_ids``, never from re-tokenized text.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -19,7 +20,7 @@ from typing import Any
 
 import aiohttp
 
-from tokenslice.contract import SERVED_BY, ChunkHeaders
+from tokenslice.contract import PREFIX_HASHES, SERVED_BY, ChunkHeaders
 
 from .metrics import SidecarMetrics
 from .openai_stream import Delta, error_body
@@ -155,6 +156,10 @@ class Generation:
                                    priority_class=self.priority_class, generated=len(self.generated),
                                    prompt_tokens=len(self.prompt_ids), slice=slice_,
                                    kv_holder=self.kv_holder).sign(self.target.key)
+            if self.chunks == 0:
+                hashes = prefix_hashes(self.prompt_ids)
+                if hashes:
+                    headers[PREFIX_HASHES] = hashes
             body = self._chunk_body(slice_)
             text_base = len(scanner.text)
             produced = 0
@@ -243,6 +248,24 @@ class Generation:
             self.metrics.chunk_latency.observe(last_end - started)
             self.metrics.chunk_tokens.observe(produced)
             self.chunks += 1
+
+
+PREFIX_BLOCK = 16
+"""Tokens per hashed prompt block (the gateway only compares hashes, so any fixed size works)."""
+
+
+def prefix_hashes(ids: list[int], block: int = PREFIX_BLOCK, limit: int = 64) -> str:
+    """Chained hashes of the prompt's leading full blocks: hash i names the whole prefix up to block i.
+
+    The gateway's prefix-affinity scorer remembers which endpoint served which hash, so a new request
+    sharing a long prompt prefix (a system prompt, a conversation) is steered to the cache holding it.
+    """
+    out = []
+    h = hashlib.blake2b(digest_size=8)
+    for start in range(0, min(len(ids) // block, limit) * block, block):
+        h.update(b",".join(str(t).encode() for t in ids[start:start + block]) + b";")
+        out.append(h.copy().hexdigest())
+    return ",".join(out)
 
 
 async def _detokenize(target: ChunkTarget, tokens: list[int], model: str | None) -> str:
