@@ -111,14 +111,11 @@ async def test_equal_under_concurrent_load(http, vllm, sidecars):
 # --- stop conditions ----------------------------------------------------------------------------------------
 
 async def _token_texts(http, vllm, prompt: str, n: int) -> tuple[list[int], list[str]]:
-    """Token ids and the text each one added, from an unchunked greedy stream."""
-    s = await post_stream(http, f"{vllm.url}/v1/completions",
-                          {"model": vllm.model, **_greedy(prompt=prompt, max_tokens=n, ignore_eos=True)})
-    ids, texts = [], []
-    for ev in s.events:
-        for ch in ev["choices"]:
-            ids.extend(ch.get("token_ids") or [])
-            texts.extend([ch["text"]] + [""] * (len(ch.get("token_ids") or []) - 1))
+    """Token ids and the text each one added, from an unchunked greedy request (the model writes ASCII)."""
+    ref = await _reference(http, vllm, "/v1/completions",
+                           _greedy(prompt=prompt, max_tokens=n, ignore_eos=True, logprobs=0))
+    ids, texts = ref["choices"][0]["token_ids"], ref["choices"][0]["logprobs"]["tokens"]
+    assert "".join(texts) == ref["choices"][0]["text"] and len(texts) == len(ids)
     return ids, texts
 
 
