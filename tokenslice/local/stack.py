@@ -229,6 +229,7 @@ class DataPlane:
     policy_path: Path | None = None
     """Hand the gateway this file (keeps hot reload of the user's own file) instead of a written copy."""
     progress: Progress = _stderr
+    log_level: str = "INFO"
     processes: list[ManagedProcess] = field(default_factory=list)
     sidecar_addresses: list[str] = field(default_factory=list)
     url: str = ""
@@ -271,11 +272,11 @@ class DataPlane:
         default_class = self.policy.default_class or self.policy.lowest_class().name
         started = time.monotonic()
         for engine, port in zip(engines, ports):
-            argv = tokenslice_argv("sidecar", "--port", str(port), "--vllm-url", engine.url,
+            argv = tokenslice_argv("sidecar", "--host", "127.0.0.1", "--port", str(port), "--vllm-url", engine.url,
                                    "--chunk-size", str(self.policy.chunk_size),
                                    "--advertise", f"127.0.0.1:{port}", "--signing-key-file", str(key_file),
                                    "--default-tenant", self.policy.default_tenant,
-                                   "--default-class", default_class)
+                                   "--default-class", default_class, "--log-level", self.log_level)
             if chunk_url:
                 argv += ["--chunk-url", chunk_url]
             self.processes.append(await spawn(f"sidecar-{engine.name}", argv,
@@ -288,7 +289,8 @@ class DataPlane:
                     self.policy.model_dump(by_alias=True, exclude_none=True, mode="json"), sort_keys=False))
             grpc_port, metrics_port = free_port(), free_port()
             gateway = await spawn("gateway", tokenslice_argv(
-                "gateway", "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port),
+                "gateway", "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
+                "--metrics-port", str(metrics_port), "--log-level", self.log_level,
                 "--policy", str(policy_path), "--endpoints", ",".join(self.sidecar_addresses),
                 "--signing-key-file", str(key_file)), self.run_dir.log("gateway"))
             self.processes.append(gateway)
@@ -297,7 +299,7 @@ class DataPlane:
 
             config = bootstrap_config(listen_port=envoy_port, ext_proc_port=grpc_port, admin_port=admin_port)
             self.processes.append(await _start_envoy(self.run_dir, "envoy", config, envoy_port, admin_port))
-            await wait_http(gateway, self.gateway_metrics_url, 60)
+            await wait_http(gateway, f"http://127.0.0.1:{metrics_port}/healthz", 60)
             self.url = f"http://127.0.0.1:{envoy_port}"
         elif self.mode == "chunked-rr" or len(engines) > 1:
             config = _round_robin_config(envoy_port, admin_port, self.sidecar_addresses)
