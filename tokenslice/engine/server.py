@@ -1,0 +1,237 @@
+"""Start and stop a real vLLM OpenAI server (CPU build) on a free loopback port.
+
+Used by the test fixtures, ``tokenslice local`` and the benchmarks.  The server
+runs in its own process group so ``stop()`` takes down vLLM and anything it
+spawned, and its log goes to a file in the cache (tail it when a start fails).
+
+Defaults suit a 2-core machine running several engines side by side: one
+in-process engine core (no extra worker processes), one OpenMP thread, a
+small KV cache, prefix caching on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenslice.engine import layout
+
+DEFAULT_MAX_MODEL_LEN = 4096
+DEFAULT_MAX_NUM_SEQS = 16
+DEFAULT_KV_CACHE_GIB = 1
+DEFAULT_START_TIMEOUT_S = 300.0
+
+
+class EngineNotBuilt(RuntimeError):
+    """The engine venv or the model is missing: run ``make engine``."""
+
+
+class EngineStartError(RuntimeError):
+    """vLLM exited or did not become healthy in time; the message carries the log tail."""
+
+
+def free_port() -> int:
+    """A currently free loopback TCP port (the OS picks it; other engineers share this machine)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_built(model_dir: Path | None = None) -> Path:
+    """Return the model dir, or raise EngineNotBuilt with the command that fixes it."""
+    model = Path(model_dir) if model_dir else layout.default_model_dir()
+    python = layout.engine_python()
+    if not python.exists():
+        raise EngineNotBuilt(f"vLLM engine venv missing ({python}); run `make engine` "
+                             "(= `tokenslice engine setup`)")
+    if not (model / "config.json").exists():
+        raise EngineNotBuilt(f"model missing ({model}); run `make engine` (= `tokenslice engine setup`)")
+    return model
+
+
+def vllm_command(*, model_dir: Path, port: int, served_model_name: str = layout.MODEL_NAME,
+                 max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+                 extra_args: Sequence[str] = ()) -> list[str]:
+    return [
+        str(layout.engine_python()), "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--served-model-name", served_model_name,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--distributed-executor-backend", "uni",
+        "--dtype", "float32",
+        "--max-model-len", str(max_model_len),
+        "--max-num-seqs", str(max_num_seqs),
+        "--enable-prefix-caching",
+        "--seed", "0",
+        "--disable-uvicorn-access-log",
+        *extra_args,
+    ]
+
+
+def vllm_env(kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in the API server process: 1 process, not 3
+        "OMP_NUM_THREADS": "1",
+        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # don't pin to cores other engines use too
+        "VLLM_NO_USAGE_STATS": "1",
+        "VLLM_DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.pop("VIRTUAL_ENV", None)
+    return env
+
+
+@dataclass
+class VLLMServer:
+    """A running vLLM server process. ``url`` is the OpenAI base without ``/v1``."""
+
+    port: int
+    model: str
+    model_dir: Path
+    log_path: Path
+    process: subprocess.Popen[bytes]
+    started_in_s: float = 0.0
+    command: list[str] = field(default_factory=list)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        """``host:port`` as endpoint pickers name it."""
+        return f"127.0.0.1:{self.port}"
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return _tail(self.log_path, lines)
+
+    def stop_sync(self, timeout: float = 20.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
+        _kill_group(self.process, timeout)
+
+    async def stop(self, timeout: float = 20.0) -> None:
+        await asyncio.to_thread(self.stop_sync, timeout)
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def _kill_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return resp.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra_args: Sequence[str] = (),
+          log_path: Path | str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+          max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_gib: int = DEFAULT_KV_CACHE_GIB,
+          served_model_name: str = layout.MODEL_NAME) -> VLLMServer:
+    """Launch vLLM (not yet healthy). Prefer :func:`start_vllm` / :func:`running_vllm`."""
+    model = check_built(Path(model_dir) if model_dir else None)
+    port = port or free_port()
+    log = Path(log_path) if log_path else layout.logs_dir() / f"vllm-{port}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = vllm_command(model_dir=model, port=port, served_model_name=served_model_name,
+                       max_num_seqs=max_num_seqs, max_model_len=max_model_len, extra_args=extra_args)
+    with log.open("ab") as fh:
+        fh.write(f"$ {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=vllm_env(kv_cache_gib), start_new_session=True)
+    return VLLMServer(port=port, model=served_model_name, model_dir=model, log_path=log, process=proc,
+                      command=cmd)
+
+
+async def wait_healthy(server: VLLMServer, timeout: float = DEFAULT_START_TIMEOUT_S,
+                       progress: Callable[[str], None] | None = None) -> VLLMServer:
+    """Poll ``/health`` until it answers 200; kill the server and raise if it dies or times out."""
+    started = time.monotonic()
+    deadline = started + timeout
+    next_note = started + 10
+    while True:
+        if not server.running():
+            raise EngineStartError(f"vLLM exited with {server.process.returncode} during startup "
+                                   f"(log {server.log_path}):\n{server.log_tail()}")
+        if await asyncio.to_thread(_healthy, server.url):
+            server.started_in_s = time.monotonic() - started
+            if progress:
+                progress(f"vLLM ready on {server.url} in {server.started_in_s:.1f} s")
+            return server
+        now = time.monotonic()
+        if now > deadline:
+            await server.stop()
+            raise EngineStartError(f"vLLM not healthy after {timeout:.0f} s (log {server.log_path}):\n"
+                                   f"{server.log_tail()}")
+        if progress and now >= next_note:
+            last = server.log_tail(1).strip()
+            progress(f"waiting for vLLM on :{server.port} ({now - started:.0f} s) ... {last[-120:]}")
+            next_note = now + 10
+        await asyncio.sleep(0.25)
+
+
+async def start_vllm(*, model_dir: Path | str | None = None, port: int | None = None,
+                     extra_args: Sequence[str] = (), log_path: Path | str | None = None,
+                     timeout: float = DEFAULT_START_TIMEOUT_S, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
+                     max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_gib: int = DEFAULT_KV_CACHE_GIB,
+                     served_model_name: str = layout.MODEL_NAME,
+                     progress: Callable[[str], None] | None = None) -> VLLMServer:
+    """Start vLLM and wait until it serves; the caller owns it and must ``await server.stop()``."""
+    server = spawn(model_dir=model_dir, port=port, extra_args=extra_args, log_path=log_path,
+                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                   served_model_name=served_model_name)
+    try:
+        return await wait_healthy(server, timeout, progress)
+    except BaseException:
+        await server.stop()
+        raise
+
+
+@contextlib.contextmanager
+def running_vllm(**kwargs: object) -> Iterator[VLLMServer]:
+    """Sync form for scripts: ``with running_vllm() as server: ...`` (same arguments as start_vllm)."""
+    server = asyncio.run(start_vllm(**kwargs))  # type: ignore[arg-type]
+    try:
+        yield server
+    finally:
+        server.stop_sync()
+
+
+def _progress_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
