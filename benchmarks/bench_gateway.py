@@ -221,8 +221,9 @@ async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None
         picked = await start_envoy(ext_proc_port=grpc_port)
         for e in (direct, picked):
             _pin(e.process.pid, envoy_cpu)
+        # the common case: a continuation chunk going back to its KV holder
         chunk = contract.ChunkHeaders(request_id="bench", chunk_index=1, tenant="default", priority_class="standard",
-                                      generated=32, prompt_tokens=256, slice=32, kv_holder="",
+                                      generated=32, prompt_tokens=256, slice=32, kv_holder=f"127.0.0.1:{up_ports[0]}",
                                       expires=int(time.time()) + 3600).sign(key.hex().encode())
         for port in (direct.listen_port, picked.listen_port):  # warm-up
             await run_load(port, 4, 1.0, chunk, load_cpu, 1)

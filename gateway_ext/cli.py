@@ -39,6 +39,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--default-chunk-seconds", type=float, default=1.0,
                         help="chunk duration assumed before one is observed")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
+                        help="auto = uvloop when installed (measured: lower per-chunk cost), else asyncio")
     parser.add_argument("--print-envoy-config", action="store_true",
                         help="print the Envoy bootstrap for this picker and exit (used by the chart)")
     parser.add_argument("--envoy-listen-port", type=int, default=8081)
@@ -72,6 +74,15 @@ def run(args: argparse.Namespace) -> int:
     except (contract.ContractError, ValueError, ValidationError, OSError) as exc:
         print(f"tokenslice gateway: {exc}", file=sys.stderr)
         return 2
+    if args.event_loop != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if args.event_loop == "uvloop":
+                print("tokenslice gateway: --event-loop uvloop needs `pip install uvloop`", file=sys.stderr)
+                return 2
+        else:
+            return uvloop.run(_serve(settings))
     return asyncio.run(_serve(settings))
 
 

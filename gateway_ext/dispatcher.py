@@ -117,7 +117,7 @@ class Dispatcher:
         if ep is not None and ep.granted > 0:
             ep.granted -= 1
             ep.observe_chunk(now - chunk.dispatched_at)
-        self.metrics.chunk_seconds.observe(now - chunk.dispatched_at)
+        self.metrics.chunk_seconds.observe(self.metrics.chunk_series, now - chunk.dispatched_at)
         key = (self.queues.klass(chunk.klass).name, chunk.tenant)
         n = self._inflight.get(key, 1) - 1
         if n > 0:
@@ -211,19 +211,20 @@ class Dispatcher:
         chunk.endpoint = ep.address
         chunk.dispatched_at = now
         chunk.migrated = migrated
-        klass = self.queues.klass(chunk.klass).name
-        key = (klass, chunk.tenant)
+        queues = self.queues
+        klass = queues.klass(chunk.klass).name
+        tenant = chunk.tenant
+        key = (klass, tenant)
         self._inflight[key] = self._inflight.get(key, 0) + 1
         self._last_active[key] = now
-        fairness = self.policy.fairness
+        fairness = queues.policy.fairness
         # Input is charged when the prefix is (re)computed: chunk 0, or a chunk that lost its KV cache.
         recompute = chunk.index == 0 or (chunk.kv_holder != ep.address)
         input_tokens = (chunk.prompt_tokens + (chunk.generated if chunk.index else 0)) if recompute else 0
-        cost = fairness.input * input_tokens + fairness.output * chunk.slice
         chunk.charged_output = chunk.slice
-        self.queues.charge(chunk, cost)
-        self.limits.spend(self.policy, chunk.tenant, input_tokens + chunk.slice)
-        self.window.add(chunk.tenant, chunk.slice, now)
+        queues.charge(klass, tenant, fairness.input * input_tokens + fairness.output * chunk.slice)
+        self.limits.spend(queues.tenant(tenant), input_tokens + chunk.slice)
+        self.window.add(tenant, chunk.slice, now)
         self._ledger[chunk.request_id] = _Ledger(klass, chunk.tenant, chunk.generated, chunk.slice)
         if len(self._ledger) > self._ledger_size:
             self._ledger.popitem(last=False)
@@ -252,7 +253,7 @@ class Dispatcher:
     def _correct(self, klass: str, tenant: str, delta_output: int) -> None:
         self.queues.counters.charge(klass, tenant, self.policy.fairness.output * delta_output,
                                     self.queues.weight(tenant))
-        self.metrics.tokens_served.labels(tenant=tenant).inc(delta_output) if delta_output > 0 else None
+        self.metrics.tokens_served.inc((tenant,), delta_output)
         self.window.add(tenant, delta_output)
 
     def _active_tenants(self, klass: str, now: float) -> set[str]:

@@ -33,6 +33,7 @@ log = logging.getLogger("gateway_ext.extproc")
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
 _DEST = contract.DESTINATION_ENDPOINT
+SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
 
 def _hv(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -83,6 +84,10 @@ def subset_of(request: pb.ProcessingRequest) -> frozenset[str] | None:
     return frozenset(i.strip() for i in items if i.strip())
 
 
+def _serialize(message: pb.ProcessingResponse | bytes) -> bytes:
+    return message if type(message) is bytes else message.SerializeToString()
+
+
 def _route(address: str, extra: list[base_pb2.HeaderValueOption], remove: list[str]) -> pb.ProcessingResponse:
     md = struct_pb2.Struct()
     md.get_or_create_struct(contract.LB_METADATA_NAMESPACE)[_DEST] = address
@@ -98,9 +103,16 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.dispatcher = dispatcher
         self.key = key
         self.metrics = dispatcher.metrics
+        self._routes: dict[str, bytes] = {}
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        """Register ``Process`` with a serializer that also passes pre-serialised bytes through."""
+        handler = grpc.stream_stream_rpc_method_handler(
+            self.Process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=_serialize)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Process": handler}),))
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
-                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse]:
+                      context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse | bytes]:
         # One flat generator per stream (no nested async generators: this is the per-chunk hot path).
         stream = request_iterator.__aiter__()
         try:
@@ -137,8 +149,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         granted = time.perf_counter()
         produced: int | None = None
         try:
-            self.metrics.decision_seconds.observe((decided - t0) + (time.perf_counter() - granted))
-            yield _route(endpoint.address, [_hv(contract.QUEUE_WAIT_MS, f"{(granted - decided) * 1e3:.3f}")], [])
+            self.metrics.decision_seconds.observe(self.metrics.decision_series,
+                                                 (decided - t0) + (time.perf_counter() - granted))
+            if chunk.waited:
+                yield _route(endpoint.address, [_hv(contract.QUEUE_WAIT_MS, f"{(granted - decided) * 1e3:.3f}")], [])
+            else:  # the common case: a pre-serialised answer per endpoint
+                cached = self._routes.get(endpoint.address)
+                if cached is None:
+                    cached = self._routes[endpoint.address] = _route(endpoint.address, [], []).SerializeToString()
+                yield cached
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("chunk routed", extra={"request_id": chunk.request_id, "chunk": chunk.index,
                                                  "endpoint": endpoint.address, "migrated": chunk.migrated,
@@ -195,7 +214,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             extra = [_hv(k, v) for k, v in admit.items()]
             # the signed set overwrites; strip only the client's internal headers it does not cover
             remove = [h for h in strip if h not in admit and h != _DEST]
-            self.metrics.decision_seconds.observe(time.perf_counter() - t0)
+            self.metrics.decision_seconds.observe(self.metrics.decision_series, time.perf_counter() - t0)
             yield _route(endpoint.address, extra, remove)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request admitted", extra={"request_id": request_id, "tenant": tenant,

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import grpc
 from aiohttp import web
-from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway_ext.datastore.endpoints import Datastore
 from gateway_ext.datastore.scraper import MetricsScraper
 from gateway_ext.dispatcher import Dispatcher
-from gateway_ext.extproc import ExtProcServicer
+from gateway_ext.extproc import SERVICE, ExtProcServicer
 from gateway_ext.metrics import GatewayMetrics
 from gateway_ext.policy_source import PolicyFile
 from gateway_ext.scheduling.cost_model import CostModel
@@ -29,7 +28,7 @@ from gateway_ext.scheduling.profile import default_profile
 from tokenslice.policy import SchedulingPolicySpec
 
 log = logging.getLogger("gateway_ext.server")
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+
 
 
 class GatewaySettings(BaseModel):
@@ -104,8 +103,7 @@ class Gateway:
         s = self.settings
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1_000_000),
                                           ("grpc.so_reuseport", 0)])
-        pb_grpc.add_ExternalProcessorServicer_to_server(
-            ExtProcServicer(self.dispatcher, s.signing_key), server)
+        ExtProcServicer(self.dispatcher, s.signing_key).add_to_server(server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
@@ -134,7 +132,7 @@ class Gateway:
                                      lambda r: self.metrics.policy_reloads.labels(r).inc())
             await self._kube.start()  # type: ignore[attr-defined]
         serving = health_pb2.HealthCheckResponse.SERVING
-        for name in ("", EXT_PROC_SERVICE):
+        for name in ("", SERVICE):
             await self._health.set(name, serving)
         log.info("gateway started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
                                            "endpoints": self.datastore.addresses()})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from tokenslice.policy import SchedulingPolicySpec
+from tokenslice.policy import SchedulingPolicySpec, Tenant
 
 
 class TenantLimits:
@@ -35,12 +35,12 @@ class TenantLimits:
         else:
             self.open_requests.pop(tenant, None)
 
-    def spend(self, policy: SchedulingPolicySpec, tenant: str, tokens: float, now: float | None = None) -> None:
-        t = policy.tenant(tenant)
+    def spend(self, t: Tenant | None, tokens: float, now: float | None = None) -> None:
+        """Charge a dispatched chunk to its tenant's bucket (no-op without a token-rate limit)."""
         if t is None or t.tokens_per_second is None:
             return
-        level = self._level(tenant, t.tokens_per_second, now)
-        self._buckets[tenant] = (level - tokens, self._buckets[tenant][1])
+        level = self._level(t.name, t.tokens_per_second, now)
+        self._buckets[t.name] = (level - tokens, self._buckets[t.name][1])
 
     def _level(self, tenant: str, rate: float, now: float | None) -> float:
         """Refill to at most one second's worth of tokens (the burst); may be negative (debt)."""

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 from gateway_ext.flowcontrol.chunk import Chunk, Shed
 from gateway_ext.flowcontrol.fairness import VirtualCounters
-from tokenslice.policy import PriorityClass, SchedulingPolicySpec
+from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
 
 
 class FlowQueues:
@@ -40,7 +40,10 @@ class FlowQueues:
         """Swap the policy; queued chunks stay queued (a vanished class maps to the lowest one)."""
         self.policy = policy
         self._class_order = sorted(policy.priority_classes, key=lambda c: (-c.priority, c.name))
-        lowest = policy.lowest_class().name
+        self._classes = {c.name: c for c in policy.priority_classes}
+        self._tenants = {t.name: t for t in policy.tenants}
+        self._lowest = policy.lowest_class()
+        lowest = self._lowest.name
         for name in [n for n in self._queues if policy.klass(n) is None]:
             for tenant, q in self._queues.pop(name).items():
                 for chunk in q:
@@ -53,10 +56,14 @@ class FlowQueues:
                 q.extend(ordered)
 
     def klass(self, name: str) -> PriorityClass:
-        return self.policy.klass(name) or self.policy.lowest_class()
+        """The class by name; an unknown (or since removed) class is the lowest one."""
+        return self._classes.get(name) or self._lowest
+
+    def tenant(self, name: str) -> Tenant | None:
+        return self._tenants.get(name)
 
     def weight(self, tenant: str) -> float:
-        t = self.policy.tenant(tenant)
+        t = self._tenants.get(tenant)
         return t.weight if t else 1.0
 
     # --- queue operations ----------------------------------------------------------
@@ -104,8 +111,8 @@ class FlowQueues:
             del self._per_tenant[chunk.tenant]
         return True
 
-    def charge(self, chunk: Chunk, cost: float) -> None:
-        self.counters.charge(self.klass(chunk.klass).name, chunk.tenant, cost, self.weight(chunk.tenant))
+    def charge(self, klass: str, tenant: str, cost: float) -> None:
+        self.counters.charge(klass, tenant, cost, self.weight(tenant))
 
     # --- the dispatch order ----------------------------------------------------------
     def in_order(self, now: float) -> Iterator[Chunk]:

@@ -12,7 +12,7 @@ from gateway_ext.scheduling.context import PickContext
 from gateway_ext.scheduling.pickers import max_score_picker
 
 Filter = Callable[[PickContext, list[Endpoint]], list[Endpoint]]
-Scorer = Callable[[PickContext, list[Endpoint]], list[float]]
+Scorer = Callable[[PickContext, list[Endpoint]], list[float] | None]
 Picker = Callable[[list[Endpoint], list[float], int], Endpoint]
 
 
@@ -42,8 +42,10 @@ class SchedulerProfile:
             return Decision(candidates[0], ctx.migrating)
         total = [0.0] * len(candidates)
         for scorer, weight in self.scorers:
-            for i, s in enumerate(scorer(ctx, candidates)):
-                total[i] += weight * s
+            scores = scorer(ctx, candidates)
+            if scores is not None:
+                for i, s in enumerate(scores):
+                    total[i] += weight * s
         return Decision(self.picker(candidates, total, next(self._rotation)), ctx.migrating)
 
 

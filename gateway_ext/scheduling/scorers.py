@@ -1,4 +1,4 @@
-"""Scorers rate candidate endpoints in [0, 1]; the profile sums them with weights."""
+"""Scorers rate candidate endpoints in [0, 1] (or return None: no information); the profile sums them with weights."""
 
 from __future__ import annotations
 
@@ -31,10 +31,10 @@ class PrefixAffinityScorer:
         self.capacity = capacity
         self._index: OrderedDict[str, set[str]] = OrderedDict()
 
-    def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float]:
+    def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float] | None:
         hashes = ctx.chunk.prefix_hashes
         if not hashes:
-            return [0.0] * len(candidates)
+            return None  # no information: skipped
         scores = []
         for e in candidates:
             matched = 0
@@ -69,10 +69,12 @@ class DriverAffinityScorer:
         self.capacity = capacity
         self._drivers: OrderedDict[str, str] = OrderedDict()
 
-    def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float]:
+    def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float] | None:
         if ctx.chunk.index != 0:
-            return [0.0] * len(candidates)
+            return None
         driver = self._drivers.get(ctx.chunk.request_id)
+        if driver is None:
+            return None
         return [1.0 if e.address == driver else 0.0 for e in candidates]
 
     def record(self, request_id: str, address: str) -> None:

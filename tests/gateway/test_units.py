@@ -141,7 +141,7 @@ def test_limits_concurrency_and_token_rate():
     lim.opened("t")
     assert "concurrency" in lim.check(policy, "t", now=0)
     lim.closed("t")
-    lim.spend(policy, "t", 250, now=0)  # 100 - 250 = -150 tokens of debt
+    lim.spend(policy.tenant("t"), 250, now=0)  # 100 - 250 = -150 tokens of debt
     assert "token rate" in lim.check(policy, "t", now=1.0)
     assert lim.check(policy, "t", now=2.0) is None
 
