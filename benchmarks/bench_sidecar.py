@@ -114,7 +114,7 @@ async def main() -> int:
             from tokenslice.engine.server import start_vllm
 
             print("starting vLLM (tiny model) ...", flush=True)
-            server = await start_vllm(extra_args=["--max-num-seqs", str(max(levels) * 2)])
+            server = await start_vllm(max_num_seqs=max(16, max(levels) * 2))
             stack.push_async_callback(server.stop)
             vllm_url = server.url
         async with http.get(f"{vllm_url}/v1/models") as resp:
@@ -136,11 +136,17 @@ async def main() -> int:
         rows = []
         for conc in levels:
             print(f"-- concurrency {conc}: direct ...", flush=True)
-            direct = await measure(http, vllm_url, model, conc, args.tokens, args.rounds)
-            rows.append(("direct", "-", conc, direct, None))
+            before = await measure(http, vllm_url, model, conc, args.tokens, args.rounds)
+            results = {}
             for size in sizes:
                 print(f"-- concurrency {conc}: sidecar chunk {size} ...", flush=True)
-                res = await measure(http, sidecars[size], model, conc, args.tokens, args.rounds)
+                results[size] = await measure(http, sidecars[size], model, conc, args.tokens, args.rounds)
+            print(f"-- concurrency {conc}: direct again ...", flush=True)
+            after = await measure(http, vllm_url, model, conc, args.tokens, args.rounds)
+            # direct runs before and after the sidecar runs, averaged: load drift on a shared machine cancels
+            direct = {k: (before[k] + after[k]) / 2 for k in before}
+            rows.append(("direct", "-", conc, direct, None))
+            for size, res in results.items():
                 chunks = -(-args.tokens // size)
                 overhead_ms = 1000 * (res["wall"] - direct["wall"]) / chunks
                 rows.append(("sidecar", str(size), conc, res, (direct, overhead_ms)))
