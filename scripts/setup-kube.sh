@@ -56,12 +56,29 @@ if [ ! -x "$BIN/kube-apiserver" ]; then
     rm -rf "$src_dir/vendor/github.com/modern-go/reflect2"
     cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src_dir/vendor/github.com/modern-go/reflect2"
     step "building kube-apiserver $KUBE_VERSION with $(go version | cut -d' ' -f3) (~5 min on 2 cores)"
-    pkg=k8s.io/component-base/version
+    pkg=k8s.io/kubernetes/vendor/k8s.io/component-base/version  # GOPATH mode: the vendored path
     ldflags="-s -w -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
     ldflags="$ldflags -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
     # Debian's rules build in GOPATH mode (vendor/ + staging symlinks), not module mode.
     mkdir -p "$src_dir/.go/src/k8s.io"
     [ -L "$src_dir/.go/src/k8s.io/kubernetes" ] || ln -s ../../.. "$src_dir/.go/src/k8s.io/kubernetes"
+    # `make` would first generate pkg/generated/openapi (not shipped in the source); do just that step.
+    if [ ! -f "$src_dir/pkg/generated/openapi/zz_generated.openapi.go" ]; then
+        step "generating the OpenAPI definitions (openapi-gen, as Makefile.generated_files does)"
+        (
+            cd "$src_dir/.go/src/k8s.io/kubernetes"  # GOPATH mode resolves vendor/ only from inside GOPATH
+            export GOPATH="$src_dir/.go" GO111MODULE=off CGO_ENABLED=0 GOCACHE="$CACHE/gocache"
+            go build -o "$CACHE/openapi-gen" ./vendor/k8s.io/kube-openapi/cmd/openapi-gen
+            inputs=$(find -H . -not \( \( -path './_*' -o -path './.*' -o -path ./vendor \) -prune \) \
+                         -type f -name '*.go' -print0 | xargs -0 grep -l '^// *+k8s:' \
+                     | xargs grep -l '+k8s:openapi-gen=' | sed 's|^./staging/src|vendor|; s|/[^/]*$||; s|^./||' \
+                     | grep -v '^vendor/k8s.io/code-generator/\|^vendor/k8s.io/sample-apiserver/' \
+                     | LC_ALL=C sort -u | sed 's|^|k8s.io/kubernetes/|' | paste -sd, -)
+            "$CACHE/openapi-gen" --logtostderr -i "$inputs" -p k8s.io/kubernetes/pkg/generated/openapi \
+                -O zz_generated.openapi -h vendor/k8s.io/code-generator/hack/boilerplate.go.txt \
+                -r "$CACHE/openapi-violations.report" 2>&1 | tail -3
+        )
+    fi
     log="$CACHE/build.log"
     (cd "$src_dir/.go/src/k8s.io/kubernetes" && GOPATH="$src_dir/.go" GO111MODULE=off CGO_ENABLED=0 \
             GOCACHE="$CACHE/gocache" go build -v -trimpath -ldflags "$ldflags" -o "$BIN/kube-apiserver.tmp" \

@@ -92,8 +92,12 @@ class Webhook:
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_post(MUTATE_PATH, self.handle)
-        app.router.add_get("/healthz", lambda _: web.Response(text="ok"))
+        app.router.add_get("/healthz", _healthz)
         return app
+
+
+async def _healthz(_: web.Request) -> web.Response:
+    return web.Response(text="ok")
 
 
 async def serve(webhook: Webhook, host: str, port: int, cert: str, key: str) -> web.AppRunner:

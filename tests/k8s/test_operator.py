@@ -195,7 +195,7 @@ def test_foreign_status_parents_are_preserved(kube_cluster: KubeCluster, operato
     pool = kube_cluster.get("inferencepool", "eps", namespace)
     gateway_entry = {"parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw"},
                      "controllerName": "example.net/gateway-controller",
-                     "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                     "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "routes attached",
                                      "lastTransitionTime": "2025-01-01T00:00:00Z"}]}
     # a gateway controller writes its entry (replacing the whole atomic list, as such controllers do)
     import json
@@ -236,32 +236,50 @@ def test_restart_converges_changes_made_while_down(kube_cluster: KubeCluster, op
         kube_cluster.apply(pool_manifest("theta", namespace))
         assert kube_cluster.get("configmap", "eta-epp-policy", namespace) is None
     finally:  # ... and a new one (same webhook port and identity) takes its place
-        operator.stop_flag.clear()
-        operator.ready_flag.clear()
-        operator.start()
+        _restart(operator)
     wait_for(lambda: _policy_file(kube_cluster, namespace, "eta").get("chunkSize") == 20, 60,
              "the policy changed while down to be published")
     _wait_children(kube_cluster, namespace, "theta")
 
 
+def _restart(op: OperatorThread) -> None:
+    op.stop_flag.clear()
+    op.ready_flag.clear()
+    op.start()
+
+
 def test_two_replicas_do_not_fight(kube_cluster: KubeCluster, operator_kubeconfig, operator: OperatorThread,
                                    namespace: str) -> None:
-    """A lower-priority replica with a different picker image stays paused while the leader lives."""
+    """A lower-priority replica (with a different picker image) stays paused while the leader lives,
+    and takes over when the leader goes away."""
     standby = OperatorThread(operator_options(kube_cluster, operator_kubeconfig, webhook=False, priority=10,
                                               gateway_image="test/gateway:standby"), name="standby").start()
+
+    def images() -> set[str]:
+        return {(kube_cluster.get("deployment", f"iota{i}-epp", namespace) or {}).get("spec", {})
+                .get("template", {}).get("spec", {}).get("containers", [{}])[0].get("image") for i in range(3)}
+
+    def nudge(value: str) -> None:
+        kube_cluster.kubectl("label", "inferencepool", "--all", "-n", namespace, f"nudge={value}", "--overwrite")
+
     try:
         for i in range(3):
             kube_cluster.apply(pool_manifest(f"iota{i}", namespace))
         for i in range(3):
             _wait_children(kube_cluster, namespace, f"iota{i}")
-        kube_cluster.kubectl("label", "inferencepool", "--all", "-n", namespace, "nudge=1")
-        wait_for(lambda: all(kube_cluster.get("inferencepool", f"iota{i}", namespace)["metadata"]["labels"]
-                             .get("nudge") for i in range(3)), 10, "labels")
-        images = {kube_cluster.get("deployment", f"iota{i}-epp", namespace)["spec"]["template"]["spec"]
-                  ["containers"][0]["image"] for i in range(3)}
-        assert images == {"test/gateway:a"}, "the paused standby replica acted"
-        managers = {m["manager"] for m in kube_cluster.get("deployment", "iota0-epp", namespace)["metadata"]
-                    ["managedFields"]}
-        assert managers == {"tokenslice-operator"}
+        nudge("1")
+        wait_for(lambda: all(our_parent(kube_cluster.get("inferencepool", f"iota{i}", namespace))
+                             for i in range(3)), 30, "status entries")
+        assert images() == {"test/gateway:a"}, "the paused standby replica acted"
+
+        operator.stop()  # the leader goes away: the standby resumes and serves the next events
+        try:
+            nudge("2")
+            wait_for(lambda: images() == {"test/gateway:standby"}, 60, "the standby to take over")
+        finally:
+            standby.stop()
+            _restart(operator)
+        wait_for(lambda: images() == {"test/gateway:a"}, 60, "the restarted leader to converge the pools")
     finally:
-        standby.stop()
+        if standby.thread and standby.thread.is_alive():
+            standby.stop()
