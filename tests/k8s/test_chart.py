@@ -84,7 +84,7 @@ def test_embedded_envoy_config_matches_the_tested_renderer(kube_cluster: KubeClu
 
 def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread) -> None:
     ns, release = "tokenslice-system", "ts"
-    args = ["--namespace", ns, "--create-namespace", "--wait=false", *FULL]
+    args = ["--namespace", ns, "--create-namespace", *FULL]
     try:
         out = kube_cluster.helm("install", release, str(CHART), *args).stdout
         assert "STATUS: deployed" in out
@@ -108,5 +108,5 @@ def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: Ope
         hook = kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None)
         assert hook["webhooks"][0]["clientConfig"]["caBundle"] == ca, "upgrade must keep the webhook certificate"
     finally:
-        kube_cluster.helm("uninstall", release, "--namespace", ns, "--wait=false", check=False)
+        kube_cluster.helm("uninstall", release, "--namespace", ns, check=False)
     assert kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None) is None
