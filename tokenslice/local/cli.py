@@ -93,14 +93,11 @@ async def _up(config: LocalConfig) -> int:
 async def _watch(stack: LocalStack) -> str:
     """Name of the first child that exits on its own (a crashed part takes the stack down, loudly)."""
     procs = stack.plane.processes if stack.plane else []
-    waits = {asyncio.create_task(p.process.wait()): p.name for p in procs}
-    for engine in stack.engines:
-        proc = getattr(engine.server, "process", None)
-        if proc is not None and hasattr(proc, "wait") and asyncio.iscoroutinefunction(proc.wait):
-            waits[asyncio.create_task(proc.wait())] = engine.name
-    if not waits:
-        await asyncio.Event().wait()
-    done, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for t in pending:
-        t.cancel()
-    return waits[next(iter(done))]
+    while True:
+        for p in procs:
+            if not p.running:
+                return p.name
+        for engine in stack.engines:
+            if not engine.server.running():
+                return engine.name
+        await asyncio.sleep(1.0)  # a liveness monitor, not synchronisation
