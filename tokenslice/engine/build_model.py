@@ -254,7 +254,7 @@ def build_weights(out: Path, tok: "object") -> dict[str, object]:
     _write_json(out / "config.json", config)
     _write_json(out / "generation_config.json", {
         "bos_token_id": vocab[BOS], "eos_token_id": eos_id, "pad_token_id": vocab[PAD], "do_sample": False})
-    return {"vocab_size": vocab_size, "padded_vocab_size": padded_vocab, "eos_id": eos_id,
+    return {"vocab_size": vocab_size, "padded_vocab_size": padded_vocab, "eos_id": eos_id, "bos_id": vocab[BOS],
             "stop_trigger_id": trigger_id, "params": sum(v.numel() for v in sd.values())}
 
 

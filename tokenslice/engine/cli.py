@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import sys
@@ -26,9 +27,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=server.DEFAULT_MAX_NUM_SEQS)
     p.add_argument("--max-model-len", type=int, default=server.DEFAULT_MAX_MODEL_LEN)
     p.add_argument("--kv-cache-gib", type=int, default=server.DEFAULT_KV_CACHE_GIB)
+    p.add_argument("--torch-compile", action="store_true",
+                   help="torch.compile the model (faster decode, ~60 s slower start)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM args after --")
 
     sub.add_parser("info", help="print what is built (JSON)")
+
+    p = sub.add_parser("bench", help="measure startup, decode tokens/s and chunked-continuation fidelity")
+    p.add_argument("--url", default=None, help="an already running vLLM (default: start one)")
+    p.add_argument("--tokens", type=int, default=256, help="tokens per stream")
+    p.add_argument("--concurrency", default="1,8,16", help="comma-separated stream counts")
+    p.add_argument("--torch-compile", action="store_true", help="start vLLM with torch.compile")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
         return _serve(args)
     if command == "info":
         return _info()
-    print("usage: tokenslice engine {setup,serve,info}", file=sys.stderr)
+    if command == "bench":
+        return _bench(args)
+    print("usage: tokenslice engine {setup,serve,info,bench}", file=sys.stderr)
     return 2
 
 
@@ -71,7 +82,7 @@ def _serve(args: argparse.Namespace) -> int:
         extra = extra[1:]
     cmd = server.vllm_command(model_dir=model_dir, port=args.port, served_model_name=args.served_model_name,
                               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                              extra_args=extra)
+                              torch_compile=args.torch_compile, extra_args=extra)
     print(f"$ {' '.join(cmd)}", flush=True)
     os.execve(cmd[0], cmd, server.vllm_env(args.kv_cache_gib))  # foreground: vLLM replaces this process
 
@@ -91,3 +102,12 @@ def _info() -> int:
         info["model"] = model.model_info(model_dir)
     print(json.dumps(info, indent=2))
     return 0 if info["venv_ready"] and info["model_ready"] else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from tokenslice.engine.bench import run_bench
+
+    concurrency = [int(c) for c in args.concurrency.split(",") if c]
+    report = asyncio.run(run_bench(args.url, args.tokens, concurrency, torch_compile=args.torch_compile))
+    print(json.dumps(report))
+    return 0 if report["fidelity"]["ids_equal"] else 1

@@ -26,11 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenslice.engine import layout
+from tokenslice.paths import cache_dir
 
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_MAX_NUM_SEQS = 16
 DEFAULT_KV_CACHE_GIB = 1
-DEFAULT_START_TIMEOUT_S = 300.0
+DEFAULT_START_TIMEOUT_S = 600.0
+"""Generous: importing vLLM alone takes 30-100 s on 2 busy cores."""
+DEFAULT_COMPILE = False
+"""torch.compile makes 16-stream decode ~1.4-3x faster but adds ~60 s to *every* start on 2 cores
+(vLLM 0.32's AOT compile cache fails to reload: "'function' object has no attribute
+'finalize_loading'"), so tests run eager; the benchmark may opt in (docs/engine.md has numbers)."""
+DEFAULT_BLOCK_SIZE = 32
+"""KV block = prefix-cache granularity. vLLM-CPU defaults to 128, which would make every prompt
+shorter than 128 tokens a cache miss. 32 is the smallest the CPU attention backend accepts."""
 
 
 class EngineNotBuilt(RuntimeError):
@@ -62,7 +71,7 @@ def check_built(model_dir: Path | None = None) -> Path:
 
 def vllm_command(*, model_dir: Path, port: int, served_model_name: str = layout.MODEL_NAME,
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_model_len: int = DEFAULT_MAX_MODEL_LEN,
-                 extra_args: Sequence[str] = ()) -> list[str]:
+                 torch_compile: bool = DEFAULT_COMPILE, extra_args: Sequence[str] = ()) -> list[str]:
     return [
         str(layout.engine_python()), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
@@ -73,8 +82,10 @@ def vllm_command(*, model_dir: Path, port: int, served_model_name: str = layout.
         "--max-model-len", str(max_model_len),
         "--max-num-seqs", str(max_num_seqs),
         "--enable-prefix-caching",
+        "--block-size", str(DEFAULT_BLOCK_SIZE),
         "--seed", "0",
         "--disable-uvicorn-access-log",
+        *(() if torch_compile else ("--enforce-eager",)),
         *extra_args,
     ]
 
@@ -92,6 +103,7 @@ def vllm_env(kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict[str, str]:
         "TRANSFORMERS_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
         "PYTHONUNBUFFERED": "1",
+        "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),  # torch.compile cache beside the model
     })
     env.pop("VIRTUAL_ENV", None)
     return env
@@ -163,6 +175,7 @@ def _healthy(url: str) -> bool:
 def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra_args: Sequence[str] = (),
           log_path: Path | str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
           max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_gib: int = DEFAULT_KV_CACHE_GIB,
+          torch_compile: bool = DEFAULT_COMPILE,
           served_model_name: str = layout.MODEL_NAME) -> VLLMServer:
     """Launch vLLM (not yet healthy). Prefer :func:`start_vllm` / :func:`running_vllm`."""
     model = check_built(Path(model_dir) if model_dir else None)
@@ -170,7 +183,8 @@ def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra
     log = Path(log_path) if log_path else layout.logs_dir() / f"vllm-{port}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = vllm_command(model_dir=model, port=port, served_model_name=served_model_name,
-                       max_num_seqs=max_num_seqs, max_model_len=max_model_len, extra_args=extra_args)
+                       max_num_seqs=max_num_seqs, max_model_len=max_model_len, torch_compile=torch_compile,
+                       extra_args=extra_args)
     with log.open("ab") as fh:
         fh.write(f"$ {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -210,17 +224,28 @@ async def start_vllm(*, model_dir: Path | str | None = None, port: int | None = 
                      extra_args: Sequence[str] = (), log_path: Path | str | None = None,
                      timeout: float = DEFAULT_START_TIMEOUT_S, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
                      max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_gib: int = DEFAULT_KV_CACHE_GIB,
+                     torch_compile: bool = DEFAULT_COMPILE,
                      served_model_name: str = layout.MODEL_NAME,
                      progress: Callable[[str], None] | None = None) -> VLLMServer:
-    """Start vLLM and wait until it serves; the caller owns it and must ``await server.stop()``."""
-    server = spawn(model_dir=model_dir, port=port, extra_args=extra_args, log_path=log_path,
-                   max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
-                   served_model_name=served_model_name)
-    try:
-        return await wait_healthy(server, timeout, progress)
-    except BaseException:
-        await server.stop()
-        raise
+    """Start vLLM and wait until it serves; the caller owns it and must ``await server.stop()``.
+
+    Without an explicit ``port`` a free one is picked; if another process grabs it before vLLM
+    binds (the machine is shared), the start is retried on a new port.
+    """
+    for attempt in range(3):
+        server = spawn(model_dir=model_dir, port=port, extra_args=extra_args, log_path=log_path,
+                       max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                       torch_compile=torch_compile, served_model_name=served_model_name)
+        try:
+            return await wait_healthy(server, timeout, progress)
+        except EngineStartError as exc:
+            await server.stop()
+            if port is not None or attempt == 2 or "address already in use" not in str(exc).lower():
+                raise
+        except BaseException:
+            await server.stop()
+            raise
+    raise AssertionError("unreachable")
 
 
 @contextlib.contextmanager
