@@ -61,8 +61,8 @@ bench_cmd() {
 }
 
 collect() {  # at most 8 files come back from a device call: pack plots and logs
-  cp "$RES"/results.md "$RES"/results.json "$RES"/chunk_breakdown.md "$RES"/chunk_breakdown.json \
-    "$RES"/bench.log "$OUT"/ 2>/dev/null || true
+  cat "$RES"/prepare.log "$RES"/gpu-apps.log "$RES"/bench.log > "$OUT"/bench.log 2>/dev/null || true
+  cp "$RES"/results.md "$RES"/results.json "$RES"/chunk_breakdown.md "$RES"/chunk_breakdown.json "$OUT"/ 2>/dev/null || true
   (cd "$RES" && ls ./*.png >/dev/null 2>&1 && tar cf "$OUT/plots.tar" ./*.png) || true
   runs=$(ls -d "$TOKENSLICE_CACHE"/local/run-* 2>/dev/null || true)
   [ -z "$runs" ] || tar czf "$OUT/logs.tar.gz" -C "$TOKENSLICE_CACHE/local" $(for r in $runs; do basename "$r"; done) \
@@ -72,6 +72,9 @@ collect() {  # at most 8 files come back from a device call: pack plots and logs
 
 follow() {  # print the run's new log lines until it ends or FOLLOW_S passes
   local deadline=$(( $(date +%s) + FOLLOW_S )) seen=0
+  # anything else on the GPU would skew the timings: say so in the log
+  echo "[gpu apps $(date -u +%H:%M:%S)] $(nvidia-smi --query-compute-apps=pid,process_name,used_memory --format=csv,noheader | tr '\n' ';')" \
+    | tee -a "$RES/gpu-apps.log"
   while :; do
     if [ -f "$RES/bench.log" ]; then
       local n; n=$(wc -l < "$RES/bench.log")
