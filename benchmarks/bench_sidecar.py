@@ -1,7 +1,7 @@
 """Direct vLLM vs through the chunking sidecar, side by side, for several chunk sizes.
 
     .venv/bin/python benchmarks/bench_sidecar.py [--vllm-url URL] [--chunk-sizes 4,16,64]
-        [--concurrency 1,8] [--tokens 256] [--rounds 2]
+        [--concurrency 1,8] [--tokens 256] [--rounds 5]
 
 Starts a real vLLM with the tiny model (unless --vllm-url is given) and one sidecar process per
 chunk size (``tokenslice sidecar``, chunks straight to the local vLLM: the no-gateway mode), then
@@ -67,19 +67,20 @@ async def one_stream(http: aiohttp.ClientSession, url: str, model: str, tokens: 
     return Sample(time.perf_counter() - start, ttft or 0.0, n)
 
 
-async def measure(http: aiohttp.ClientSession, url: str, model: str, concurrency: int, tokens: int,
-                  rounds: int) -> dict[str, float]:
-    walls, ttfts, tputs = [], [], []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        samples = await asyncio.gather(*(one_stream(http, url, model, tokens) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - t0
-        tputs.append(sum(s.tokens for s in samples) / elapsed)
-        walls.extend(s.wall for s in samples)
-        ttfts.extend(s.ttft for s in samples)
-    wall = statistics.mean(walls)
-    return {"tput": statistics.mean(tputs), "wall": wall, "ttft": statistics.mean(ttfts),
-            "tpot_ms": 1000 * (wall - statistics.mean(ttfts)) / max(1, tokens - 1)}
+async def measure(http: aiohttp.ClientSession, url: str, model: str, concurrency: int,
+                  tokens: int) -> dict[str, float]:
+    """One round: ``concurrency`` streams at once; throughput and per-stream means."""
+    t0 = time.perf_counter()
+    samples = await asyncio.gather(*(one_stream(http, url, model, tokens) for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    wall = statistics.mean(s.wall for s in samples)
+    ttft = statistics.mean(s.ttft for s in samples)
+    return {"tput": sum(s.tokens for s in samples) / elapsed, "wall": wall, "ttft": ttft,
+            "tpot_ms": 1000 * (wall - ttft) / max(1, tokens - 1)}
+
+
+def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
+    return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
 async def wait_http(http: aiohttp.ClientSession, url: str, deadline_s: float = 60.0) -> None:
@@ -102,7 +103,7 @@ async def main() -> int:
     ap.add_argument("--chunk-sizes", default="4,16,64")
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     sizes = [int(x) for x in args.chunk_sizes.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -132,27 +133,29 @@ async def main() -> int:
             await wait_http(http, f"{sidecars[size]}/health")
         print(f"vLLM {vllm_url} model {model}; sidecars {sidecars}", flush=True)
 
-        await measure(http, vllm_url, model, 1, 16, 1)  # warm-up (compile, caches)
+        for url in [vllm_url, *sidecars.values()]:
+            await measure(http, url, model, 1, 16)  # warm-up (compile, caches, connections)
         rows = []
+        targets = [("direct", "-", vllm_url)] + [("sidecar", str(size), sidecars[size]) for size in sizes]
         for conc in levels:
-            print(f"-- concurrency {conc}: direct ...", flush=True)
-            before = await measure(http, vllm_url, model, conc, args.tokens, args.rounds)
-            results = {}
-            for size in sizes:
-                print(f"-- concurrency {conc}: sidecar chunk {size} ...", flush=True)
-                results[size] = await measure(http, sidecars[size], model, conc, args.tokens, args.rounds)
-            print(f"-- concurrency {conc}: direct again ...", flush=True)
-            after = await measure(http, vllm_url, model, conc, args.tokens, args.rounds)
-            # direct runs before and after the sidecar runs, averaged: load drift on a shared machine cancels
-            direct = {k: (before[k] + after[k]) / 2 for k in before}
+            # rounds interleave every target (direct, chunk a, chunk b, ...) and report medians, so the
+            # drift of a shared machine's load hits all of them alike
+            per: dict[str, list[dict[str, float]]] = {label: [] for _, label, _ in targets}
+            for r in range(args.rounds):
+                print(f"-- concurrency {conc}: round {r + 1}/{args.rounds}", flush=True)
+                for _, label, url in targets:
+                    per[label].append(await measure(http, url, model, conc, args.tokens))
+            direct = median_of(per["-"])
             rows.append(("direct", "-", conc, direct, None))
-            for size, res in results.items():
+            for size in sizes:
+                res = median_of(per[str(size)])
                 chunks = -(-args.tokens // size)
-                overhead_ms = 1000 * (res["wall"] - direct["wall"]) / chunks
-                rows.append(("sidecar", str(size), conc, res, (direct, overhead_ms)))
+                rows.append(("sidecar", str(size), conc, res, (direct, 1000 * (res["wall"] - direct["wall"]) / chunks)))
+        load = os.getloadavg()[0]
 
     print()
-    print(f"{args.tokens} tokens/stream, greedy, ignore_eos, {args.rounds} rounds; machine: {os.cpu_count()} cpus")
+    print(f"{args.tokens} tokens/stream, greedy, ignore_eos, median of {args.rounds} interleaved rounds; "
+          f"{os.cpu_count()} cpus, load average at the end {load:.1f}")
     head = f"{'path':8} {'chunk':>5} {'streams':>7} {'tok/s':>8} {'vs direct':>9} {'TTFT ms':>8} " \
            f"{'TPOT ms':>8} {'wall s':>7} {'ms/chunk overhead':>18}"
     print(head)

@@ -17,7 +17,7 @@ log = logging.getLogger("tokenslice.sidecar.proxy")
 # Hop-by-hop headers (RFC 9110 7.6.1) and those aiohttp recomputes.
 _SKIP_REQUEST = frozenset({"host", "connection", "keep-alive", "proxy-connection", "te", "trailer",
                            "transfer-encoding", "upgrade", "content-length"})
-_SKIP_RESPONSE = _SKIP_REQUEST | {"content-encoding", "server", "date"}
+_SKIP_RESPONSE = _SKIP_REQUEST | {"server", "date"}  # bodies pass raw: keep content-encoding
 
 
 def forward_headers(request: web.Request) -> dict[str, str]:

@@ -334,7 +334,7 @@ async def test_client_disconnect_cancels_upstream(http, vllm, sidecars):
     sc = await sidecars(4)
     body = {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 3000, "ignore_eos": True, "stream": True,
             "temperature": 0}
-    before = sc.metrics.cancelled._value.get()
+    before = _sample(sc, "tokenslice_sidecar_cancelled_total")
     async with aiohttp.ClientSession() as own:
         resp = await own.post(f"{sc.url}/v1/completions", json=body)
         assert resp.status == 200
@@ -350,13 +350,13 @@ async def test_client_disconnect_cancels_upstream(http, vllm, sidecars):
         resp.close()  # the client goes away mid-stream
 
     async def cancelled():
-        return sc.metrics.cancelled._value.get() > before
+        return _sample(sc, "tokenslice_sidecar_cancelled_total") > before
 
     async def idle():
         return await _running(http, vllm) == 0
     await _wait_for(cancelled, what="the sidecar to notice the disconnect")
     await _wait_for(idle, what="vLLM to abort the in-flight chunk")
-    assert sc.metrics.inflight._value.get() == 0
+    assert _sample(sc, "tokenslice_sidecar_inflight_upstream") == 0
 
 
 async def test_upstream_down_gives_clean_error(http):
@@ -381,23 +381,31 @@ async def test_upstream_down_gives_clean_error(http):
         await runner.cleanup()
 
 
-async def test_mid_stream_upstream_error(http, vllm):
-    """A chunk endpoint that dies after the first chunk: an SSE error event, then [DONE].
+async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
+    """Chunks through a gateway stand-in: signed headers on the wire, and a failure after chunk 0.
 
-    A fake gateway is used here because a real vLLM cannot be made to fail between two chunks on
-    demand; it forwards chunk 0 to the real vLLM and answers 503 to chunk 1.
+    The stand-in is a fake because a real vLLM cannot be made to fail between two chunks on demand:
+    it checks each chunk's signed headers, serves chunk 0 from the real vLLM (naming a KV holder),
+    and answers 503 to chunk 1.  The client gets chunk 0's tokens, an SSE error event, then [DONE].
     """
     from aiohttp import web
 
     from sidecar.app import SidecarConfig, start
 
+    seen: list[ChunkHeaders] = []
+    hints: list[str | None] = []
+
     async def flaky(request: web.Request) -> web.StreamResponse:
-        if request.headers.get(contract.CHUNK_INDEX) != "0":
+        chunk = ChunkHeaders.verify({k.lower(): v for k, v in request.headers.items()}, TEST_KEY)
+        seen.append(chunk)
+        hints.append(request.headers.get(contract.PREFIX_HASHES))
+        if chunk.chunk_index != 0:
             return web.json_response({"error": {"message": "gateway overloaded", "type": "Unavailable",
                                                 "param": None, "code": 503}}, status=503)
         async with http.post(f"{vllm.url}/v1/completions", data=await request.read(),
                              headers={"Content-Type": "application/json"}) as up:
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                               contract.SERVED_BY: "10.1.2.3:8000"})
             await resp.prepare(request)
             async for data in up.content.iter_any():
                 await resp.write(data)
@@ -411,13 +419,23 @@ async def test_mid_stream_upstream_error(http, vllm):
     await site.start()
     gw_port = gw.addresses[0][1]
     runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=f"http://127.0.0.1:{gw_port}",
-                                             chunk_size=4, key=TEST_KEY))
+                                             chunk_size=4, key=TEST_KEY, default_tenant="acme",
+                                             default_class="batch"))
     try:
-        body = {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 20, "ignore_eos": True,
+        prompt = " ".join(PROMPTS)  # long enough for prefix-hash blocks
+        body = {"model": vllm.model, "prompt": prompt, "max_tokens": 20, "ignore_eos": True,
                 "return_token_ids": True}
         s = await post_stream(http, f"http://127.0.0.1:{port}/v1/completions", body)
         assert s.events[-1]["error"]["code"] == 503  # an SSE error event, then [DONE] (checked by post_stream)
         assert len(s.token_ids) == 4 and s.finish_reason is None  # chunk 0 was delivered, nothing claims an end
+        first, second = seen[-2], seen[-1]
+        n_prompt = len((await post_json(http, f"{vllm.url}/tokenize", {"model": vllm.model, "prompt": prompt}))["tokens"])
+        assert (first.chunk_index, first.generated, first.slice, first.kv_holder) == (0, 0, 4, "")
+        assert (second.chunk_index, second.generated, second.slice, second.kv_holder) == (1, 4, 4, "10.1.2.3:8000")
+        assert first.request_id == second.request_id and s.events[0]["id"] == f"cmpl-{first.request_id}"
+        assert (first.tenant, first.priority_class, first.prompt_tokens) == ("acme", "batch", n_prompt)
+        assert hints[-2] and len(hints[-2].split(",")) == n_prompt // 16 and hints[-1] is None
+
         data = await post_json(http, f"http://127.0.0.1:{port}/v1/completions", body, 503)
         assert data["error"]["message"] == "gateway overloaded"
     finally:
@@ -448,7 +466,7 @@ async def test_forged_chunk_headers_are_refused(http, vllm, sidecars):
         assert resp.headers[contract.SERVED_BY] == sc.url.removeprefix("http://")
         text = await resp.text()
         assert text.rstrip().endswith("data: [DONE]")
-    assert sc.metrics.worker_chunks._value.get() >= 1
+    assert _sample(sc, "tokenslice_sidecar_worker_chunks_total") >= 1
 
 
 async def test_admit_headers(http, vllm, sidecars):
@@ -489,8 +507,8 @@ async def test_unchunkable_features_run_unchunked(http, vllm, sidecars):
     assert len(got["choices"]) == 2
     echo = await post_json(http, f"{sc.url}/v1/completions", {**body, "n": 1, "echo": True, "temperature": 0})
     assert echo["choices"][0]["text"].startswith(PROMPTS[0])
-    metrics = sc.metrics.passthrough
-    assert metrics.labels("n")._value.get() >= 1 and metrics.labels("echo")._value.get() >= 1
+    assert _sample(sc, "tokenslice_sidecar_passthrough_total", reason="n") >= 1
+    assert _sample(sc, "tokenslice_sidecar_passthrough_total", reason="echo") >= 1
 
 
 async def test_bad_requests(http, vllm, sidecars):
@@ -513,10 +531,10 @@ async def test_bad_requests(http, vllm, sidecars):
 
 async def test_sidecar_metrics_count_chunks(http, vllm, sidecars):
     sc = await sidecars(3)
-    before = sc.metrics.chunks._value.get()
+    before = _sample(sc, "tokenslice_sidecar_chunks_total")
     await post_json(http, f"{sc.url}/v1/completions",
                     {"model": vllm.model, "prompt": PROMPTS[0], "max_tokens": 10, "ignore_eos": True})
-    assert sc.metrics.chunks._value.get() - before == 4  # 3 + 3 + 3 + 1
+    assert _sample(sc, "tokenslice_sidecar_chunks_total") - before == 4  # 3 + 3 + 3 + 1
     async with http.get(f"{sc.url}{contract.SIDECAR_METRICS_PATH}") as resp:
         text = await resp.text()
     assert "tokenslice_sidecar_pause_seconds_count" in text
@@ -564,6 +582,10 @@ async def test_stop_inside_merged_event_counts_tokens_exactly(http, vllm, sideca
         if j > 1 and chars == len("".join(texts[4:3 + j])):
             continue  # a token without text cannot be told apart
         assert await _tokens_covering(state, context, merged, chars, vllm.model) == j
+
+
+def _sample(sc, name: str, **labels: str) -> float:
+    return sc.metrics.registry.get_sample_value(name, labels or None) or 0.0
 
 
 def _target(http, vllm):
