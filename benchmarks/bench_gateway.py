@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -316,6 +317,33 @@ async def bench_notify(n: int = 300) -> dict[str, float]:
             "max_ms": max(lat) * 1e3, "mean_ms": statistics.fmean(lat) * 1e3}
 
 
+def plot(results: dict[str, object], path: Path) -> Path:
+    """Latency (p50/p99, direct vs through the picker) and decisions/s against offered concurrency."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["load"]
+    conns = [r["conns"] for r in rows]  # type: ignore[index]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key, style, label in (("direct_p50_ms", "b-", "Envoy direct p50"), ("direct_p99_ms", "b--", "Envoy direct p99"),
+                              ("picker_p50_ms", "r-", "Envoy + picker p50"), ("picker_p99_ms", "r--", "Envoy + picker p99")):
+        ax1.plot(conns, [r[key] for r in rows], style, marker="o", label=label)  # type: ignore[index]
+    ax1.set(xscale="log", yscale="log", xlabel="concurrent chunks (closed loop)", ylabel="latency per chunk (ms)",
+            title="Latency per chunk")
+    ax1.legend(fontsize=8)
+    ax2.plot(conns, [r["direct_rps"] for r in rows], "b-o", label="Envoy direct")  # type: ignore[index]
+    ax2.plot(conns, [r["picker_rps"] for r in rows], "r-o", label="Envoy + picker (1 core)")  # type: ignore[index]
+    ax2.axhline(2000, color="grey", ls=":", label="target 2000/s")
+    ax2.set(xscale="log", xlabel="concurrent chunks (closed loop)", ylabel="chunks/s", title="Chunk decisions/s")
+    ax2.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="proto,load,notify")
@@ -327,7 +355,16 @@ def main() -> int:
     ap.add_argument("--envoy-cpu", default="", help="CPU for the front Envoys (both modes); '' = unpinned")
     ap.add_argument("--upstream-cpu", default="", help="CPU for the upstream Envoy; '' = unpinned")
     ap.add_argument("--json", type=Path, help="also write results here")
+    ap.add_argument("--plot", type=Path, default=None,
+                    help="PNG of the load part (default: $TOKENSLICE_CACHE/bench/gateway.png)")
+    ap.add_argument("--from-json", type=Path, help="only re-plot an earlier --json result")
     args = ap.parse_args()
+    from tokenslice.paths import cache_dir
+
+    plot_path = args.plot or cache_dir() / "bench" / "gateway.png"
+    if args.from_json:
+        print(f"plot: {plot(json.loads(args.from_json.read_text()), plot_path)}")
+        return 0
     parts = set(args.parts.split(","))
     results: dict[str, object] = {"cpus": os.cpu_count()}
     if "proto" in parts:
@@ -347,6 +384,9 @@ def main() -> int:
         print(f"  n={r['n']}  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  max {r['max_ms']:.3f} ms")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if "load" in results:
+        with contextlib.suppress(ImportError):
+            print(f"plot: {plot(results, plot_path)}")
     return 0
 
 

@@ -104,7 +104,8 @@ class Dispatcher:
                 self.release(chunk, None)
             raise
         ep = self.datastore.get(address)
-        if ep is None:  # left the pool between grant and wake-up: its slot went with it
+        if ep is None or ep is not chunk.granted_on:  # left the pool between grant and wake-up
+            self.release(chunk, None)
             raise NoEndpoints(f"endpoint {address} left the pool")
         return ep
 
@@ -113,7 +114,7 @@ class Dispatcher:
         if not chunk.endpoint:
             return
         now = time.monotonic()
-        ep = self.datastore.get(chunk.endpoint)
+        ep = chunk.granted_on  # the object granted, even if its address left (and came back) meanwhile
         if ep is not None and ep.granted > 0:
             ep.granted -= 1
             ep.observe_chunk(now - chunk.dispatched_at)
@@ -131,6 +132,7 @@ class Dispatcher:
             if ledger is not None:
                 ledger.charged_output = produced
         chunk.endpoint = ""
+        chunk.granted_on = None
         for listener in self.release_listeners:
             listener(chunk, now)
         self.dispatch()
@@ -209,6 +211,7 @@ class Dispatcher:
     def _grant(self, chunk: Chunk, ep: Endpoint, migrated: bool, now: float) -> Endpoint:
         ep.granted += 1
         chunk.endpoint = ep.address
+        chunk.granted_on = ep
         chunk.dispatched_at = now
         chunk.migrated = migrated
         queues = self.queues

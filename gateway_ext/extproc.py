@@ -110,6 +110,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         handler = grpc.stream_stream_rpc_method_handler(
             self.Process, request_deserializer=pb.ProcessingRequest.FromString, response_serializer=_serialize)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Process": handler}),))
+        # registered methods are matched in C-core, skipping the Python generic-handler lookup per stream
+        server.add_registered_method_handlers(SERVICE, {"Process": handler})
 
     async def Process(self, request_iterator: AsyncIterator[pb.ProcessingRequest],
                       context: grpc.aio.ServicerContext) -> AsyncIterator[pb.ProcessingResponse | bytes]:

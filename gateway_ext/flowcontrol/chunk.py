@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gateway_ext.datastore.endpoints import Endpoint
 
 
 class Shed(Exception):
@@ -35,6 +39,7 @@ class Chunk:
     future: asyncio.Future[str] | None = field(default=None, repr=False)
     # set when dispatched
     endpoint: str = ""
+    granted_on: Endpoint | None = field(default=None, repr=False)
     dispatched_at: float = 0.0
     migrated: bool = False
     waited: bool = False
