@@ -56,9 +56,13 @@ if [ ! -x "$BIN/kube-apiserver" ]; then
     rm -rf "$src_dir/vendor/github.com/modern-go/reflect2"
     cp -r /usr/share/gocode/src/github.com/modern-go/reflect2 "$src_dir/vendor/github.com/modern-go/reflect2"
     step "building kube-apiserver $KUBE_VERSION with $(go version | cut -d' ' -f3) (~5 min on 2 cores)"
-    pkg=k8s.io/kubernetes/vendor/k8s.io/component-base/version  # GOPATH mode: the vendored path
-    ldflags="-s -w -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
-    ldflags="$ldflags -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    # as hack/lib/version.sh does: both version packages (the aggregator serves /version from client-go's),
+    # under their vendored import paths (GOPATH mode)
+    ldflags="-s -w"
+    for pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+        ldflags="$ldflags -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=20"
+        ldflags="$ldflags -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+    done
     # Debian's rules build in GOPATH mode (vendor/ + staging symlinks), not module mode.
     mkdir -p "$src_dir/.go/src/k8s.io"
     [ -L "$src_dir/.go/src/k8s.io/kubernetes" ] || ln -s ../../.. "$src_dir/.go/src/k8s.io/kubernetes"

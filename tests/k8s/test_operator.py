@@ -283,3 +283,33 @@ def test_two_replicas_do_not_fight(kube_cluster: KubeCluster, operator_kubeconfi
     finally:
         if standby.thread and standby.thread.is_alive():
             standby.stop()
+
+
+def test_cli_entrypoint_joins_the_peering_and_pauses(kube_cluster: KubeCluster, operator_kubeconfig,
+                                                     operator: OperatorThread, namespace: str) -> None:
+    """`tokenslice operator run` as the chart runs it: it starts, answers /healthz and yields to the leader."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from tests.fixtures.kube import free_port
+
+    port = free_port()
+    log = kube_cluster.workdir / "cli-operator.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tokenslice.cli", "operator", "run", "--log-level=INFO",
+                                 f"--kubeconfig={operator_kubeconfig}", "--webhook-port=0", "--priority=1",
+                                 f"--health-port={port}", "--gateway-image=test/gateway:cli"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200, 60,
+                 f"the CLI operator's /healthz (log: {log})")
+        peers = lambda: (kube_cluster.get("clusterkopfpeering", "tokenslice", None).get("status") or {})  # noqa
+        wait_for(lambda: any(p.get("priority") == 1 for p in peers().values()), 60,
+                 f"the CLI operator in the peering (log: {log})")
+        kube_cluster.apply(pool_manifest("kappa", namespace))
+        dep = _wait_children(kube_cluster, namespace, "kappa")["deployment"]
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "test/gateway:a", "the CLI one acted"
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) is not None
