@@ -96,9 +96,31 @@ async def wait_http(http: aiohttp.ClientSession, url: str, deadline_s: float = 6
     raise RuntimeError(f"{url} did not come up")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process and all its descendants (from /proc): robust to a busy machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        if p in stats:
+            total += stats[p][1]
+        todo.extend(c for c, (ppid, _) in stats.items() if ppid == p)
+    return total
+
+
 async def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-url", help="use this running vLLM instead of starting the tiny one")
+    ap.add_argument("--vllm-pid", type=int, help="its process id, to report vLLM CPU time (with --vllm-url)")
     ap.add_argument("--model", help="served model name (default: the first of /v1/models)")
     ap.add_argument("--chunk-sizes", default="4,16,64")
     ap.add_argument("--concurrency", default="1,8")
@@ -107,6 +129,7 @@ async def main() -> int:
     args = ap.parse_args()
     sizes = [int(x) for x in args.chunk_sizes.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
+    vllm_pid = args.vllm_pid
 
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)))
@@ -117,11 +140,11 @@ async def main() -> int:
             print("starting vLLM (tiny model) ...", flush=True)
             server = await start_vllm(max_num_seqs=max(16, max(levels) * 2))
             stack.push_async_callback(server.stop)
-            vllm_url = server.url
+            vllm_url, vllm_pid = server.url, server.process.pid
         async with http.get(f"{vllm_url}/v1/models") as resp:
             model = args.model or (await resp.json())["data"][0]["id"]
 
-        sidecars: dict[int, str] = {}
+        sidecars: dict[int, tuple[str, int]] = {}
         for size in sizes:
             port = free_port()
             proc = subprocess.Popen(
@@ -129,42 +152,51 @@ async def main() -> int:
                  "--vllm-url", vllm_url, "--chunk-size", str(size), "--log-level", "WARNING"],
                 cwd=REPO, env={**os.environ, "TOKENSLICE_SIGNING_KEY": "bench"}, start_new_session=True)
             stack.callback(lambda p=proc: (os.killpg(p.pid, signal.SIGTERM), p.wait(10)))
-            sidecars[size] = f"http://127.0.0.1:{port}"
-            await wait_http(http, f"{sidecars[size]}/health")
-        print(f"vLLM {vllm_url} model {model}; sidecars {sidecars}", flush=True)
+            sidecars[size] = (f"http://127.0.0.1:{port}", proc.pid)
+            await wait_http(http, f"{sidecars[size][0]}/health")
+        print(f"vLLM {vllm_url} model {model}; sidecars on {[u for u, _ in sidecars.values()]}", flush=True)
 
-        for url in [vllm_url, *sidecars.values()]:
+        for url in [vllm_url, *(u for u, _ in sidecars.values())]:
             await measure(http, url, model, 1, 16)  # warm-up (compile, caches, connections)
         rows = []
-        targets = [("direct", "-", vllm_url)] + [("sidecar", str(size), sidecars[size]) for size in sizes]
+        targets = [("-", vllm_url, None)] + [(str(size), url, pid) for size, (url, pid) in sidecars.items()]
         for conc in levels:
             # rounds interleave every target (direct, chunk a, chunk b, ...) and report medians, so the
-            # drift of a shared machine's load hits all of them alike
-            per: dict[str, list[dict[str, float]]] = {label: [] for _, label, _ in targets}
+            # drift of a shared machine's load hits all of them alike; CPU seconds are summed
+            per: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in targets}
+            cpu: dict[str, list[float]] = {label: [0.0, 0.0] for label, _, _ in targets}  # sidecar, vLLM
             for r in range(args.rounds):
                 print(f"-- concurrency {conc}: round {r + 1}/{args.rounds}", flush=True)
-                for _, label, url in targets:
+                for label, url, pid in targets:
+                    before = (cpu_seconds(pid) if pid else 0.0, cpu_seconds(vllm_pid) if vllm_pid else 0.0)
                     per[label].append(await measure(http, url, model, conc, args.tokens))
+                    cpu[label][0] += (cpu_seconds(pid) if pid else 0.0) - before[0]
+                    cpu[label][1] += (cpu_seconds(vllm_pid) if vllm_pid else 0.0) - before[1]
+            total_tokens = args.rounds * conc * args.tokens
             direct = median_of(per["-"])
-            rows.append(("direct", "-", conc, direct, None))
+            rows.append(("direct", "-", conc, direct, None, cpu["-"], total_tokens))
             for size in sizes:
                 res = median_of(per[str(size)])
                 chunks = -(-args.tokens // size)
-                rows.append(("sidecar", str(size), conc, res, (direct, 1000 * (res["wall"] - direct["wall"]) / chunks)))
+                over = 1000 * (res["wall"] - direct["wall"]) / chunks
+                rows.append(("sidecar", str(size), conc, res, (direct, over), cpu[str(size)], total_tokens))
         load = os.getloadavg()[0]
 
     print()
     print(f"{args.tokens} tokens/stream, greedy, ignore_eos, median of {args.rounds} interleaved rounds; "
           f"{os.cpu_count()} cpus, load average at the end {load:.1f}")
     head = f"{'path':8} {'chunk':>5} {'streams':>7} {'tok/s':>8} {'vs direct':>9} {'TTFT ms':>8} " \
-           f"{'TPOT ms':>8} {'wall s':>7} {'ms/chunk overhead':>18}"
+           f"{'TPOT ms':>8} {'ms/chunk extra wall':>19} {'sidecar CPU ms/chunk':>20} {'vLLM CPU ms/1k tok':>18}"
     print(head)
     print("-" * len(head))
-    for path, size, conc, res, extra in rows:
+    for path, size, conc, res, extra, (side_cpu, vllm_cpu), total_tokens in rows:
         ratio = f"{res['tput'] / extra[0]['tput']:.2f}x" if extra else "1.00x"
         over = f"{extra[1]:.1f}" if extra else "-"
+        chunks = total_tokens / int(size) if size != "-" else 0
+        side = f"{1000 * side_cpu / chunks:.2f}" if chunks else "-"
+        vcpu = f"{1e6 * vllm_cpu / total_tokens:.0f}" if vllm_pid else "n/a"
         print(f"{path:8} {size:>5} {conc:>7} {res['tput']:8.1f} {ratio:>9} {1000 * res['ttft']:8.1f} "
-              f"{res['tpot_ms']:8.2f} {res['wall']:7.2f} {over:>18}")
+              f"{res['tpot_ms']:8.2f} {over:>19} {side:>20} {vcpu:>18}")
     return 0
 
 
