@@ -75,8 +75,8 @@ def bootstrap_config(*, listen_port: int, ext_proc_port: int | None, admin_port:
             "name": "envoy.filters.http.ext_proc",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-                "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER},
-                                 "timeout": f"{message_timeout_s:g}s"},
+                # no grpc_service timeout: a client request's stream lives as long as its whole answer
+                "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
                 "failure_mode_allow": False,
                 "message_timeout": f"{message_timeout_s:g}s",
                 # request headers decide the route; response headers bypass the picker (no extra hop on
