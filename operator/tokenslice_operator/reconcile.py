@@ -72,6 +72,9 @@ class Reconciler:
                 await self._set_policy_status(p, False, "PoolNotFound", f"InferencePool {name} does not exist")
             return
         if (pool["metadata"].get("labels") or {}).get(MANAGED_LABEL) != "true":
+            # never managed, or the label was removed: nothing of ours may remain
+            await self._remove_children(namespace, name)
+            await self._drop_pool_status(pool)
             for p in policies:
                 await self._set_policy_status(p, False, "PoolNotManaged",
                                               f"InferencePool {name} lacks the label {MANAGED_LABEL}: \"true\"")
@@ -184,6 +187,20 @@ class Reconciler:
             if fresh is None:
                 return
             pool, m = fresh, fresh["metadata"]
+
+    async def _drop_pool_status(self, pool: Manifest) -> None:
+        parents = (pool.get("status") or {}).get("parents") or []
+        others = [p for p in parents if p.get("controllerName") != CONTROLLER_NAME]
+        if len(others) == len(parents):
+            return
+        m = pool["metadata"]
+        try:
+            await self.client.merge_patch(path("InferencePool", m["namespace"], m["name"], "status"),
+                                          {"metadata": {"resourceVersion": m["resourceVersion"]},
+                                           "status": {"parents": others}})
+        except ApiError as exc:
+            if exc.status not in (404, 409):  # 409: a newer version is on its way and brings another event
+                raise
 
     async def _set_policy_statuses(self, policies: list[Manifest], winner: Manifest | None,
                                    cm: Manifest | None, pool: str) -> None:

@@ -221,6 +221,16 @@ def test_pool_deletion_removes_children(kube_cluster: KubeCluster, operator: Ope
     _wait_condition(kube_cluster, "schedulingpolicy", "zeta", namespace, "Accepted", "False", "PoolNotFound")
 
 
+def test_unlabelled_pool_is_released(kube_cluster: KubeCluster, operator: OperatorThread, namespace: str) -> None:
+    kube_cluster.apply(pool_manifest("lambda", namespace))
+    _wait_children(kube_cluster, namespace, "lambda")
+    wait_for(lambda: our_parent(kube_cluster.get("inferencepool", "lambda", namespace)), 30, "our status entry")
+    kube_cluster.kubectl("label", "inferencepool", "lambda", "-n", namespace, "tokenslice.io/managed-")
+    wait_for(lambda: not any(_children(kube_cluster, namespace, "lambda").values()), 30, "children to be removed")
+    wait_for(lambda: our_parent(kube_cluster.get("inferencepool", "lambda", namespace)) is None, 30,
+             "our status entry to be removed")
+
+
 def test_restart_converges_changes_made_while_down(kube_cluster: KubeCluster, operator_kubeconfig, namespace: str,
                                                    operator: OperatorThread) -> None:
     """Stop a (second, standalone-peered) operator, change things, start a new one: it catches up."""
