@@ -184,6 +184,9 @@ def test_reusable_tokens_hand_values() -> None:
     assert reusable_tokens(100, 100, 32, 16) == 128 + 160 + 192
     assert reusable_tokens(100, 32, 32, 16) == 0     # one chunk: nothing to continue
     assert reusable_tokens(10, 300, 256, 128) == 256  # one continuation at L=266 -> 2 full blocks
+    # cut off right at a chunk boundary: the next chunk (L=164) was already looked up
+    assert reusable_tokens(100, 64, 32, 16, finished=False) == 128 + 160
+    assert reusable_tokens(100, 64, 32, 16) == 128
 
 
 def test_plan_and_sweep_policy() -> None:

@@ -169,8 +169,8 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
     lines += [f"Headline: `{hi}` is the latency-critical stream; fairness is over the `{fclass}` tenants "
               f"(output tokens in [{scenario.warmup_s:g}s, {scenario.window_s:g}s), divided by weight).", "",
               f"| system | {hi} TTFT p50 | p90 | p99 | {hi} longest pause p99 | throughput tok/s | vs FCFS "
-              f"| {fclass} service | Jain | preemptions | KV hit (reusable) | errors |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
+              f"| {fclass} service | Jain | preemptions | migrations | KV hit (reusable) | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for s in summaries:
         g = s.groups.get(hi)
         ttft = g.ttft if g else None
@@ -183,7 +183,8 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
             f"| {_f(ttft.p99 if ttft else None, 's')}{cens} | {_f(g.longest_pause.p99 if g else None, 's')} "
             f"| {_f(s.throughput_tps, '', 0) if not s.unloaded else '(unloaded)'} | {rel if not s.unloaded else '-'} "
             f"| {share} | {_f(s.fairness.jain if s.fairness else None)} "
-            f"| {_f(s.preemptions, '', 0)} | {_pct(s.affinity_hit_rate)} | {s.errors} |")
+            f"| {_f(s.preemptions, '', 0)} | {_f(s.migrations, '', 0)} | {_pct(s.affinity_hit_rate)} "
+            f"| {s.errors} |")
     if any(s.fairness for s in summaries):
         tenants = sorted(next(s.fairness for s in summaries if s.fairness).service)
         lines += ["", f"`{fclass}` service columns are output tokens of {' : '.join(tenants)}."]

@@ -101,14 +101,17 @@ def salted(trace: list[TraceRequest], label: str) -> list[TraceRequest]:
     return [dataclasses.replace(r, prompt=f"{salt} {r.prompt}") for r in trace]
 
 
-def reusable_tokens(prompt_tokens: int, generated: int, chunk_size: int, block_size: int) -> int:
+def reusable_tokens(prompt_tokens: int, generated: int, chunk_size: int, block_size: int,
+                    finished: bool = True) -> int:
     """Prefix tokens vLLM can serve from cache over a request's continuation chunks.
 
     Chunk k >= 1 starts with context L = prompt + k*chunk; vLLM caches only full blocks and always
-    recomputes the last token, so at most floor((L-1)/block)*block of it can hit.
+    recomputes the last token, so at most floor((L-1)/block)*block of it can hit.  For a request cut
+    off mid-way (``finished=False``) the chunk after the last delivered token counts too: the driver
+    issues it at once, so vLLM has usually looked it up already.
     """
     total, k = 0, 1
-    while k * chunk_size < generated:
+    while k * chunk_size < generated or (not finished and k * chunk_size == generated):
         context = prompt_tokens + k * chunk_size
         total += (context - 1) // block_size * block_size
         k += 1
@@ -148,6 +151,10 @@ def _gateway_counters(samples: list[promtext.Sample]) -> dict[str, float]:
     out: dict[str, float] = {}
     for fragment in ("preempt", "migrat", "shed"):
         out.update(promtext.totals_matching(samples, fragment))
+    for s in samples:  # the scheduler's own view of service per tenant, to cross-check the client's
+        if s.name.endswith("tokens_served_total") and "tenant" in s.labels:
+            key = f"tokens_served:{s.labels['tenant']}"
+            out[key] = out.get(key, 0.0) + s.value
     return out
 
 
@@ -162,7 +169,8 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
     prompt_counts = await _tokenize_counts(engines[0], [r.prompt for r in trace])
     await wait_idle(engines)
     draining = {s.name for s in scenario.streams if s.drain}
-    async with DataPlane(engines, policy, run_dir, mode=plan.mode, progress=progress) as plane:
+    async with DataPlane(engines, policy, run_dir, mode=plan.mode, progress=progress, log_level="WARNING",
+                         name=f"{plan.label}-") as plane:
         engine_urls = [f"{e.url}/metrics" for e in engines]
         gw_urls = [plane.gateway_metrics_url] if plane.gateway_metrics_url else []
         before = await promtext.scrape_all(engine_urls + gw_urls)
@@ -185,7 +193,8 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
         r.prompt_tokens = r.prompt_tokens or count
     if plan.chunk_size and plan.kind != "vllm-fcfs" and block:
         result.reusable_tokens = float(sum(
-            reusable_tokens(r.prompt_tokens, r.completion_tokens or len(r.token_times), plan.chunk_size, block)
+            reusable_tokens(r.prompt_tokens, r.completion_tokens or len(r.token_times), plan.chunk_size, block,
+                            finished=r.status == "ok")
             for r in results))
     return result
 

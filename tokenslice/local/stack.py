@@ -141,6 +141,9 @@ class EnginePool:
     async def start(self) -> list[Engine]:
         from tokenslice.engine.server import start_vllm  # the engine venv is optional for the rest
 
+        # uvicorn closes idle keep-alive connections after 5 s, aiohttp clients (the sidecars) keep them 15 s:
+        # a reused connection that the server just closed fails as ServerDisconnectedError. Outlive them.
+        os.environ.setdefault("VLLM_HTTP_TIMEOUT_KEEP_ALIVE", "120")
         args = list(self.vllm_args)
         if self.scheduling_policy != "fcfs" and "--scheduling-policy" not in args:
             args += ["--scheduling-policy", self.scheduling_policy]
@@ -230,6 +233,8 @@ class DataPlane:
     """Hand the gateway this file (keeps hot reload of the user's own file) instead of a written copy."""
     progress: Progress = _stderr
     log_level: str = "INFO"
+    name: str = ""
+    """Prefix of this data plane's log names (the benchmark runs several over one run directory)."""
     processes: list[ManagedProcess] = field(default_factory=list)
     sidecar_addresses: list[str] = field(default_factory=list)
     url: str = ""
@@ -280,7 +285,7 @@ class DataPlane:
             if chunk_url:
                 argv += ["--chunk-url", chunk_url]
             self.processes.append(await spawn(f"sidecar-{engine.name}", argv,
-                                              self.run_dir.log(f"sidecar-{engine.name}")))
+                                              self.run_dir.log(f"{self.name}sidecar-{engine.name}")))
         if self.mode == "tokenslice":
             policy_path = self.policy_path
             if policy_path is None:
@@ -292,18 +297,19 @@ class DataPlane:
                 "gateway", "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(metrics_port), "--log-level", self.log_level,
                 "--policy", str(policy_path), "--endpoints", ",".join(self.sidecar_addresses),
-                "--signing-key-file", str(key_file)), self.run_dir.log("gateway"))
+                "--signing-key-file", str(key_file)), self.run_dir.log(f"{self.name}gateway"))
             self.processes.append(gateway)
             self.gateway_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             from gateway_ext.envoy import bootstrap_config
 
             config = bootstrap_config(listen_port=envoy_port, ext_proc_port=grpc_port, admin_port=admin_port)
-            self.processes.append(await _start_envoy(self.run_dir, "envoy", config, envoy_port, admin_port))
+            self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy", config, envoy_port, admin_port))
             await wait_http(gateway, f"http://127.0.0.1:{metrics_port}/healthz", 60)
             self.url = f"http://127.0.0.1:{envoy_port}"
         elif self.mode == "chunked-rr" or len(engines) > 1:
             config = _round_robin_config(envoy_port, admin_port, self.sidecar_addresses)
-            self.processes.append(await _start_envoy(self.run_dir, "envoy-rr", config, envoy_port, admin_port))
+            self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy-rr", config, envoy_port,
+                                                      admin_port))
             self.url = f"http://127.0.0.1:{envoy_port}"
         else:
             self.url = f"http://{self.sidecar_addresses[0]}"
@@ -315,7 +321,7 @@ class DataPlane:
     async def _round_robin(self, upstreams: list[str]) -> None:
         port, admin = self.port or free_port(), free_port()
         config = _round_robin_config(port, admin, upstreams)
-        self.processes.append(await _start_envoy(self.run_dir, "envoy-rr", config, port, admin))
+        self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy-rr", config, port, admin))
         self.url = f"http://127.0.0.1:{port}"
 
     async def stop(self) -> None:
