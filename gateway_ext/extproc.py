@@ -60,9 +60,9 @@ def immediate(status: int, message: str, code: str, retry_after: float | None = 
         details=code))
 
 
-def headers_of(message: pb.HttpHeaders) -> dict[str, str]:
+def headers_of(header_map: base_pb2.HeaderMap) -> dict[str, str]:
     """Envoy sends lower-case keys, values in ``raw_value`` (bytes) or ``value``."""
-    return {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in message.headers.headers}
+    return {h.key: (h.raw_value.decode("latin-1") if h.raw_value else h.value) for h in header_map.headers}
 
 
 def subset_of(request: pb.ProcessingRequest) -> frozenset[str] | None:
@@ -125,7 +125,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             yield pb.ProcessingResponse()
             return
         t0 = time.perf_counter()
-        headers = headers_of(first.request_headers)
+        headers = headers_of(first.request_headers.headers)
         if headers.get(contract.ROLE) != contract.ROLE_CHUNK:
             async for response in self._client(first, headers, stream, t0):
                 yield response
@@ -167,7 +167,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             async for message in stream:
                 kind = message.WhichOneof("request")
                 if kind == "response_trailers":
-                    value = headers_of(message.response_trailers).get(contract.CHUNK_TOKENS, "")
+                    value = headers_of(message.response_trailers.trailers).get(contract.CHUNK_TOKENS, "")
                     if value.isdigit():
                         produced = int(value)
                     yield _CONTINUE_TRAILERS

@@ -181,3 +181,42 @@ async def test_live_load_scrape_and_metrics_endpoint(gateway_stack, upstreams):
                  'tokenslice_gateway_tokens_served_total{tenant="gold"} 2.0', "tokenslice_gateway_jain_fairness_index",
                  "tokenslice_gateway_decision_seconds_bucket", "tokenslice_gateway_admissions_total"):
         assert name in text, name
+
+
+async def test_worker_trailer_corrects_the_fair_share_charge_at_chunk_end(gateway_stack):
+    """A worker that sends the optional ``x-tokenslice-chunk-tokens`` HTTP/1.1 trailer: Envoy (trailers
+    enabled on the pool cluster) hands it to the picker, which charges what the chunk really produced.
+    The upstream is a raw asyncio server because aiohttp cannot send trailers."""
+    served = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                break
+            length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            body = b'data: {"token": 0}\n\n'
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n"
+                         b"trailer: " + contract.CHUNK_TOKENS.encode() + b"\r\n\r\n"
+                         + f"{len(body):x}\r\n".encode() + body + b"\r\n0\r\n"
+                         + contract.CHUNK_TOKENS.encode() + b": 5\r\n\r\n")
+            await writer.drain()
+            served.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        stack = await gateway_stack(endpoints=[address], policy=POLICY)
+        d = stack.gateway.dispatcher
+        status, _, body = await stack.post(headers=stack.chunk_headers(
+            tenant="gold", priority_class="batch", chunk_index=1, kv_holder=address, slice=32))
+        assert status == 200 and b"token" in body
+        # charged 2 x 32 at dispatch, corrected to 2 x 5 when the stream ended with the trailer
+        await until(lambda: d.queues.counters.get("batch", "gold") == 2 * 5, what="trailer correction")
+        assert stack.gateway.datastore.get(address).granted == 0
+    finally:
+        server.close()
