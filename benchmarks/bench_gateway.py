@@ -196,8 +196,8 @@ def _pin(pid: int, cpu: str | None) -> None:
 
 
 async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None, load_cpu: str | None,
-                     procs: int, envoy_cpu: str | None = None, upstream_cpu: str | None = None
-                     ) -> list[dict[str, float]]:
+                     procs: int, envoy_cpu: str | None = None, upstream_cpu: str | None = None,
+                     repeat: int = 1) -> list[dict[str, float]]:
     key = secrets.token_bytes(32)
     workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
     up_ports = [free_port(), free_port()]
@@ -230,16 +230,21 @@ async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None
             await run_load(port, 4, 1.0, chunk, load_cpu, 1)
         rows = []
         for conns in levels:
-            d = await run_load(direct.listen_port, conns, duration, chunk, load_cpu, procs)
-            cpu0 = _cpu_seconds(gw.pid)
-            p = await run_load(picked.listen_port, conns, duration, chunk, load_cpu, procs)
-            cpu_us = (_cpu_seconds(gw.pid) - cpu0) / max(1, p["n"]) * 1e6
-            rows.append({"conns": conns, "direct_rps": d["rps"], "direct_p50_ms": d["p50_ms"],
-                         "direct_p99_ms": d["p99_ms"], "picker_rps": p["rps"], "picker_p50_ms": p["p50_ms"],
-                         "picker_p99_ms": p["p99_ms"], "added_p50_ms": p["p50_ms"] - d["p50_ms"],
-                         "added_p99_ms": p["p99_ms"] - d["p99_ms"], "errors": d["errors"] + p["errors"],
-                         "picker_cpu_us_per_chunk": cpu_us})
+            reps = []
+            for _ in range(repeat):  # direct and picker interleaved, so drift hits both alike
+                d = await run_load(direct.listen_port, conns, duration, chunk, load_cpu, procs)
+                cpu0 = _cpu_seconds(gw.pid)
+                p = await run_load(picked.listen_port, conns, duration, chunk, load_cpu, procs)
+                cpu_us = (_cpu_seconds(gw.pid) - cpu0) / max(1, p["n"]) * 1e6
+                reps.append({"direct_rps": d["rps"], "direct_p50_ms": d["p50_ms"], "direct_p99_ms": d["p99_ms"],
+                             "picker_rps": p["rps"], "picker_p50_ms": p["p50_ms"], "picker_p99_ms": p["p99_ms"],
+                             "added_p50_ms": p["p50_ms"] - d["p50_ms"], "added_p99_ms": p["p99_ms"] - d["p99_ms"],
+                             "errors": d["errors"] + p["errors"], "picker_cpu_us_per_chunk": cpu_us})
+            # the median of the repetitions, per column
+            rows.append({"conns": conns, "repeat": repeat,
+                         **{k: statistics.median(r[k] for r in reps) for k in reps[0]}})
             r = rows[-1]
+            cpu_us = r["picker_cpu_us_per_chunk"]
             print(f"  conns={conns:3d}  direct {r['direct_rps']:7.0f}/s p50 {r['direct_p50_ms']:6.2f} "
                   f"p99 {r['direct_p99_ms']:6.2f} ms | picker {r['picker_rps']:7.0f}/s p50 {r['picker_p50_ms']:6.2f} "
                   f"p99 {r['picker_p99_ms']:6.2f} ms | added p50 {r['added_p50_ms']:5.2f} p99 {r['added_p99_ms']:5.2f}"
@@ -349,6 +354,7 @@ def main() -> int:
     ap.add_argument("--parts", default="proto,load,notify")
     ap.add_argument("--levels", default="1,2,4,8,16,32,64", help="concurrent connections, rising")
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per level and mode")
+    ap.add_argument("--repeat", type=int, default=1, help="repetitions per level (medians reported)")
     ap.add_argument("--gateway-cpu", default="0", help="CPU the picker is pinned to (taskset); '' = unpinned")
     ap.add_argument("--load-cpu", default="", help="CPUs for the load generator; '' = unpinned")
     ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
@@ -374,10 +380,10 @@ def main() -> int:
             print(f"  {name:34s} {r['us_per_message']:8.1f} us/message")
     if "load" in parts:
         print(f"== added latency per chunk and decisions/s; picker pinned to CPU {args.gateway_cpu or '-'}, "
-              f"Envoy --concurrency 1, {args.duration:g}s per point", flush=True)
+              f"Envoy --concurrency 1, {args.duration:g}s per point, median of {args.repeat}", flush=True)
         results["load"] = asyncio.run(bench_load([int(x) for x in args.levels.split(",")], args.duration,
                                                  args.gateway_cpu or None, args.load_cpu or None, args.load_procs,
-                                                 args.envoy_cpu or None, args.upstream_cpu or None))
+                                                 args.envoy_cpu or None, args.upstream_cpu or None, args.repeat))
     if "notify" in parts:
         print("== chunk-end notification: upstream's last byte -> picker frees the slot", flush=True)
         results["notify"] = r = asyncio.run(bench_notify())
