@@ -166,6 +166,7 @@ class Generation:
             started = time.monotonic()
             first_token = True
             dirty = bool(self.since_clean)  # the context may end inside a character
+            end: Delta | None = None
             self.metrics.chunks.inc()
             self.metrics.inflight.inc()
             try:
@@ -175,11 +176,10 @@ class Generation:
                         raise await error_from_response(resp, "chunk upstream")
                     self.kv_holder = resp.headers.get(SERVED_BY) or self.target.advertise
                     finish: str | None = None
-                    stop_reason: int | str | None = None
                     async for event in sse_events(resp):
                         choices = event.get("choices")
-                        if not choices:
-                            continue
+                        if not choices or finish is not None:
+                            continue  # read on to [DONE] so the connection is reused for the next chunk
                         if not self.model:
                             self.model = event.get("model") or ""
                         choice = choices[0]
@@ -216,23 +216,21 @@ class Generation:
                         produced += len(ids)
                         self.generated.extend(ids)
                         finish = choice.get("finish_reason")
-                        stop_reason = choice.get("stop_reason")
                         if finish is None:
                             if text or ids:
                                 yield Delta(text, ids, lp)
-                            continue
-                        if finish == "length" and produced == slice_ and len(self.generated) < budget:
+                        elif finish == "length" and produced == slice_ and len(self.generated) < budget:
                             yield Delta(text, ids, lp)  # the slice is used up: a chunk boundary, not an end
                         elif finish in ("stop", "length"):
-                            yield Delta(text + scanner.flush(), ids, lp, finish, stop_reason)
-                            return
+                            end = Delta(text + scanner.flush(), ids, lp, finish, choice.get("stop_reason"))
+                            yield end
                         else:
                             raise UpstreamError(500, error_body(f"chunk ended with finish_reason {finish!r}",
                                                                 500, "InternalServerError"))
-                        break
                     if finish is None:
                         raise UpstreamError(502, error_body("chunk stream ended without a finish_reason", 502,
                                                             "UpstreamError"))
+
             except aiohttp.ClientConnectionError as exc:
                 self.metrics.errors.labels("chunk").inc()
                 raise UpstreamError.unreachable("chunk upstream", exc) from None
@@ -248,6 +246,8 @@ class Generation:
             self.metrics.chunk_latency.observe(last_end - started)
             self.metrics.chunk_tokens.observe(produced)
             self.chunks += 1
+            if end is not None:
+                return
 
 
 PREFIX_BLOCK = 16
