@@ -52,10 +52,10 @@ async def tokenize(target: ChunkTarget, plan: Plan) -> tuple[list[int], int]:
             if resp.status != 200:
                 raise await error_from_response(resp, "vLLM /tokenize")
             data = await resp.json()
+    except asyncio.TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
+        raise UpstreamError.timeout("vLLM /tokenize") from None
     except aiohttp.ClientConnectionError as exc:
         raise UpstreamError.unreachable("vLLM", exc) from None
-    except asyncio.TimeoutError:
-        raise UpstreamError.timeout("vLLM /tokenize") from None
     ids = plan.prompt if isinstance(plan.prompt, list) else data["tokens"]
     return list(ids), int(data["max_model_len"])
 
@@ -231,12 +231,12 @@ class Generation:
                         raise UpstreamError(502, error_body("chunk stream ended without a finish_reason", 502,
                                                             "UpstreamError"))
 
+            except asyncio.TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
+                self.metrics.errors.labels("chunk").inc()
+                raise UpstreamError.timeout("chunk upstream") from None
             except aiohttp.ClientConnectionError as exc:
                 self.metrics.errors.labels("chunk").inc()
                 raise UpstreamError.unreachable("chunk upstream", exc) from None
-            except asyncio.TimeoutError:
-                self.metrics.errors.labels("chunk").inc()
-                raise UpstreamError.timeout("chunk upstream") from None
             except UpstreamError:
                 self.metrics.errors.labels("chunk").inc()
                 raise
@@ -277,10 +277,10 @@ async def _detokenize(target: ChunkTarget, tokens: list[int], model: str | None)
             if r.status != 200:
                 raise await error_from_response(r, "vLLM /detokenize")
             return (await r.json())["prompt"]
+    except asyncio.TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
+        raise UpstreamError.timeout("vLLM /detokenize") from None
     except aiohttp.ClientConnectionError as exc:
         raise UpstreamError.unreachable("vLLM", exc) from None
-    except asyncio.TimeoutError:
-        raise UpstreamError.timeout("vLLM /detokenize") from None
 
 
 async def _tokens_covering(target: ChunkTarget, context: list[int], ids: list[int], chars: int,

@@ -47,10 +47,10 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
                 await resp.write(data)
             await resp.write_eof()
             return resp
+    except asyncio.TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
+        status, message = 504, "vLLM timed out"
     except aiohttp.ClientConnectionError as exc:
         status, message = 502, f"vLLM unreachable: {exc.__class__.__name__}: {exc}"
-    except asyncio.TimeoutError:
-        status, message = 504, "vLLM timed out"
     log.warning("forward %s %s failed: %s", request.method, url, message)
     if resp is not None and resp.prepared:
         return resp  # already streaming: the truncated body is the error signal

@@ -28,7 +28,7 @@ CHUNK_PASS_KEYS = (
 # Chat fields that shape the prompt: they go to /tokenize once, never to a chunk.
 CHAT_TEMPLATE_KEYS = (
     "messages", "add_generation_prompt", "continue_final_message", "add_special_tokens",
-    "chat_template", "chat_template_kwargs", "documents", "media_io_kwargs", "mm_processor_kwargs",
+    "chat_template", "chat_template_kwargs", "media_io_kwargs", "mm_processor_kwargs",
 )
 
 
@@ -226,6 +226,13 @@ def tokenize_body(p: Plan) -> dict[str, Any]:
     if p.endpoint == "chat":
         out = {k: p.body[k] for k in CHAT_TEMPLATE_KEYS if k in p.body}
         out.setdefault("add_special_tokens", False)  # the chat endpoint's default, not /tokenize's
+        # the chat endpoint hands these to the template; /tokenize only takes chat_template_kwargs
+        extra = {k: p.body[k] for k in ("documents", "reasoning_effort") if p.body.get(k) is not None}
+        if extra:
+            kwargs = dict(p.body.get("chat_template_kwargs") or {})
+            if "reasoning_effort" in extra and "enable_thinking" not in kwargs:
+                kwargs["enable_thinking"] = extra["reasoning_effort"] != "none"
+            out["chat_template_kwargs"] = {**extra, **kwargs}
     else:
         out = {"prompt": p.prompt, "add_special_tokens": p.body.get("add_special_tokens", True)}
     if p.model:

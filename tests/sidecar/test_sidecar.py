@@ -381,6 +381,33 @@ async def test_upstream_down_gives_clean_error(http):
         await runner.cleanup()
 
 
+async def test_hung_upstream_times_out(http):
+    """A vLLM that accepts connections and never answers: a 504 after --read-timeout, not a hang.
+
+    A fake (a socket that never replies) because a real vLLM cannot be made to hang on demand.
+    """
+    from sidecar.app import SidecarConfig, start
+
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    hung = server.sockets[0].getsockname()[1]
+    runner, port = await start(SidecarConfig(vllm_url=f"http://127.0.0.1:{hung}", key=TEST_KEY, read_timeout_s=1.0))
+    try:
+        started = time.monotonic()
+        data = await post_json(http, f"http://127.0.0.1:{port}/v1/chat/completions",
+                               {"messages": CHAT[0], "stream": True}, 504)
+        assert data["error"]["code"] == 504 and time.monotonic() - started < 10
+    finally:
+        await runner.cleanup()
+        for w in accepted:
+            w.close()
+        server.close()
+
+
 async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
     """Chunks through a gateway stand-in: signed headers on the wire, and a failure after chunk 0.
 
