@@ -131,8 +131,8 @@ def build_tokenizer(out: Path) -> "object":
         vocab_size=RECIPE["vocab_target"], min_frequency=2, show_progress=False,
         special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(corpus(RECIPE["seed"], RECIPE["corpus_sentences"]), trainer=trainer)
-    # the trigger must be one token so "prompt ends in it" is well defined
-    tok.add_tokens([STOP_TRIGGER]) if len(tok.encode(STOP_TRIGGER).ids) != 1 else None
+    if len(tok.encode(STOP_TRIGGER).ids) != 1:  # one token, so "the prompt ends in it" is well defined
+        tok.add_tokens([STOP_TRIGGER])
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS}:1 $B:1", special_tokens=[(BOS, bos_id)])
@@ -166,7 +166,8 @@ def _printable(token: str) -> bool:
 
 
 def _gpt2_unicode_to_byte() -> dict[str, int]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    """The GPT-2 byte <-> printable-unicode map that the ByteLevel pre-tokenizer uses."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -26,7 +26,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--served-model-name", default=layout.MODEL_NAME)
     p.add_argument("--max-num-seqs", type=int, default=server.DEFAULT_MAX_NUM_SEQS)
     p.add_argument("--max-model-len", type=int, default=server.DEFAULT_MAX_MODEL_LEN)
-    p.add_argument("--kv-cache-gib", type=int, default=server.DEFAULT_KV_CACHE_GIB)
+    p.add_argument("--kv-cache-mib", type=int, default=server.DEFAULT_KV_CACHE_MIB)
     p.add_argument("--torch-compile", action="store_true",
                    help="torch.compile the model (faster decode, ~60 s slower start)")
     p.add_argument("vllm_args", nargs=argparse.REMAINDER, help="extra vLLM args after --")
@@ -82,9 +82,10 @@ def _serve(args: argparse.Namespace) -> int:
         extra = extra[1:]
     cmd = server.vllm_command(model_dir=model_dir, port=args.port, served_model_name=args.served_model_name,
                               max_num_seqs=args.max_num_seqs, max_model_len=args.max_model_len,
-                              torch_compile=args.torch_compile, extra_args=extra)
+                              torch_compile=args.torch_compile, kv_cache_mib=args.kv_cache_mib,
+                              extra_args=extra)
     print(f"$ {' '.join(cmd)}", flush=True)
-    os.execve(cmd[0], cmd, server.vllm_env(args.kv_cache_gib))  # foreground: vLLM replaces this process
+    os.execve(cmd[0], cmd, server.vllm_env())  # foreground: vLLM replaces this process
 
 
 def _info() -> int:

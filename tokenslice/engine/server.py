@@ -30,7 +30,9 @@ from tokenslice.paths import cache_dir
 
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_MAX_NUM_SEQS = 16
-DEFAULT_KV_CACHE_GIB = 1
+DEFAULT_KV_CACHE_MIB = 256
+"""KV cache per engine: 256 MiB = 131k tokens of the tiny model (2 KiB/token), plenty for tests, and
+small enough that several engines fit in RAM (each engine is ~1.5 GiB RSS besides)."""
 DEFAULT_START_TIMEOUT_S = 600.0
 """Generous: importing vLLM alone takes 30-100 s on 2 busy cores."""
 DEFAULT_COMPILE = False
@@ -71,7 +73,8 @@ def check_built(model_dir: Path | None = None) -> Path:
 
 def vllm_command(*, model_dir: Path, port: int, served_model_name: str = layout.MODEL_NAME,
                  max_num_seqs: int = DEFAULT_MAX_NUM_SEQS, max_model_len: int = DEFAULT_MAX_MODEL_LEN,
-                 torch_compile: bool = DEFAULT_COMPILE, extra_args: Sequence[str] = ()) -> list[str]:
+                 torch_compile: bool = DEFAULT_COMPILE, kv_cache_mib: int = DEFAULT_KV_CACHE_MIB,
+                 extra_args: Sequence[str] = ()) -> list[str]:
     return [
         str(layout.engine_python()), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_dir),
@@ -83,6 +86,7 @@ def vllm_command(*, model_dir: Path, port: int, served_model_name: str = layout.
         "--max-num-seqs", str(max_num_seqs),
         "--enable-prefix-caching",
         "--block-size", str(DEFAULT_BLOCK_SIZE),
+        "--kv-cache-memory-bytes", str(kv_cache_mib * 2**20),
         "--seed", "0",
         "--disable-uvicorn-access-log",
         *(() if torch_compile else ("--enforce-eager",)),
@@ -90,12 +94,11 @@ def vllm_command(*, model_dir: Path, port: int, served_model_name: str = layout.
     ]
 
 
-def vllm_env(kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict[str, str]:
+def vllm_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in the API server process: 1 process, not 3
         "OMP_NUM_THREADS": "1",
-        "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib),
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # don't pin to cores other engines use too
         "VLLM_NO_USAGE_STATS": "1",
         "VLLM_DO_NOT_TRACK": "1",
@@ -106,6 +109,7 @@ def vllm_env(kv_cache_gib: int = DEFAULT_KV_CACHE_GIB) -> dict[str, str]:
         "VLLM_CACHE_ROOT": str(cache_dir() / "vllm"),  # torch.compile cache beside the model
     })
     env.pop("VIRTUAL_ENV", None)
+    env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # whole GiB only, and it would override --kv-cache-memory-bytes
     return env
 
 
@@ -174,7 +178,7 @@ def _healthy(url: str) -> bool:
 
 def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra_args: Sequence[str] = (),
           log_path: Path | str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-          max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_gib: int = DEFAULT_KV_CACHE_GIB,
+          max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_mib: int = DEFAULT_KV_CACHE_MIB,
           torch_compile: bool = DEFAULT_COMPILE,
           served_model_name: str = layout.MODEL_NAME) -> VLLMServer:
     """Launch vLLM (not yet healthy). Prefer :func:`start_vllm` / :func:`running_vllm`."""
@@ -184,11 +188,11 @@ def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra
     log.parent.mkdir(parents=True, exist_ok=True)
     cmd = vllm_command(model_dir=model, port=port, served_model_name=served_model_name,
                        max_num_seqs=max_num_seqs, max_model_len=max_model_len, torch_compile=torch_compile,
-                       extra_args=extra_args)
+                       kv_cache_mib=kv_cache_mib, extra_args=extra_args)
     with log.open("ab") as fh:
         fh.write(f"$ {' '.join(cmd)}\n".encode())
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=vllm_env(kv_cache_gib), start_new_session=True)
+                                env=vllm_env(), start_new_session=True)
     return VLLMServer(port=port, model=served_model_name, model_dir=model, log_path=log, process=proc,
                       command=cmd)
 
@@ -223,7 +227,7 @@ async def wait_healthy(server: VLLMServer, timeout: float = DEFAULT_START_TIMEOU
 async def start_vllm(*, model_dir: Path | str | None = None, port: int | None = None,
                      extra_args: Sequence[str] = (), log_path: Path | str | None = None,
                      timeout: float = DEFAULT_START_TIMEOUT_S, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
-                     max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_gib: int = DEFAULT_KV_CACHE_GIB,
+                     max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_mib: int = DEFAULT_KV_CACHE_MIB,
                      torch_compile: bool = DEFAULT_COMPILE,
                      served_model_name: str = layout.MODEL_NAME,
                      progress: Callable[[str], None] | None = None) -> VLLMServer:
@@ -234,7 +238,7 @@ async def start_vllm(*, model_dir: Path | str | None = None, port: int | None = 
     """
     for attempt in range(3):
         server = spawn(model_dir=model_dir, port=port, extra_args=extra_args, log_path=log_path,
-                       max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib,
+                       max_num_seqs=max_num_seqs, max_model_len=max_model_len, kv_cache_mib=kv_cache_mib,
                        torch_compile=torch_compile, served_model_name=served_model_name)
         try:
             return await wait_healthy(server, timeout, progress)

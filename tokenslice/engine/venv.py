@@ -120,7 +120,8 @@ def ensure_venv(progress: Progress = print, *, force: bool = False) -> dict[str,
     """Create/repair the engine venv (idempotent). Returns the verified versions."""
     if not force and venv_ready():
         stamp = read_stamp() or {}
-        progress(f"engine venv ready: {layout.engine_venv()} (vllm {stamp.get('vllm')}, torch {stamp.get('torch')})")
+        progress(f"engine venv ready: {layout.engine_venv()} "
+                 f"(vllm {stamp.get('vllm')}, torch {stamp.get('torch')})")
         return stamp
     venv = layout.engine_venv()
     log = layout.logs_dir() / "engine-setup.log"
