@@ -22,6 +22,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run = sub.add_parser("run", help="run a scenario (built-in name or YAML file)")
     run.add_argument("scenario", help="built-in scenario name (see `tokenslice bench list`) or a YAML file")
     _common(run, default_out=None)
+    aff = sub.add_parser("affinity", help="KV-affinity probe: prefix-cache hits of chunked requests with the "
+                         "gateway vs round-robin chunk routing, from vLLM's own counters")
+    aff.add_argument("--engines", type=int, default=2)
+    aff.add_argument("--chunk-size", type=int, default=32)
+    aff.add_argument("--tokens", type=int, default=320, help="output tokens per request")
+    aff.add_argument("--requests", type=int, default=3)
+    aff.add_argument("--model", type=Path, default=None)
     sub.add_parser("list", help="list the built-in scenarios")
     trace = sub.add_parser("trace", help="print a scenario's arrival trace summary (no engines needed)")
     trace.add_argument("scenario")
@@ -47,8 +54,10 @@ def run(args: argparse.Namespace) -> int:
             sc = resolve_scenario(name)
             print(f"{name:16s} {sc.description}  ({path})")
         return 0
+    if args.bench_command == "affinity":
+        return _affinity(args)
     if args.bench_command not in ("demo", "run", "trace"):
-        print("usage: tokenslice bench {demo,run,list,trace} ...  (see --help)", file=sys.stderr)
+        print("usage: tokenslice bench {demo,run,affinity,list,trace} ...  (see --help)", file=sys.stderr)
         return 2
     name = "demo" if args.bench_command == "demo" else args.scenario
     try:
@@ -72,6 +81,18 @@ def run(args: argparse.Namespace) -> int:
         return _print_trace(scenario)
     out = args.out or REPO_ROOT / "results" / scenario.name
     return asyncio.run(_run(scenario, out, args))
+
+
+def _affinity(args: argparse.Namespace) -> int:
+    from tokenslice.bench import affinity
+
+    def progress(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    rows = asyncio.run(affinity.probe(engines=args.engines, chunk_size=args.chunk_size, tokens=args.tokens,
+                                      requests=args.requests, model_dir=args.model, progress=progress))
+    print(affinity.markdown(rows, engines=args.engines, chunk_size=args.chunk_size, tokens=args.tokens))
+    return 0
 
 
 def _print_trace(scenario) -> int:  # type: ignore[no-untyped-def]
