@@ -147,6 +147,14 @@ def test_fairness_of_weighted_service() -> None:
     f2 = fairness([a, b2], "batch", {"batch-a": 2, "batch-b": 1}, 10, 20)
     assert f2.jain == pytest.approx(0.9)
     assert f2.max_share_error == pytest.approx(0.5)   # b has 1/2 instead of 1/3: 50% over
+    # in the policy's currency: b started a request with a 40-token prompt in the window -> cost 2*20 + 40
+    a.prompt_tokens, b2.prompt_tokens = 10, 40
+    b2.first_token = 10.0
+    a.first_token = 1.0                               # a's prefill ran before the window: not charged in it
+    f3 = fairness([a, b2], "batch", {"batch-a": 2, "batch-b": 1}, 10, 20, input_cost=1, output_cost=2)
+    assert f3.service == {"batch-a": 40, "batch-b": 80}
+    assert f3.output_tokens == {"batch-a": 20, "batch-b": 20}
+    assert f3.jain == pytest.approx((20 + 80) ** 2 / (2 * (20 ** 2 + 80 ** 2)))
 
 
 def test_request_latency_properties() -> None:
@@ -226,7 +234,8 @@ def test_checks_and_markdown_report_the_targets() -> None:
     assert by["hi p99 TTFT >= 10x better than vLLM FCFS (tokenslice-c16)"].met is True   # 9.0/0.3 = 30x
     assert by["hi p99 TTFT >= 5x better than vLLM priority (tokenslice-c16)"].met is True   # 2.0/0.3 = 6.7x
     assert by["throughput >= 90% of vLLM FCFS (tokenslice-c16)"].met is True
-    assert by["batch tenants within 5% of their weights (tokenslice-c16)"].met is True
+    assert by["batch tenants within 5% of their weights, policy cost (tokenslice-c16)"].met is True
+    assert by["batch tenants within 5% of their weights, output tokens only (tokenslice-c16)"].met is True
     fcfs = next(s for s in summaries if s.label == "vllm-fcfs")
     assert fcfs.fairness is not None and fcfs.fairness.max_share_error == pytest.approx(0.5)
     text = markdown(summaries, sc, "tokenslice bench demo")

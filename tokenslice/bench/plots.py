@@ -115,22 +115,29 @@ def fairness_shares(summaries: list[SystemSummary], scenario: Scenario, path: Pa
         return
     tenants = sorted(rows[0].fairness.service)  # type: ignore[union-attr]
     weights = rows[0].fairness.weights  # type: ignore[union-attr]
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(rows) + 3), 4.8))
-    bottom = [0.0] * len(rows)
+    pol = scenario.policy.fairness
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 2.0 * len(rows) + 4), 4.8), sharey=True)
     colors = plt.get_cmap("Set2")
-    for j, t in enumerate(tenants):
-        shares = [s.fairness.service.get(t, 0) / sum(s.fairness.service.values()) for s in rows]  # type: ignore[union-attr]
-        ax.bar([s.label for s in rows], shares, bottom=bottom, color=colors(j), label=f"{t} (weight {weights[t]:g})")
-        bottom = [b + x for b, x in zip(bottom, shares)]
-    acc = 0.0
     wsum = sum(weights[t] for t in tenants)
-    for t in tenants[:-1]:
-        acc += weights[t] / wsum
-        ax.axhline(acc, color="black", linestyle="--", linewidth=1)
-    ax.set_ylabel("share of output tokens")
-    ax.set_title(f"'{fairness_class(scenario)}' tenants' service while backlogged (dashed: weighted target)")
-    ax.legend(fontsize=8, loc="upper right")
-    plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    for ax, attr, title in ((axes[0], "service", f"policy cost ({pol.input:g} x prompt + {pol.output:g} x output)"),
+                            (axes[1], "output_tokens", "output tokens only")):
+        bottom = [0.0] * len(rows)
+        for j, t in enumerate(tenants):
+            values = [getattr(s.fairness, attr) for s in rows]
+            shares = [v.get(t, 0) / (sum(v.values()) or 1) for v in values]
+            ax.bar([s.label for s in rows], shares, bottom=bottom, color=colors(j),
+                   label=f"{t} (weight {weights[t]:g})")
+            bottom = [b + x for b, x in zip(bottom, shares)]
+        acc = 0.0
+        for t in tenants[:-1]:
+            acc += weights[t] / wsum
+            ax.axhline(acc, color="black", linestyle="--", linewidth=1)
+        ax.set_title(f"share of {title}")
+        plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
+    axes[0].set_ylabel("share (dashed: weighted target)")
+    axes[1].legend(fontsize=8, loc="upper right")
+    fig.suptitle(f"'{fairness_class(scenario)}' tenants in the measurement window "
+                 f"[{scenario.warmup_s:g}s, {scenario.window_s:g}s)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -68,7 +68,8 @@ def summarize(result: SystemResult, scenario: Scenario) -> SystemSummary:
     tenants = {s.tenant for s in scenario.streams if s.priority_class == fclass}
     fair = None
     if not plan.unloaded and len(tenants) >= 2:
-        fair = fairness(result.results, fclass, weights, *window)
+        fair = fairness(result.results, fclass, weights, *window, input_cost=scenario.policy.fairness.input,
+                        output_cost=scenario.policy.fairness.output)
     queries = result.engine_counters.get("prefix_cache_queries", 0.0)
     hits = result.engine_counters.get("prefix_cache_hits", 0.0)
     errors = [r for r in result.results if r.status == "error"]
@@ -134,9 +135,12 @@ def checks(summaries: list[SystemSummary], scenario: Scenario) -> list[Check]:
         if s.fairness and s.fairness.service:
             f = s.fairness
             shares = ", ".join(f"{t} {v:.0f} (w {f.weights[t]:g})" for t, v in sorted(f.service.items()))
-            out.append(Check(f"batch tenants within 5% of their weights ({s.label})",
+            out.append(Check(f"batch tenants within 5% of their weights, policy cost ({s.label})",
                              f"{shares}; max error {f.max_share_error:.1%}; Jain {f.jain:.3f}",
                              f.max_share_error <= 0.05))
+            toks = " : ".join(f"{f.output_tokens[t]:.0f}" for t in sorted(f.output_tokens))
+            out.append(Check(f"batch tenants within 5% of their weights, output tokens only ({s.label})",
+                             f"{toks}; max error {f.token_share_error:.1%}", f.token_share_error <= 0.05))
     for s in summaries:
         if s.affinity_hit_rate is not None and s.kind in ("tokenslice", "no-affinity"):
             out.append(Check(f"continuation chunks hit the prefix cache >= 95% ({s.label})",
@@ -169,25 +173,32 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
     lines += [f"Headline: `{hi}` is the latency-critical stream; fairness is over the `{fclass}` tenants "
               f"(output tokens in [{scenario.warmup_s:g}s, {scenario.window_s:g}s), divided by weight).", "",
               f"| system | {hi} TTFT p50 | p90 | p99 | {hi} longest pause p99 | throughput tok/s | vs FCFS "
-              f"| {fclass} service | Jain | preemptions | migrations | KV hit (reusable) | errors |",
-              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+              f"| {fclass} output tokens | share error (cost / tokens) | Jain | preemptions | migrations | KV hit (reusable) | errors |",
+              "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         g = s.groups.get(hi)
         ttft = g.ttft if g else None
         cens = f" ({g.censored} censored)" if g and g.censored else ""
         rel = _pct(s.throughput_tps / fcfs.throughput_tps) if fcfs and fcfs.throughput_tps else "-"
         share = ("-" if not s.fairness else
-                 " : ".join(f"{s.fairness.service[t]:.0f}" for t in sorted(s.fairness.service)))
+                 " : ".join(f"{s.fairness.output_tokens[t]:.0f}" for t in sorted(s.fairness.output_tokens)))
+        err = ("-" if not s.fairness else
+               f"{_pct(s.fairness.max_share_error)} / {_pct(s.fairness.token_share_error)}")
         lines.append(
             f"| {s.label} | {_f(ttft.p50 if ttft else None, 's')} | {_f(ttft.p90 if ttft else None, 's')} "
             f"| {_f(ttft.p99 if ttft else None, 's')}{cens} | {_f(g.longest_pause.p99 if g else None, 's')} "
             f"| {_f(s.throughput_tps, '', 0) if not s.unloaded else '(unloaded)'} | {rel if not s.unloaded else '-'} "
-            f"| {share} | {_f(s.fairness.jain if s.fairness else None)} "
+            f"| {share} | {err} | {_f(s.fairness.jain if s.fairness else None)} "
             f"| {_f(s.preemptions, '', 0)} | {_f(s.migrations, '', 0)} | {_pct(s.affinity_hit_rate)} "
             f"| {s.errors} |")
     if any(s.fairness for s in summaries):
-        tenants = sorted(next(s.fairness for s in summaries if s.fairness).service)
-        lines += ["", f"`{fclass}` service columns are output tokens of {' : '.join(tenants)}."]
+        first = next(s.fairness for s in summaries if s.fairness)
+        tenants = sorted(first.service)
+        pol = scenario.policy.fairness
+        lines += ["", f"`{fclass}` output tokens are those of {' : '.join(tenants)} (weights "
+                  f"{' : '.join(f'{first.weights[t]:g}' for t in tenants)}); share error is measured in the policy's "
+                  f"cost ({pol.input:g} x prompt + {pol.output:g} x output tokens, the currency the gateway shares) "
+                  f"and in output tokens alone; Jain is over cost / weight."]
     lines += ["", "Per stream (TTFT / TPOT / end-to-end / longest pause in seconds; SLO = the stream's objectives):",
               "", "| system | stream | req | done | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | E2E p50 | E2E p99 "
               "| pause p99 | tokens | SLO met | goodput req/s |",

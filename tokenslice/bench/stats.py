@@ -186,21 +186,41 @@ class Fairness:
 
     priority_class: str
     service: dict[str, float]
+    """Service in the policy's currency: input_cost * prompt tokens (charged when the request's first token
+    arrives, i.e. when its prefill ran) + output_cost * output tokens delivered in the window."""
     weights: dict[str, float]
     jain: float
+    """Jain index of service / weight."""
     max_share_error: float
-    """max over tenants of |observed share / weighted share - 1| (0.05 = within 5%)."""
+    """max over tenants of |observed share / weighted share - 1| (0.05 = within 5%), of ``service``."""
+    output_tokens: dict[str, float] = field(default_factory=dict)
+    token_share_error: float = math.nan
+    """The same error measured in output tokens only."""
+
+
+def _share_error(service: dict[str, float], weights: dict[str, float]) -> float:
+    total, wtotal = sum(service.values()), sum(weights[t] for t in service)
+    if total <= 0:
+        return math.nan
+    return max(abs((service[t] / total) / (weights[t] / wtotal) - 1) for t in service)
 
 
 def fairness(results: Iterable[RequestResult], priority_class: str, weights: dict[str, float],
-             start: float, stop: float) -> Fairness:
-    """Jain index of weight-normalised output tokens per tenant of ``priority_class`` in [start, stop)."""
+             start: float, stop: float, input_cost: float = 0.0, output_cost: float = 1.0) -> Fairness:
+    """Jain index and share error of weight-normalised service per tenant of ``priority_class`` in [start, stop).
+
+    With the default costs, service is output tokens; pass the policy's ``fairness.input``/``output`` to
+    measure in the currency the scheduler shares (a tenant that starts many requests pays for their prefill).
+    """
     service: dict[str, float] = {}
+    tokens: dict[str, float] = {}
     for r in results:
-        if r.priority_class == priority_class:
-            service[r.tenant] = service.get(r.tenant, 0.0) + r.tokens_between(start, stop)
+        if r.priority_class != priority_class:
+            continue
+        out = r.tokens_between(start, stop)
+        prefill = r.prompt_tokens if r.first_token is not None and start <= r.first_token < stop else 0
+        tokens[r.tenant] = tokens.get(r.tenant, 0.0) + out
+        service[r.tenant] = service.get(r.tenant, 0.0) + output_cost * out + input_cost * prefill
     ws = {t: weights.get(t, 1.0) for t in service}
-    total, wtotal = sum(service.values()), sum(ws.values())
-    errors = [abs((service[t] / total) / (ws[t] / wtotal) - 1) for t in service] if total > 0 else [math.nan]
     return Fairness(priority_class, service, ws, jain_index(service[t] / ws[t] for t in service),
-                    max(errors) if errors else math.nan)
+                    _share_error(service, ws), tokens, _share_error(tokens, ws))
