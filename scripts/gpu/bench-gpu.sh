@@ -21,6 +21,8 @@ RES=${RES:-/root/bench-out}
 FOLLOW_S=${FOLLOW_S:-540}
 MODEL=${MODEL:-/root/llama-8b-random}
 SCENARIO=${SCENARIO:-scripts/gpu/headline-gpu.yaml}
+# e.g. BENCH_ARGS="--systems tokenslice,vllm-fcfs --chunk-sizes 128,256" for a shorter sweep
+BENCH_ARGS=${BENCH_ARGS:-}
 export TOKENSLICE_CACHE=${TOKENSLICE_CACHE:-/root/ts-cache}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT" "$RES"
@@ -57,7 +59,7 @@ EOF
 
 bench_cmd() {
   echo python3 scripts/gpu/observe.py --out "$RES" -- python3 -m tokenslice bench run "$SCENARIO" \
-    --model "$MODEL" --out "$RES" --keep-logs
+    --model "$MODEL" --out "$RES" --keep-logs ${BENCH_ARGS:-}
 }
 
 collect() {  # at most 8 files come back from a device call: pack plots and logs

@@ -28,6 +28,8 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 SYSTEM_LINE = re.compile(r"^== (\S+) \(\d+/\d+\)")
+DONE_LINE = re.compile(r"^\[(\S+)\] done at ")
+"""The trace of a system has ended: its totals are in (the next engine may be starting already)."""
 
 
 @dataclass
@@ -226,6 +228,8 @@ async def main() -> int:
             if match:
                 finish()
                 current.append(SystemMetrics(match.group(1), time.time()))
+            elif DONE_LINE.match(line):
+                finish()
 
     async def poll() -> None:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:
