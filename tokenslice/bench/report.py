@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenslice.bench.runner import SystemResult
-from tokenslice.bench.scenario import Scenario
+from tokenslice.bench.scenario import Scenario, Stream
 from tokenslice.bench.stats import Fairness, GroupSummary, fairness, summarize_group, throughput
 
 
@@ -40,7 +40,10 @@ def focus_stream(scenario: Scenario) -> str:
     drained = [s.name for s in scenario.streams if s.drain]
     if drained:
         return drained[0]
-    return max(scenario.streams, key=lambda s: scenario.policy.klass(s.priority_class).priority).name  # type: ignore[union-attr]
+    def priority(s: Stream) -> int:
+        klass = scenario.policy.klass(s.priority_class)
+        return klass.priority if klass else 0
+    return max(scenario.streams, key=priority).name
 
 
 def fairness_class(scenario: Scenario) -> str:
@@ -171,9 +174,10 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
     if command:
         lines += [f"`{command}`", ""]
     lines += [f"Headline: `{hi}` is the latency-critical stream; fairness is over the `{fclass}` tenants "
-              f"(output tokens in [{scenario.warmup_s:g}s, {scenario.window_s:g}s), divided by weight).", "",
+              f"(service in [{scenario.warmup_s:g}s, {scenario.window_s:g}s)).", "",
               f"| system | {hi} TTFT p50 | p90 | p99 | {hi} longest pause p99 | throughput tok/s | vs FCFS "
-              f"| {fclass} output tokens | share error (cost / tokens) | Jain | preemptions | migrations | KV hit (reusable) | errors |",
+              f"| {fclass} output tokens | share error (cost / tokens) | Jain | preemptions | migrations "
+              "| KV hit (reusable) | errors |",
               "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
         g = s.groups.get(hi)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -231,6 +230,3 @@ async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, mod
         run_dir.close()
     return out
 
-
-def finite(x: float | None) -> float | None:
-    return None if x is None or (isinstance(x, float) and (math.isnan(x) or math.isinf(x))) else x
