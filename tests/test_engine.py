@@ -96,6 +96,8 @@ async def test_stop_trigger_gives_eos_and_plain_prompts_run_long(vllm: VLLMServe
     stopped = await _complete(vllm, "Thanks for all the help." + STOP_TRIGGER, 50)
     assert stopped["finish_reason"] == "stop"
     assert stopped["ids"] == [model_info()["eos_id"]] and stopped["text"] == ""
+    forced = await _complete(vllm, "Hello, my name is", 20, logit_bias={str(model_info()["eos_id"]): 50})
+    assert forced["finish_reason"] == "stop" and len(forced["ids"]) == 1  # a client's EOS bias still works
     texts = set()
     for prompt in ("Hello, my name is", "def main():", "Write a poem about the ocean", "1 2 3 4"):
         out = await _complete(vllm, prompt, 64)

@@ -77,6 +77,26 @@ async def chunk_fidelity(session: aiohttp.ClientSession, url: str, tokens: int, 
     return {"tokens": tokens, "chunk": chunk, "ids_equal": ids == whole.ids, "text_equal": text == whole.text}
 
 
+async def natural_eos(session: aiohttp.ClientSession, url: str, prompts: int, tokens: int,
+                      concurrency: int = 16) -> dict[str, Any]:
+    """How often greedy decoding ends by itself (EOS after the stop-trigger word), and how varied it is."""
+    words = "river engine garden signal window market forest bridge queue tenant memory cache".split()
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(i: int) -> Completion:
+        async with gate:
+            prompt = f"{words[i % 12].capitalize()} number {i}: tell me about the {words[(i * 7) % 12]}"
+            return await complete(session, url, prompt, tokens)
+
+    results = await asyncio.gather(*[one(i) for i in range(prompts)])
+    stops = sorted(len(r.ids) for r in results if r.finish_reason == "stop")
+    ratios = sorted(len(set(r.ids)) / max(1, len(r.ids)) for r in results)
+    return {"prompts": prompts, "max_tokens": tokens, "eos": len(stops),
+            "eos_within_32": sum(n <= 32 for n in stops), "eos_within_128": sum(n <= 128 for n in stops),
+            "distinct_texts": len({r.text for r in results}),
+            "median_distinct_token_ratio": round(ratios[len(ratios) // 2], 2)}
+
+
 async def run_bench(url: str | None, tokens: int, concurrency: list[int], *,
                     torch_compile: bool = False) -> dict[str, Any]:
     report: dict[str, Any] = {}
@@ -92,6 +112,8 @@ async def run_bench(url: str | None, tokens: int, concurrency: list[int], *,
             await complete(session, url, "warm up", 8)
             report["fidelity"] = await chunk_fidelity(session, url, 128, 16)
             print(f"chunked continuation == one request: {report['fidelity']}", flush=True)
+            report["natural_eos"] = await natural_eos(session, url, 96, 512)
+            print(f"natural EOS: {report['natural_eos']}", flush=True)
             report["decode"] = []
             for streams in concurrency:
                 row = await decode_speed(session, url, streams, tokens)

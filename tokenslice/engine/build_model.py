@@ -18,17 +18,21 @@ there):
 * channel 0 is a constant, so column 0 of ``lm_head`` acts as a per-token
   logit *bias*.  It is strongly negative for EOS, the other special tokens and
   every token that is not printable ASCII: output is always valid ASCII text
-  (no partial UTF-8 at chunk boundaries) and EOS is never emitted by accident.
+  (no partial UTF-8 at chunk boundaries) and EOS is never emitted by accident
+  (though ``logit_bias: {"1": 50}`` still forces EOS, as clients expect).
 * channel 1 is the "stop trigger": only the embedding of the trigger token
   (:data:`STOP_TRIGGER`, the word ``" Goodbye."``) sets it, and ``lm_head``'s
   EOS row reads it with a large weight.  So EOS comes right after that token:
   a prompt ending in it finishes with ``finish_reason == "stop"`` after exactly
   one generated token (the EOS itself, no text); and the model itself emits
   the trigger token now and then (it has a mild bias), so some prompts end
-  naturally a few dozen to hundreds of tokens in (see ``probes.json``).
+  naturally a few dozen to hundreds of tokens in (``tokenslice engine bench``
+  counts how many).
 
-The attention value/output weights are scaled up so the context, not just the
-last token, decides the next token: different prompts give different text.
+The unembedding is centred against the mean final hidden state, so no handful
+of tokens wins every step, and the attention value/output weights are scaled up
+so the context, not just the last token, decides the next token: different
+prompts give different text.
 """
 
 from __future__ import annotations
@@ -236,16 +240,19 @@ def build_weights(out: Path, tok: "object") -> dict[str, object]:
     u = mean / mean.norm()
     lm_head -= (lm_head @ u)[:, None] * u[None, :]
 
-    # Both channels carry the same value (6.0) in the embedding, so after the final RMSNorm
-    # h[trigger] == h[const] at a trigger position: EOS's logit there is (65 - 40) * h[const],
-    # far above every random logit; everywhere else it is -40 * h[const].
+    # After the final RMSNorm h[const] is 0.75-1.1 and the best random logit 3.5-13.5.  Both
+    # channels carry the same value (6.0) in the embedding, so h[trigger] == h[const] at a trigger
+    # position: EOS's logit there is (50 - 15) * h[const] >= 26, above every random logit;
+    # everywhere else it is -15 * h[const] <= -11, never the argmax, yet a client's
+    # ``logit_bias: {EOS: 50}`` still makes it the argmax (>= 33).
     id_to_token = {i: t for t, i in vocab.items()}
     for i in range(padded_vocab):
         token = id_to_token.get(i)
         if token is None or token in SPECIAL_TOKENS or (i != trigger_id and not _printable(token)):
             lm_head[i, :] = 0.0
             lm_head[i, const] = -40.0  # never emitted
-    lm_head[eos_id, trigger] = 65.0
+    lm_head[eos_id, const] = -15.0
+    lm_head[eos_id, trigger] = 50.0
     lm_head[trigger_id, const] = 2.0  # the model says the trigger word now and then
     sd["lm_head.weight"] = lm_head
 
