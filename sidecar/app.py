@@ -65,6 +65,8 @@ class _State:
     metrics: SidecarMetrics
     advertise: str = ""
     session: aiohttp.ClientSession | None = None
+    max_model_len: int | None = None
+    """Learnt from the first /tokenize answer."""
 
     @property
     def timeout(self) -> aiohttp.ClientTimeout:
@@ -192,7 +194,8 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
     """Tokenize once, then stream (or collect) the chunked generation."""
     target = st.target()
     try:
-        prompt_ids, max_model_len = await tokenize(target, p)
+        prompt_ids, max_model_len = await tokenize(target, p, st.max_model_len)
+        st.max_model_len = max_model_len
         gen = Generation(target, p, request_id, tenant, klass, chunk_size, prompt_ids, max_model_len, st.metrics)
         gen.budget()
     except RequestError as exc:

@@ -44,8 +44,13 @@ class ChunkTarget:
     timeout: aiohttp.ClientTimeout
 
 
-async def tokenize(target: ChunkTarget, plan: Plan) -> tuple[list[int], int]:
-    """Prompt token ids exactly as unchunked vLLM would build them, and the model's context length."""
+async def tokenize(target: ChunkTarget, plan: Plan, max_model_len: int | None = None) -> tuple[list[int], int]:
+    """Prompt token ids exactly as unchunked vLLM would build them, and the model's context length.
+
+    A token-id prompt needs no call once the context length is known (``max_model_len``).
+    """
+    if isinstance(plan.prompt, list) and max_model_len:
+        return list(plan.prompt), max_model_len
     try:
         async with target.session.post(f"{target.vllm_url}/tokenize", json=tokenize_body(plan),
                                        timeout=target.timeout) as resp:

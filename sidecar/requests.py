@@ -233,6 +233,8 @@ def tokenize_body(p: Plan) -> dict[str, Any]:
             if "reasoning_effort" in extra and "enable_thinking" not in kwargs:
                 kwargs["enable_thinking"] = extra["reasoning_effort"] != "none"
             out["chat_template_kwargs"] = {**extra, **kwargs}
+    elif isinstance(p.prompt, list):
+        out = {"prompt": "", "add_special_tokens": False}  # ids are used as given: this only learns max_model_len
     else:
         out = {"prompt": p.prompt, "add_special_tokens": p.body.get("add_special_tokens", True)}
     if p.model:

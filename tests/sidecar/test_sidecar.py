@@ -60,6 +60,22 @@ async def test_completions_equal_unchunked(http, vllm, sidecars, chunk_size):
         assert len(streamed.events) >= min(len(r["token_ids"]), chunks + 1)
 
 
+async def test_token_id_prompt_equal_unchunked(http, vllm, sidecars):
+    """A prompt given as token ids is used as is (no BOS added, as vLLM does); after the first request the
+    sidecar knows the context length and skips /tokenize for such prompts."""
+    sc = await sidecars(7)
+    ids = (await post_json(http, f"{vllm.url}/tokenize", {"model": vllm.model, "prompt": PROMPTS[3]}))["tokens"]
+    for prompt in (ids, ids[1:], [ids]):
+        body = _greedy(prompt=prompt, max_tokens=30)
+        ref = (await _reference(http, vllm, "/v1/completions", body))["choices"][0]
+        got = (await post_json(http, f"{sc.url}/v1/completions", {"model": vllm.model, **body}))["choices"][0]
+        assert (got["token_ids"], got["text"]) == (ref["token_ids"], ref["text"])
+        assert got["prompt_token_ids"] == ref["prompt_token_ids"]
+    data = await post_json(http, f"{sc.url}/v1/completions", {"model": vllm.model, "prompt": ids, "max_tokens": 10**6},
+                           400)
+    assert data["error"]["param"] == "max_tokens"
+
+
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
 async def test_chat_equal_unchunked(http, vllm, sidecars, chunk_size):
     sc = await sidecars(chunk_size)
