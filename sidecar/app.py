@@ -210,6 +210,7 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
         async with contextlib.aclosing(gen.run()) as deltas:
             async for d in deltas:
                 out.model = out.model or gen.model or p.model or ""
+                out.system_fingerprint = gen.system_fingerprint
                 if not p.stream:
                     out.add(d)
                     continue

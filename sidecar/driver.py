@@ -80,6 +80,7 @@ class Generation:
     metrics: SidecarMetrics
     generated: list[int] = field(default_factory=list)
     model: str = ""
+    system_fingerprint: str | None = None
     chunks: int = 0
     kv_holder: str = ""
     since_clean: list[int] = field(default_factory=list)
@@ -183,6 +184,8 @@ class Generation:
                     finish: str | None = None
                     async for event in sse_events(resp):
                         choices = event.get("choices")
+                        if "system_fingerprint" in event:
+                            self.system_fingerprint = event["system_fingerprint"]
                         if not choices or finish is not None:
                             continue  # read on to [DONE] so the connection is reused for the next chunk
                         if not self.model:

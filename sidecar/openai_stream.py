@@ -72,6 +72,7 @@ class ResponseBuilder:
     logprobs: dict[str, list[Any]] | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    system_fingerprint: str | None = None
     _first: bool = True
 
     @property
@@ -85,7 +86,8 @@ class ResponseBuilder:
     def usage(self) -> dict[str, Any]:
         prompt = len(self.prompt_ids)
         return {"prompt_tokens": prompt, "total_tokens": prompt + self.completion_tokens,
-                "completion_tokens": self.completion_tokens, "prompt_tokens_details": None}
+                "completion_tokens": self.completion_tokens, "prompt_tokens_details": None,
+                "completion_tokens_details": None}
 
     def _envelope(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.response_id, "object": "chat.completion.chunk" if self.chat else "text_completion",
@@ -123,6 +125,8 @@ class ResponseBuilder:
                 choice["prompt_token_ids"] = self.prompt_ids
         self._first = False
         obj = self._envelope([choice])
+        if d.finish_reason is not None and self.system_fingerprint:
+            obj["system_fingerprint"] = self.system_fingerprint
         if self.plan.continuous_usage:
             obj["usage"] = self.usage()
         return sse(obj)
@@ -156,7 +160,7 @@ class ResponseBuilder:
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": {"role": "assistant", "content": text, "refusal": None, "annotations": None,
-                            "audio": None, "function_call": None, "tool_calls": [], "reasoning": None},
+                            "audio": None, "function_call": None, "reasoning": None},
                 "logprobs": ({"content": chat_logprobs(self.logprobs, self.plan.chat_top_logprobs)}
                              if self.logprobs else None),
                 "finish_reason": self.finish_reason, "stop_reason": self.stop_reason,
@@ -168,4 +172,5 @@ class ResponseBuilder:
             choice["token_ids"] = self.token_ids
             choice["prompt_token_ids"] = self.prompt_ids
         return {"id": self.response_id, "object": "chat.completion" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage()}
+                "created": self.created, "model": self.model, "choices": [choice], "usage": self.usage(),
+                "system_fingerprint": self.system_fingerprint}
