@@ -221,8 +221,12 @@ async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, mod
                                   tag=f"engine-{engine_policy}") as engines:
                 for plan in group:
                     progress(f"== {plan.label} ({len(out) + 1}/{len(plans)})")
-                    result = await run_system(plan, scenario, engines, run_dir,
-                                              unloaded if plan.unloaded else trace, progress)
+                    try:
+                        result = await run_system(plan, scenario, engines, run_dir,
+                                                  unloaded if plan.unloaded else trace, progress)
+                    except Exception as exc:  # one broken system must not cost the others' numbers
+                        progress(f"!! {plan.label} failed: {type(exc).__name__}: {str(exc)[:2000]}")
+                        continue
                     out.append(result)
                     if on_result:
                         on_result(result)

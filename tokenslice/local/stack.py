@@ -248,12 +248,21 @@ class DataPlane:
     def pids(self) -> list[int]:
         return [p.pid for p in self.processes]
 
-    async def start(self) -> DataPlane:
-        try:
-            await self._start()
-        except BaseException:
-            await self.stop()
-            raise
+    async def start(self, attempts: int = 3) -> DataPlane:
+        """Start the parts; retried with fresh ports, since a port picked free can be taken before it is bound
+        (other people's tests share this machine)."""
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._start()
+                return self
+            except (RuntimeError, TimeoutError, OSError) as exc:
+                await self.stop()
+                if attempt == attempts or "address already in use" not in str(exc).lower():
+                    raise
+                self.progress(f"{self.mode} data plane: a port was taken meanwhile, retrying ({attempt}/{attempts})")
+            except BaseException:
+                await self.stop()
+                raise
         return self
 
     async def _start(self) -> None:
