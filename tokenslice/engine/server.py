@@ -142,7 +142,7 @@ class VLLMServer:
 
     def stop_sync(self, timeout: float = 20.0) -> None:
         """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
-        _kill_group(self.process, timeout)
+        stop_process_group(self.process, timeout)
 
     async def stop(self, timeout: float = 20.0) -> None:
         await asyncio.to_thread(self.stop_sync, timeout)
@@ -155,17 +155,35 @@ def _tail(path: Path, lines: int) -> str:
         return ""
 
 
-def _kill_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    if proc.poll() is not None:
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+def _group_alive(pgid: int) -> bool:
     try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # pgid reused by someone else's process: not ours any more
+        return False
+    return True
+
+
+def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM vLLM's process group (API server, EngineCore, resource tracker); SIGKILL stragglers.
+
+    Waiting for the API server alone is not enough: its children outlive it for a moment.
+    """
+    pgid = proc.pid  # start_new_session=True: the server leads its own group
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        proc.poll()  # reap the leader so it does not linger as a zombie
+        if not _group_alive(pgid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, signal.SIGKILL)
+    proc.wait()
+    while _group_alive(pgid) and time.monotonic() < deadline + 5:
+        time.sleep(0.1)
 
 
 def _healthy(url: str) -> bool:
