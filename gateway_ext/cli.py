@@ -32,7 +32,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pool", help="InferencePool name (Kubernetes mode)")
     parser.add_argument("--namespace", default="default", help="namespace of the pool (Kubernetes mode)")
     parser.add_argument("--kubeconfig", type=Path, help="kubeconfig (default: in-cluster credentials)")
-    parser.add_argument("--policy-name", help="Kubernetes mode without --policy: watch this SchedulingPolicy CR")
+    parser.add_argument("--policy-name", help="Kubernetes mode without --policy: follow this SchedulingPolicy CR "
+                                              "(default: the one whose spec.poolRef names --pool)")
     parser.add_argument("--scrape-interval", type=float, default=1.0, help="seconds between /metrics scrapes (0=off)")
     parser.add_argument("--prefill-tokens-per-second", type=float, default=4000.0,
                         help="migration cost model: prefix recompute speed of an idle endpoint")

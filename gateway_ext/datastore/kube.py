@@ -165,7 +165,7 @@ class KubeSources:
 
     async def start(self) -> None:
         self._tasks.append(asyncio.create_task(self._pods_loop(), name="kube-pods"))
-        if self.settings.policy_name and self.settings.policy_path is None:
+        if self.settings.policy_path is None and self.settings.policy is None:
             self._tasks.append(asyncio.create_task(self._policy_loop(), name="kube-policy"))
 
     async def stop(self) -> None:
@@ -227,13 +227,17 @@ class KubeSources:
                 await asyncio.sleep(1.0)  # back-off before re-listing
 
     async def _policy_loop(self) -> None:
+        """Follow ``--policy-name``, or else the policy whose ``spec.poolRef.name`` is this pool."""
         ns, name = self.settings.namespace, self.settings.policy_name
         path = f"/apis/{policy_schema.API_GROUP}/{policy_schema.API_VERSION}/namespaces/{ns}/{policy_schema.PLURAL}"
+        params = {"fieldSelector": f"metadata.name={name}"} if name else {}
         while True:
             try:
-                async for event in self.client.watch(path, fieldSelector=f"metadata.name={name}"):
-                    if event.get("type") in ("ADDED", "MODIFIED"):
-                        self._apply(event["object"])
+                async for event in self.client.watch(path, **params):
+                    obj = event.get("object", {})
+                    mine = name or ((obj.get("spec") or {}).get("poolRef") or {}).get("name") == self.settings.pool
+                    if event.get("type") in ("ADDED", "MODIFIED") and mine:
+                        self._apply(obj)
                     elif event.get("type") == "ERROR":
                         break
             except asyncio.CancelledError:

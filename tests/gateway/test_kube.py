@@ -8,6 +8,7 @@ through the API's status subresource, exactly what a kubelet would write.
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 import ssl
 
@@ -32,7 +33,7 @@ class Api:
         headers = {"Content-Type": "application/merge-patch+json"} if patch else {}
         async with self.session.request(method, self.server + path, json=body, headers=headers, ssl=self.ssl) as r:
             data = await r.json()
-            assert r.status < 300, data
+            assert r.status < 300, json.dumps(data)
             return data
 
 
@@ -56,7 +57,7 @@ async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_clust
                      "endpointPickerRef": {"name": "picker", "port": {"number": 9002}}}})
         await api.call("POST", f"/apis/tokenslice.io/v1alpha1/namespaces/{ns}/schedulingpolicies", {
             "apiVersion": "tokenslice.io/v1alpha1", "kind": "SchedulingPolicy", "metadata": {"name": "policy"},
-            "spec": {"slotsPerEndpoint": 3}})
+            "spec": {"poolRef": {"name": "pool"}, "slotsPerEndpoint": 3}})
         for name, labels in (("p1", {"app": "llm"}), ("p2", {"app": "llm"}), ("other", {"app": "web"})):
             await api.call("POST", f"/api/v1/namespaces/{ns}/pods", _pod(name, labels))
 
@@ -67,8 +68,9 @@ async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_clust
 
         await ready("p1", "10.1.0.1")
         await ready("other", "10.1.0.9")
+        # no --policy file and no --policy-name: the SchedulingPolicy whose poolRef names this pool
         gw = await start_gateway(signing_key=b"k", kube=True, pool="pool", namespace=ns,
-                                 kubeconfig=cluster.kubeconfig, policy_name="policy", scrape_interval_s=0)
+                                 kubeconfig=cluster.kubeconfig, scrape_interval_s=0)
         try:
             ds = gw.datastore
             await until(lambda: ds.addresses() == ["10.1.0.1:8000"], what="p1 in the pool")
