@@ -55,9 +55,6 @@ class SidecarConfig:
     """Longest silence tolerated on an upstream stream (a queued chunk waits in the gateway)."""
 
 
-STATE = web.AppKey("tokenslice_sidecar", object)
-
-
 @dataclass(slots=True)
 class _State:
     config: SidecarConfig
@@ -79,6 +76,9 @@ class _State:
         assert self.session is not None
         return ChunkTarget(self.session, c.vllm_url.rstrip("/"), f"{base}/v1/completions", self.advertise,
                            self.key, self.timeout)
+
+
+STATE = web.AppKey("tokenslice_sidecar", _State)
 
 
 def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None) -> web.Application:
@@ -105,7 +105,7 @@ def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None) -> w
 
 
 def _state(request: web.Request) -> _State:
-    return request.app[STATE]  # type: ignore[return-value]
+    return request.app[STATE]
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -253,6 +253,6 @@ async def start(config: SidecarConfig, host: str = "127.0.0.1", port: int = 0,
     site = web.TCPSite(runner, host, port)
     await site.start()
     bound = int(runner.addresses[0][1])
-    state: _State = app[STATE]  # type: ignore[assignment]
+    state = app[STATE]
     state.advertise = state.advertise or f"{host}:{bound}"
     return runner, bound

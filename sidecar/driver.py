@@ -251,6 +251,9 @@ class Generation:
             finally:
                 self.metrics.inflight.dec()
             last_end = time.monotonic()
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("request %s chunk %d: %d tokens in %.1f ms from %s", self.request_id, self.chunks,
+                          produced, 1000 * (last_end - started), self.kv_holder)
             self.metrics.chunk_latency.observe(last_end - started)
             self.metrics.chunk_tokens.observe(produced)
             self.chunks += 1

@@ -103,7 +103,10 @@ class ResponseBuilder:
         if self.plan.return_token_ids:
             choice["prompt_token_ids"] = self.prompt_ids
         self._first = False
-        return sse(self._envelope([choice]))
+        obj = self._envelope([choice])
+        if self.plan.continuous_usage:
+            obj["usage"] = self.usage()
+        return sse(obj)
 
     def event(self, d: Delta) -> bytes:
         """One SSE event for one delta (empty bytes when it carries nothing the client can see)."""

@@ -264,6 +264,11 @@ async def test_usage_streaming(http, vllm, sidecars):
     assert got.events[-1]["choices"] == [] and got.events[-1]["usage"]
     assert all(not ev.get("usage") for ev in got.events[:-1])
 
+    body["stream_options"] = {"include_usage": True, "continuous_usage_stats": True}
+    running = await post_stream(http, f"{sc.url}/v1/chat/completions", {"model": vllm.model, **body})
+    counts = [ev["usage"]["completion_tokens"] for ev in running.events if ev.get("choices")]
+    assert counts == sorted(counts) and counts[-1] == ref.usage["completion_tokens"]
+
 
 # --- SSE format ---------------------------------------------------------------------------------------------
 
