@@ -169,18 +169,24 @@ class Dispatcher:
         slots = self.policy.slots_per_endpoint
         while self.queues.total:
             members = self.datastore.endpoints()
-            if not any(e.granted < slots for e in members):
+            free = [e for e in members if e.granted < slots]
+            if not free:
                 return
+            busy = {e.address: e for e in members if e.granted >= slots}
             now = time.monotonic()
             ahead: dict[str, int] = {}
             placed = False
             for chunk in self.queues.in_order(now):
+                holder = chunk.kv_holder
+                if holder in busy and chunk.subset is None and not self._may_migrate(
+                        chunk, busy[holder], ahead.get(holder, 0), slots):
+                    ahead[holder] = ahead.get(holder, 0) + 1  # the cheap common skip: paused for its holder
+                    continue
                 candidates = self._candidates(chunk)
                 if not candidates:
                     self._fail(chunk, NoEndpoints("no ready endpoint in the pool matches this chunk"))
                     placed = True
                     break
-                holder = chunk.kv_holder
                 decision = self.profile.pick(self._ctx(chunk, ahead.get(holder, 0)), candidates)
                 if decision.endpoint is not None:
                     self.queues.remove(chunk)
@@ -197,6 +203,10 @@ class Dispatcher:
                 return
 
     # --- internals ----------------------------------------------------------------
+    def _may_migrate(self, chunk: Chunk, holder: Endpoint, ahead: int, slots: int) -> bool:
+        return self.cost_model.should_migrate(prompt_tokens=chunk.prompt_tokens, generated=chunk.generated,
+                                              ahead=ahead, slots=slots, mean_chunk_s=holder.mean_chunk_s)
+
     def _ctx(self, chunk: Chunk, ahead: int) -> PickContext:
         return PickContext(chunk, self.policy.slots_per_endpoint, self.cost_model, ahead_on_holder=ahead)
 
