@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -194,6 +195,18 @@ def _healthy(url: str) -> bool:
         return False
 
 
+def _die_with_parent() -> list[str]:
+    """Prefix that makes vLLM get SIGTERM if whoever started it dies (a killed pytest, a crashed stack).
+
+    ``setpriv`` (util-linux) sets the parent-death signal and execs vLLM, so the pid stays vLLM's;
+    without it the engine would run on, orphaned, on a machine other people share.  Linux sends
+    the signal when the *thread* that spawned it exits, so spawn from a long-lived thread (the
+    event loop's), not from a short-lived worker thread.
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+
+
 def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra_args: Sequence[str] = (),
           log_path: Path | str | None = None, max_num_seqs: int = DEFAULT_MAX_NUM_SEQS,
           max_model_len: int = DEFAULT_MAX_MODEL_LEN, kv_cache_mib: int = DEFAULT_KV_CACHE_MIB,
@@ -209,8 +222,8 @@ def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra
                        kv_cache_mib=kv_cache_mib, extra_args=extra_args)
     with log.open("ab") as fh:
         fh.write(f"$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=vllm_env(), start_new_session=True)
+        proc = subprocess.Popen([*_die_with_parent(), *cmd], stdout=fh, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env=vllm_env(), start_new_session=True)
     return VLLMServer(port=port, model=served_model_name, model_dir=model, log_path=log, process=proc,
                       command=cmd)
 
