@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,17 @@ def _group_members(pgid: int) -> list[int]:
     out = subprocess.run(["ps", "-e", "-o", "pid=,pgid=,stat="], capture_output=True, text=True).stdout
     return [int(pid) for pid, group, stat in (line.split() for line in out.splitlines())
             if int(group) == pgid and not stat.startswith("Z")]
+
+
+def test_setup_is_idempotent_and_info_reports_the_build() -> None:
+    """`make engine` on a built machine is a no-op: stamps, no pip, no model rebuild."""
+    started = time.monotonic()
+    setup = subprocess.run([sys.executable, "-m", "tokenslice", "engine", "setup"], capture_output=True, text=True)
+    assert setup.returncode == 0, setup.stderr
+    assert "engine venv ready" in setup.stdout and "model ready" in setup.stdout
+    assert time.monotonic() - started < 60
+    info = subprocess.run([sys.executable, "-m", "tokenslice", "engine", "info"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr
+    built = json.loads(info.stdout)
+    assert built["venv"]["vllm"] == "0.32.0" and built["model_ready"]
+    assert built["model"]["stop_trigger"] == STOP_TRIGGER
