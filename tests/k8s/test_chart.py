@@ -110,3 +110,19 @@ def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: Ope
     finally:
         kube_cluster.helm("uninstall", release, "--namespace", ns, check=False)
     assert kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None) is None
+
+
+def test_helm_install_on_an_empty_cluster_installs_the_crds(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A cluster without any of our CRDs: `helm install` alone brings them (chart crds/) and the CRs."""
+    from tests.fixtures.kube import running_cluster
+
+    with running_cluster(tmp_path_factory.mktemp("fresh-kube")) as fresh:
+        assert fresh.get("crd", "inferencepools.inference.networking.k8s.io", None) is None
+        fresh.helm("install", "ts", str(CHART), "--namespace", "tokenslice-system", "--create-namespace", *FULL)
+        for crd in ("inferencepools.inference.networking.k8s.io", "schedulingpolicies.tokenslice.io",
+                    "clusterkopfpeerings.kopf.dev"):
+            assert fresh.get("crd", crd, None), crd
+        assert fresh.get("inferencepool", "example-pool", "tokenslice-system")["spec"]["endpointPickerRef"][
+            "failureMode"] == "FailClose"
+        assert fresh.get("schedulingpolicy", "example-pool", "tokenslice-system")["spec"]["chunkSize"] == 32
+        assert fresh.get("clusterkopfpeering", "ts-tokenslice", None)
