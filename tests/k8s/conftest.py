@@ -10,7 +10,9 @@ API server through a MutatingWebhookConfiguration.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.fixtures.kube import OPERATOR_TOKEN, OPERATOR_USER, KubeCluster, free_port, wait_for
+from tests.fixtures.kube import KUBE_BIN, OPERATOR_TOKEN, OPERATOR_USER, KubeCluster, free_port, wait_for
 from tokenslice.paths import REPO_ROOT
 from tokenslice_operator.app import RunOptions, run_operator
 from tokenslice_operator.config import OperatorConfig
@@ -65,9 +67,6 @@ class OperatorThread:
 
 def chart_cluster_role() -> dict[str, Any]:
     """The operator ClusterRole exactly as the chart renders it."""
-    from tests.fixtures.kube import KUBE_BIN
-    import subprocess
-
     out = subprocess.run([str(KUBE_BIN / "helm"), "template", "rbac-probe", str(CHART),
                           "--show-only", "templates/rbac.yaml"], capture_output=True, text=True, check=True).stdout
     return next(d for d in yaml.safe_load_all(out) if d and d["kind"] == "ClusterRole")
@@ -120,7 +119,7 @@ def operator(crds: KubeCluster, operator_kubeconfig: Path) -> Iterator[OperatorT
             "name": "sidecar-injector.tokenslice.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
             "failurePolicy": "Fail", "timeoutSeconds": 10,
             "clientConfig": {"url": f"https://127.0.0.1:{opts.config.webhook_port}/mutate-pods",
-                             "caBundle": __import__("base64").b64encode(crds.ca.pem()).decode()},
+                             "caBundle": base64.b64encode(crds.ca.pem()).decode()},
             "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"]}],
         }],
     })

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import base64
+import json
+import subprocess
+import sys
+import urllib.request
 
 import pytest
 import yaml
 
-from tests.fixtures.kube import KubeCluster, wait_for
+from tests.fixtures.kube import KubeCluster, free_port, wait_for
 from tests.k8s.conftest import (
     OperatorThread,
     condition,
@@ -198,7 +202,6 @@ def test_foreign_status_parents_are_preserved(kube_cluster: KubeCluster, operato
                      "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "routes attached",
                                      "lastTransitionTime": "2025-01-01T00:00:00Z"}]}
     # a gateway controller writes its entry (replacing the whole atomic list, as such controllers do)
-    import json
     kube_cluster.kubectl("patch", "inferencepool", "eps", "-n", namespace, "--subresource=status", "--type=merge",
                          "-p", json.dumps({"status": {"parents": [gateway_entry]}}))
     # ... we put ours back without dropping theirs
@@ -298,12 +301,6 @@ def test_two_replicas_do_not_fight(kube_cluster: KubeCluster, operator_kubeconfi
 def test_cli_entrypoint_joins_the_peering_and_pauses(kube_cluster: KubeCluster, operator_kubeconfig,
                                                      operator: OperatorThread, namespace: str) -> None:
     """`tokenslice operator run` as the chart runs it: it starts, answers /healthz and yields to the leader."""
-    import subprocess
-    import sys
-    import urllib.request
-
-    from tests.fixtures.kube import free_port
-
     port = free_port()
     log = kube_cluster.workdir / "cli-operator.log"
     with open(log, "wb") as out:
