@@ -222,6 +222,18 @@ async def test_eos_ends_generation(http, vllm, sidecars):
             assert ref["choices"][0]["finish_reason"] == "stop" and ref["usage"]["completion_tokens"] < 3
 
 
+async def test_seeded_sampling_is_deterministic(http, vllm, sidecars):
+    """seed is carried as seed + tokens generated so far: same seed, same output; another seed differs."""
+    sc = await sidecars(5)
+    body = {"model": vllm.model, "prompt": PROMPTS[1], "max_tokens": 25, "temperature": 1.0, "seed": 1234,
+            "ignore_eos": True, "return_token_ids": True}
+    a = await post_json(http, f"{sc.url}/v1/completions", body)
+    b = await post_stream(http, f"{sc.url}/v1/completions", body)
+    c = await post_json(http, f"{sc.url}/v1/completions", {**body, "seed": 99})
+    assert a["choices"][0]["token_ids"] == b.token_ids
+    assert a["choices"][0]["token_ids"] != c["choices"][0]["token_ids"]
+
+
 # --- logprobs and usage -------------------------------------------------------------------------------------
 
 async def test_completion_logprobs_concatenated(http, vllm, sidecars):
