@@ -4,9 +4,9 @@ Used by the test fixtures, ``tokenslice local`` and the benchmarks.  The server
 runs in its own process group so ``stop()`` takes down vLLM and anything it
 spawned, and its log goes to a file in the cache (tail it when a start fails).
 
-Defaults suit a 2-core machine running several engines side by side: one
-in-process engine core (no extra worker processes), one OpenMP thread, a
-small KV cache, prefix caching on.
+Defaults suit a 2-core machine running several engines side by side: the model
+runs inside the engine-core process (no extra worker process), one OpenMP
+thread, a small KV cache, prefix caching on, eager mode (fast start).
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def vllm_command(*, model_dir: Path, port: int, served_model_name: str = layout.
 def vllm_env() -> dict[str, str]:
     env = dict(os.environ)
     env.update({
-        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # engine core in the API server process: 1 process, not 3
+        # with "1" vLLM-CPU swaps the `uni` executor for `mp`: a third process for the model
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "OMP_NUM_THREADS": "1",
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # don't pin to cores other engines use too
         "VLLM_NO_USAGE_STATS": "1",
@@ -125,6 +126,7 @@ class VLLMServer:
     process: subprocess.Popen[bytes]
     started_in_s: float = 0.0
     command: list[str] = field(default_factory=list)
+    stopped: bool = False
 
     @property
     def url(self) -> str:
@@ -142,8 +144,10 @@ class VLLMServer:
         return _tail(self.log_path, lines)
 
     def stop_sync(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
-        stop_process_group(self.process, timeout)
+        """SIGTERM the process group, then SIGKILL what is left after ``timeout``. Idempotent."""
+        if not self.stopped:  # never signal the pgid again: once the group is gone the id can be reused
+            stop_process_group(self.process, timeout)
+            self.stopped = True
 
     async def stop(self, timeout: float = 20.0) -> None:
         await asyncio.to_thread(self.stop_sync, timeout)
@@ -172,6 +176,8 @@ def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
     Waiting for the API server alone is not enough: its children outlive it for a moment.
     """
     pgid = proc.pid  # start_new_session=True: the server leads its own group
+    if proc.poll() is not None and not _group_alive(pgid):
+        return  # leader reaped and no member left: the id may belong to someone else by now
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
