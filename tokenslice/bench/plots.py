@@ -62,6 +62,7 @@ def latency_cdfs(results: list[SystemResult], scenario: Scenario, path: Path) ->
         ax.set_ylabel("fraction of requests")
         ax.grid(True, which="both", alpha=0.3)
         ax.set_ylim(0, 1.02)
+    axes[2].set_xlim(left=1e-3)
     axes[0].legend(fontsize=8, loc="lower right")
     fig.suptitle(f"{scenario.name}: latency CDFs per system (same arrival trace)")
     fig.tight_layout()
@@ -116,7 +117,7 @@ def fairness_shares(summaries: list[SystemSummary], scenario: Scenario, path: Pa
     tenants = sorted(rows[0].fairness.service)  # type: ignore[union-attr]
     weights = rows[0].fairness.weights  # type: ignore[union-attr]
     pol = scenario.policy.fairness
-    fig, axes = plt.subplots(1, 2, figsize=(max(11, 2.0 * len(rows) + 4), 4.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(max(11, 1.3 * len(rows) + 5), 4.8), sharey=True)
     colors = plt.get_cmap("Set2")
     wsum = sum(weights[t] for t in tenants)
     for ax, attr, title in ((axes[0], "service", f"policy cost ({pol.input:g} x prompt + {pol.output:g} x output)"),
