@@ -3,6 +3,10 @@
 It joins the layers: flow control decides *which* waiting chunk goes next, the scheduling profile
 decides *where*, the datastore knows the pool.  Everything runs on the event loop; no locks.
 
+Slots: an endpoint runs at most ``slotsPerEndpoint`` chunks; the top ``reservedSlotsPerEndpoint`` of
+them only take chunks of non-preemptible classes, so such a chunk never waits for a chunk boundary
+among preemptible work (``_ClassRule.slots``).
+
 Invariant: after every dispatch pass no queued chunk can be placed.  So an arriving chunk that
 can be placed right away may go at once (the fast path, O(filters)); a pass over the queue runs
 only when a slot frees, the pool changes, the policy changes, or an arrival must wait.
@@ -42,11 +46,26 @@ class _Ledger:
     charged_output: int
 
 
+@dataclass(frozen=True, slots=True)
+class _ClassRule:
+    """What the policy allows one class, resolved once per policy (a dict lookup on the hot path)."""
+
+    slots: int
+    """Slots of an endpoint its chunks may fill (``slotsPerEndpoint`` minus the reserve if preemptible)."""
+    chunk_size: int
+    """The slice the gateway accounts a chunk at most (the driver was admitted with this size)."""
+
+
+def _class_rules(policy: SchedulingPolicySpec) -> dict[str, _ClassRule]:
+    return {c.name: _ClassRule(policy.class_slots(c), policy.class_chunk_size(c)) for c in policy.priority_classes}
+
+
 class Dispatcher:
     def __init__(self, policy: SchedulingPolicySpec, datastore: Datastore, metrics: GatewayMetrics, *,
                  cost_model: CostModel | None = None, profile: SchedulerProfile | None = None,
                  idle_grace_s: float = 2.0, ledger_size: int = 100_000) -> None:
         self.queues = FlowQueues(policy)
+        self._rules = _class_rules(policy)
         self.datastore = datastore
         self.metrics = metrics
         self.cost_model = cost_model or CostModel()
@@ -71,19 +90,23 @@ class Dispatcher:
     def set_policy(self, policy: SchedulingPolicySpec) -> None:
         """Hot reload: queued chunks stay queued and are re-ordered under the new policy."""
         self.queues.set_policy(policy)
+        self._rules = _class_rules(policy)
         self.dispatch()
 
     # --- chunk lifecycle ----------------------------------------------------------
     async def acquire(self, chunk: Chunk) -> Endpoint:
         """Wait for a slot; return the endpoint granted. Raises Shed (429) or NoEndpoints (503)."""
         now = time.monotonic()
+        rule = self._rule(chunk.klass)
+        if chunk.slice > rule.chunk_size:
+            self._cap_slice(chunk, rule)
         self._reconcile(chunk)
         candidates = self._candidates(chunk)
         if not candidates:
             raise NoEndpoints("no ready endpoint in the pool" if chunk.subset is None
                               else "no ready endpoint in the pool matches the subset hint")
-        if not chunk.kv_holder or self._holder_free(chunk.kv_holder):
-            decision = self.profile.pick(self._ctx(chunk, 0), candidates)
+        if not chunk.kv_holder or self._holder_free(chunk.kv_holder, rule.slots):
+            decision = self.profile.pick(self._ctx(chunk, 0, rule.slots), candidates)
             if decision.endpoint is not None:
                 chunk.enqueued_at = now
                 return self._grant(chunk, decision.endpoint, decision.migrated, now)
@@ -166,20 +189,28 @@ class Dispatcher:
         """Grant queued chunks while some endpoint has a free slot and some queued chunk fits one."""
         if not self.queues.total:
             return
-        slots = self.policy.slots_per_endpoint
+        policy = self.policy
+        slots = policy.slots_per_endpoint
+        floor = slots - policy.reserved_slots_per_endpoint  # preemptible chunks fill only this many
         while self.queues.total:
             members = self.datastore.endpoints()
-            free = [e for e in members if e.granted < slots]
-            if not free:
+            if not any(e.granted < slots for e in members):
                 return
-            busy = {e.address: e for e in members if e.granted >= slots}
+            open_to_all = any(e.granted < floor for e in members)
+            if not open_to_all and not self.queues.any_non_preemptible():
+                return  # only reserved slots are free, and no chunk that may use them is queued
+            busy = {e.address: e for e in members if e.granted >= floor}
             now = time.monotonic()
             ahead: dict[str, int] = {}
             placed = False
             for chunk in self.queues.in_order(now):
+                limit = self._rule(chunk.klass).slots
+                if limit < slots and not open_to_all:
+                    continue  # preemptible, and only reserved slots are free
                 holder = chunk.kv_holder
-                if holder in busy and chunk.subset is None and not self._may_migrate(
-                        chunk, busy[holder], ahead.get(holder, 0), slots):
+                held = busy.get(holder)
+                if held is not None and held.granted >= limit and chunk.subset is None and not self._may_migrate(
+                        chunk, held, ahead.get(holder, 0), limit):
                     ahead[holder] = ahead.get(holder, 0) + 1  # the cheap common skip: paused for its holder
                     continue
                 candidates = self._candidates(chunk)
@@ -187,7 +218,7 @@ class Dispatcher:
                     self._fail(chunk, NoEndpoints("no ready endpoint in the pool matches this chunk"))
                     placed = True
                     break
-                decision = self.profile.pick(self._ctx(chunk, ahead.get(holder, 0)), candidates)
+                decision = self.profile.pick(self._ctx(chunk, ahead.get(holder, 0), limit), candidates)
                 if decision.endpoint is not None:
                     self.queues.remove(chunk)
                     self._cancel_ttl(chunk)
@@ -207,16 +238,34 @@ class Dispatcher:
         return self.cost_model.should_migrate(prompt_tokens=chunk.prompt_tokens, generated=chunk.generated,
                                               ahead=ahead, slots=slots, mean_chunk_s=holder.mean_chunk_s)
 
-    def _ctx(self, chunk: Chunk, ahead: int) -> PickContext:
-        return PickContext(chunk, self.policy.slots_per_endpoint, self.cost_model, ahead_on_holder=ahead)
+    def _rule(self, klass: str) -> _ClassRule:
+        rule = self._rules.get(klass)
+        return rule if rule is not None else self._rules[self.queues.klass(klass).name]
+
+    def _cap_slice(self, chunk: Chunk, rule: _ClassRule) -> None:
+        """Account a slice larger than the class's chunk size at the chunk size.
+
+        Not a 400: a driver keeps the size it was admitted with, so after a hot reload that shrank
+        ``chunkSize`` its in-flight requests legitimately claim the old size, and a request that
+        reached a driver without the gateway's admission uses the sidecar's ``--chunk-size`` -- a
+        deployment matter, not the client's fault.  The next chunk's signed ``generated`` corrects
+        the charge to what was really produced.
+        """
+        chunk.slice = rule.chunk_size
+        self.metrics.slices_capped.labels(self.queues.klass(chunk.klass).name).inc()
+
+    def _ctx(self, chunk: Chunk, ahead: int, slots: int) -> PickContext:
+        return PickContext(chunk, slots, self.cost_model, ahead_on_holder=ahead)
 
     def _candidates(self, chunk: Chunk) -> list[Endpoint]:
         members = self.datastore.endpoints()
-        return subset_hint_filter(self._ctx(chunk, 0), members) if chunk.subset is not None else members
+        if chunk.subset is None:
+            return members
+        return subset_hint_filter(PickContext(chunk, self.policy.slots_per_endpoint, self.cost_model), members)
 
-    def _holder_free(self, address: str) -> bool:
+    def _holder_free(self, address: str, limit: int) -> bool:
         ep = self.datastore.get(address)
-        return ep is None or ep.granted < self.policy.slots_per_endpoint
+        return ep is None or ep.granted < limit
 
     def _grant(self, chunk: Chunk, ep: Endpoint, migrated: bool, now: float) -> Endpoint:
         ep.granted += 1

@@ -6,7 +6,7 @@ until Envoy closes the stream, which with ``response_trailer_mode: SEND`` happen
 upstream response has ended (the chunk-end signal; see docs/gateway.md for its latency).
 
 A *client request* (anything else) is stripped of every internal header, given signed admission
-headers (tenant, class) and routed to a driver sidecar without taking a chunk slot.
+headers (tenant, class, the class's chunk size) and routed to a driver sidecar without taking a chunk slot.
 """
 
 from __future__ import annotations
@@ -212,7 +212,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return
         try:
             self.metrics.admissions.labels(klass.name, tenant).inc()
-            admit = contract.AdmitHeaders(request_id=request_id, tenant=tenant, priority_class=klass.name).sign(self.key)
+            admit = contract.AdmitHeaders(request_id=request_id, tenant=tenant, priority_class=klass.name,
+                                          chunk_size=policy.class_chunk_size(klass)).sign(self.key)
             extra = [_hv(k, v) for k, v in admit.items()]
             # the signed set overwrites; strip only the client's internal headers it does not cover
             remove = [h for h in strip if h not in admit and h != _DEST]

@@ -103,6 +103,9 @@ class GatewayMetrics:
                                   ["reason"], registry=r)
         self.admissions = Counter(f"{NS}_admissions_total", "Client requests routed to a driver.",
                                   ["class", "tenant"], registry=r)
+        self.slices_capped = Counter(f"{NS}_slices_capped_total",
+                                     "Chunks whose claimed slice exceeded their class's chunk size (accounted "
+                                     "at the class's chunk size).", ["class"], registry=r)
         self.policy_reloads = Counter(f"{NS}_policy_reloads_total", "Policy reloads.", ["result"], registry=r)
         self._wait_series: dict[tuple[str, str], list[float]] = {}
 

@@ -44,6 +44,7 @@ class SidecarConfig:
     chunk_url: str | None = None
     """Base URL of the gateway (Envoy); None sends chunks straight to the local vLLM."""
     chunk_size: int = 32
+    """Decode tokens per chunk for requests whose admit headers name no size (or were not admitted)."""
     advertise: str = ""
     """``host:port`` this pod is reached at (the KV holder name); empty: the bound address."""
     key: bytes = b""
@@ -179,14 +180,16 @@ async def _driver(request: web.Request, st: _State, endpoint: Endpoint,
     st.metrics.requests.labels(endpoint, "chunked").inc()
 
     request_id, tenant, klass = uuid.uuid4().hex, st.config.default_tenant, st.config.default_class
+    chunk_size = st.config.chunk_size
     if lower.get(contract.ROLE) == contract.ROLE_ADMIT:
         try:
             admit = AdmitHeaders.verify(lower, st.key)
             request_id, tenant, klass = admit.request_id, admit.tenant, admit.priority_class
+            chunk_size = admit.chunk_size or chunk_size  # the policy's slice for the class; 0: ours
         except ContractError as exc:
             st.metrics.rejected.labels("bad_admit_headers").inc()
             log.warning("ignoring untrusted admit headers from %s: %s", request.remote, exc)
-    return await run_chunked(request, st, p, request_id, tenant, klass, st.config.chunk_size)
+    return await run_chunked(request, st, p, request_id, tenant, klass, chunk_size)
 
 
 async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str, tenant: str, klass: str,

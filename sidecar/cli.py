@@ -14,7 +14,8 @@ from tokenslice.contract import KEY_ENV, KEY_FILE_ENV, ContractError, load_key
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Serve the pool target port beside vLLM. Client requests to /v1/completions and "
-        "/v1/chat/completions are run as chunks of --chunk-size decode tokens (driver role); "
+        "/v1/chat/completions are run as chunks of the size the gateway's signed admission names "
+        "(the policy's class chunk size), else of --chunk-size decode tokens (driver role); "
         "signed chunk requests from the gateway run one chunk on the local vLLM (worker role); "
         "every other path passes through to vLLM. Own metrics at /tokenslice/metrics.")
     parser.add_argument("--host", default="0.0.0.0", help="listen address (default %(default)s)")
@@ -24,7 +25,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-url", default=None,
                         help="gateway (Envoy) base URL that chunks are sent through; default: straight to "
                         "--vllm-url (no gateway)")
-    parser.add_argument("--chunk-size", type=int, default=32, help="decode tokens per chunk (default %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=32, help="decode tokens per chunk when the gateway's "
+                        "admission names no size (default %(default)s)")
     parser.add_argument("--advertise", default=None,
                         help="HOST:PORT this pod is reached at, reported as the KV holder (default "
                         "127.0.0.1:<port>)")

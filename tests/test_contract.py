@@ -61,6 +61,24 @@ def test_admit_headers_cannot_pass_as_chunk_and_back():
         c.AdmitHeaders.verify(chunk().sign(KEY), KEY)
 
 
+def test_admit_chunk_size_round_trip_and_tamper():
+    admit = c.AdmitHeaders("r1", "web", "interactive", chunk_size=16).sign(KEY)
+    assert admit[c.SLICE] == "16"
+    got = c.AdmitHeaders.verify(admit, KEY)
+    assert got == c.AdmitHeaders("r1", "web", "interactive", got.expires, chunk_size=16)
+    assert c.AdmitHeaders.verify(c.AdmitHeaders("r1", "web", "std").sign(KEY), KEY).chunk_size == 0  # default
+    with pytest.raises(c.ContractError, match="bad signature"):  # a bigger slice is not the client's to choose
+        c.AdmitHeaders.verify({**admit, c.SLICE: "4096"}, KEY)
+    with pytest.raises(c.ContractError, match="missing"):  # always signed: absent is untrusted
+        c.AdmitHeaders.verify({k: v for k, v in admit.items() if k != c.SLICE}, KEY)
+    for bad in ("x", "-1"):
+        forged = c.AdmitHeaders("r1", "web", "interactive").sign(KEY)
+        forged[c.SLICE] = bad
+        forged[c.SIGNATURE] = c._mac(KEY, [forged[h] for h in c.ADMIT_SIGNED])  # signed, yet malformed
+        with pytest.raises(c.ContractError, match="malformed"):
+            c.AdmitHeaders.verify(forged, KEY)
+
+
 def test_load_key(tmp_path, monkeypatch):
     monkeypatch.delenv(c.KEY_ENV, raising=False)
     monkeypatch.delenv(c.KEY_FILE_ENV, raising=False)

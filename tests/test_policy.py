@@ -64,3 +64,16 @@ def test_load_policy_accepts_bare_spec_or_whole_object(tmp_path):
     whole.write_text(yaml.safe_dump({"apiVersion": "tokenslice.io/v1alpha1", "kind": "SchedulingPolicy",
                                      "metadata": {"name": "p"}, "spec": POLICY}))
     assert load_policy(bare) == load_policy(whole)
+
+
+def test_reserved_slots_and_class_chunk_size():
+    p = spec(slotsPerEndpoint=8, reservedSlotsPerEndpoint=2)
+    assert p.reserved_slots_per_endpoint == 2
+    assert p.class_slots(p.klass("interactive")) == 8  # non-preemptible: may use the reserve
+    assert p.class_slots(p.klass("standard")) == 6
+    assert p.class_chunk_size(p.klass("interactive")) == 16 and p.class_chunk_size(p.klass("batch")) == 32
+    assert spec().reserved_slots_per_endpoint == 0 and spec().class_slots(spec().klass("batch")) == 8
+    with pytest.raises(ValidationError, match=r"reservedSlotsPerEndpoint \(8\) must be less than slotsPerEndpoint"):
+        spec(slotsPerEndpoint=8, reservedSlotsPerEndpoint=8)
+    with pytest.raises(ValidationError, match="every priority class is preemptible"):
+        spec(reservedSlotsPerEndpoint=1, priorityClasses=[{"name": "standard", "priority": 1}], tenants=[])

@@ -39,7 +39,8 @@ GENERATED = "x-tokenslice-generated"
 PROMPT_TOKENS = "x-tokenslice-prompt-tokens"
 """Length of the original prompt in tokens (cost model input)."""
 SLICE = "x-tokenslice-slice"
-"""Decode tokens this chunk may produce (its max_tokens)."""
+"""Decode tokens this chunk may produce (its max_tokens); on *admit* headers: the chunk size the
+gateway chose for the request's class (0 = the sidecar's default)."""
 KV_HOLDER = "x-tokenslice-kv-holder"
 """``host:port`` of the endpoint that served the previous chunk ('' for chunk 0)."""
 EXPIRES = "x-tokenslice-expires"
@@ -73,7 +74,7 @@ ROLE_ADMIT = "admit"
 # Headers covered by the signature for each role, in signing order.
 CHUNK_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, TENANT, PRIORITY_CLASS, GENERATED,
                 PROMPT_TOKENS, SLICE, KV_HOLDER, EXPIRES)
-ADMIT_SIGNED = (ROLE, REQUEST_ID, TENANT, PRIORITY_CLASS, EXPIRES)
+ADMIT_SIGNED = (ROLE, REQUEST_ID, TENANT, PRIORITY_CLASS, SLICE, EXPIRES)
 
 DEFAULT_TTL_S = 300
 KEY_ENV = "TOKENSLICE_SIGNING_KEY"
@@ -160,12 +161,18 @@ class ChunkHeaders:
 
 @dataclass(slots=True)
 class AdmitHeaders:
-    """The gateway's verdict on a client request: who the tenant is and which class it runs in."""
+    """The gateway's verdict on a client request: tenant, class, and the slice its chunks use.
+
+    ``chunk_size`` is the resolved class's chunk size (``PriorityClass.chunkSize`` or the policy's
+    ``chunkSize``), carried in the ``SLICE`` header and signed like the rest, so the policy -- not
+    each sidecar's ``--chunk-size`` -- governs the time slice; 0 means "the sidecar's default".
+    """
 
     request_id: str
     tenant: str
     priority_class: str
     expires: int = field(default_factory=lambda: int(time.time()) + DEFAULT_TTL_S)
+    chunk_size: int = 0
 
     def sign(self, key: bytes) -> dict[str, str]:
         values = {
@@ -173,6 +180,7 @@ class AdmitHeaders:
             REQUEST_ID: self.request_id,
             TENANT: self.tenant,
             PRIORITY_CLASS: self.priority_class,
+            SLICE: str(self.chunk_size),
             EXPIRES: str(self.expires),
         }
         values[SIGNATURE] = _mac(key, [values[h] for h in ADMIT_SIGNED])
@@ -181,7 +189,14 @@ class AdmitHeaders:
     @classmethod
     def verify(cls, headers: Mapping[str, str], key: bytes, now: float | None = None) -> AdmitHeaders:
         values = _checked(headers, key, ADMIT_SIGNED, ROLE_ADMIT, now)
-        return cls(values[REQUEST_ID], values[TENANT], values[PRIORITY_CLASS], int(values[EXPIRES]))
+        try:
+            chunk_size = int(values[SLICE])
+        except ValueError:
+            raise ContractError("malformed admit header: chunk size is not an integer") from None
+        if chunk_size < 0:
+            raise ContractError("malformed admit header: negative chunk size")
+        return cls(values[REQUEST_ID], values[TENANT], values[PRIORITY_CLASS], int(values[EXPIRES]),
+                   chunk_size=chunk_size)
 
 
 def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], role: str,

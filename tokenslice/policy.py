@@ -82,6 +82,11 @@ class SchedulingPolicySpec(_Model):
     chunk_size: int = Field(default=32, ge=1, le=8192, description="Default decode tokens per time slice.")
     slots_per_endpoint: int = Field(default=8, ge=1, le=4096,
                                     description="Chunks that may run at once on one endpoint.")
+    reserved_slots_per_endpoint: int = Field(
+        default=0, ge=0, le=4095,
+        description="Slots of each endpoint that only non-preemptible classes may take (preemptible chunks "
+                    "run while fewer than slotsPerEndpoint - reservedSlotsPerEndpoint are granted); must be "
+                    "less than slotsPerEndpoint. Run vLLM with max-num-seqs >= slotsPerEndpoint.")
     tenant_header: str = Field(default="x-tenant-id", pattern=r"^[a-z0-9-]+$",
                                description="Request header naming the tenant.")
     class_header: str = Field(default="x-priority-class", pattern=r"^[a-z0-9-]+$",
@@ -113,6 +118,16 @@ class SchedulingPolicySpec(_Model):
             if t.name == name:
                 return t
         return None
+
+    def class_chunk_size(self, klass: PriorityClass) -> int:
+        """Decode tokens per time slice for requests of ``klass``: its own chunkSize, else the policy's."""
+        return klass.chunk_size or self.chunk_size
+
+    def class_slots(self, klass: PriorityClass) -> int:
+        """Slots of an endpoint that chunks of ``klass`` may fill: the reserve is for non-preemptible classes."""
+        if klass.preemptible:
+            return self.slots_per_endpoint - self.reserved_slots_per_endpoint
+        return self.slots_per_endpoint
 
     def lowest_class(self) -> PriorityClass:
         return min(self.priority_classes, key=lambda c: c.priority)
@@ -152,6 +167,12 @@ def policy_problems(spec: SchedulingPolicySpec) -> list[str]:
     dup = sorted({n for n in tnames if tnames.count(n) > 1})
     if dup:
         problems.append(f"duplicate tenants: {', '.join(dup)}")
+    if spec.reserved_slots_per_endpoint >= spec.slots_per_endpoint:
+        problems.append(f"reservedSlotsPerEndpoint ({spec.reserved_slots_per_endpoint}) must be less than "
+                        f"slotsPerEndpoint ({spec.slots_per_endpoint}): preemptible classes need a slot")
+    if spec.reserved_slots_per_endpoint and all(c.preemptible for c in spec.priority_classes):
+        problems.append("reservedSlotsPerEndpoint is set but every priority class is preemptible: "
+                        "the reserved slots would stay idle")
     known = set(names)
     if spec.default_class and spec.default_class not in known:
         problems.append(f"defaultClass {spec.default_class!r} is not a priority class")

@@ -43,6 +43,7 @@ class FlowQueues:
         self._classes = {c.name: c for c in policy.priority_classes}
         self._tenants = {t.name: t for t in policy.tenants}
         self._lowest = policy.lowest_class()
+        self._non_preemptible = [c.name for c in policy.priority_classes if not c.preemptible]
         lowest = self._lowest.name
         for name in [n for n in self._queues if policy.klass(n) is None]:
             for tenant, q in self._queues.pop(name).items():
@@ -110,6 +111,16 @@ class FlowQueues:
         else:
             del self._per_tenant[chunk.tenant]
         return True
+
+    def any_non_preemptible(self) -> bool:
+        """Whether a chunk of a non-preemptible class may be queued (conservative: never a false False)."""
+        if self._urgent:
+            return True
+        for name in self._non_preemptible:
+            tenants = self._queues.get(name)
+            if tenants and any(tenants.values()):
+                return True
+        return False
 
     def charge(self, klass: str, tenant: str, cost: float) -> None:
         self.counters.charge(klass, tenant, cost, self.weight(tenant))

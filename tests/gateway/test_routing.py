@@ -48,6 +48,26 @@ async def test_client_request_gets_signed_admission_and_internal_headers_strippe
     assert (admit.tenant, admit.priority_class) == ("gold", "batch")  # lower than its ceiling: honoured
 
 
+async def test_admission_carries_the_class_chunk_size_and_larger_slices_are_capped(gateway_stack, upstreams):
+    (a,) = await upstreams(1)
+    policy = SchedulingPolicySpec(chunk_size=24, priority_classes=[
+        PriorityClass(name="interactive", priority=200, chunk_size=8), PriorityClass(name="batch", priority=100)])
+    stack = await gateway_stack(endpoints=[a.address], policy=policy)
+    # a client's own x-tokenslice-slice is stripped; the signed one is the class's chunk size
+    for klass, size in (("interactive", 8), ("batch", 24)):
+        status, _, _ = await stack.post(headers={"x-priority-class": klass, contract.SLICE: "4096"})
+        assert status == 200
+        admit = contract.AdmitHeaders.verify(a.received[-1].headers, stack.key)
+        assert (admit.priority_class, admit.chunk_size) == (klass, size)
+    # a chunk claiming more than its class's chunk size runs, but is accounted at the chunk size
+    status, _, _ = await stack.post(headers=stack.chunk_headers(tenant="t", priority_class="interactive",
+                                                                chunk_index=1, slice=100))
+    assert status == 200 and a.received[-1].slice == 100
+    gw = stack.gateway
+    assert gw.metrics.slices_capped.labels("interactive")._value.get() == 1
+    assert gw.dispatcher.queues.counters.get("interactive", "t") == 2 * 8  # fairness.output x 8, not x 100
+
+
 async def test_forged_or_unsigned_chunk_headers_are_rejected(gateway_stack, upstreams):
     (a,) = await upstreams(1)
     stack = await gateway_stack(endpoints=[a.address], policy=POLICY)

@@ -151,3 +151,39 @@ async def test_policy_hot_reload_reorders_queued_work_without_dropping_it(gatewa
     up.unblock()
     assert all(s == 200 for s, _, _ in await asyncio.gather(*tasks))
     assert [r.request_id for r in up.received[1:]] == ["B1", "B2", "A1", "A2"]
+
+
+async def test_reserved_slot_dispatches_a_non_preemptible_chunk_past_a_preemptible_backlog(gateway_stack, upstreams):
+    (up,) = await upstreams(1)
+    policy = SchedulingPolicySpec(
+        slots_per_endpoint=3, reserved_slots_per_endpoint=1,
+        priority_classes=[PriorityClass(name="interactive", priority=200, preemptible=False),
+                          PriorityClass(name="batch", priority=100)])
+    stack = await gateway_stack(endpoints=[up.address], policy=policy)
+    d = stack.gateway.dispatcher
+
+    def chunk(klass: str, rid: str, index: int = 1) -> dict[str, str]:
+        return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=index, kv_holder=up.address,
+                                   slice=1)
+
+    granted: list[str] = []  # the dispatcher's grant order (arrival order at the upstream may interleave)
+    on_dispatch = d.metrics.on_dispatch
+    d.metrics.on_dispatch = lambda c, *rest: (granted.append(c.request_id), on_dispatch(c, *rest))[1]
+    up.block()
+    tasks = [asyncio.create_task(stack.post(headers=chunk("batch", f"B{i}"))) for i in range(2)]
+    await until(lambda: len(up.received) == 2, what="batch fills slots - reserved")
+    tasks += [asyncio.create_task(stack.post(headers=chunk("batch", f"Q{i}"))) for i in range(3)]
+    await until(lambda: len(d.queues) == 3, what="batch backlog queued")
+    assert len(up.received) == 2  # a free slot, but it is reserved
+    # a non-preemptible request's first chunk goes straight into the reserved slot
+    tasks.append(asyncio.create_task(stack.post(headers=chunk("interactive", "I", index=0))))
+    await until(lambda: len(up.received) == 3, what="interactive dispatched into the reserve")
+    assert up.received[2].request_id == "I" and len(d.queues) == 3
+    assert stack.gateway.datastore.get(up.address).granted == 3
+    # its continuation, with every slot busy, waits -- and is the first chunk granted when one frees
+    tasks.append(asyncio.create_task(stack.post(headers=chunk("interactive", "I"))))
+    await until(lambda: len(d.queues) == 4, what="continuation queued")
+    up.unblock()
+    assert all(s == 200 for s, _, _ in await asyncio.gather(*tasks))
+    assert granted == ["B0", "B1", "I", "I", "Q0", "Q1", "Q2"]
+    assert sorted(r.request_id for r in up.received) == sorted(granted)

@@ -262,3 +262,64 @@ async def test_dispatcher_drains_a_large_backlog_in_priority_then_fair_order():
     # inside each class the 3:1 weights hold while both tenants are backlogged
     first_hi = [c.tenant for c in served[:1000]][:600]
     assert abs(first_hi.count("a") / len(first_hi) - 0.75) < 0.02
+
+
+async def test_reserved_slots_are_for_non_preemptible_classes_only():
+    ds = Datastore(["10.0.0.1:80"])
+    policy = SchedulingPolicySpec(slots_per_endpoint=3, reserved_slots_per_endpoint=1, priority_classes=[
+        PriorityClass(name="rt", priority=5, preemptible=False), PriorityClass(name="lo", priority=1)])
+    d = Dispatcher(policy, ds, GatewayMetrics())
+    (ep,) = ds.endpoints()
+    order: list[str] = []
+
+    async def run(c: Chunk) -> Chunk:
+        await d.acquire(c)
+        order.append(c.request_id)
+        return c
+
+    async def settle() -> None:
+        for _ in range(5):  # loop turns, not time: let woken acquirers record themselves
+            await asyncio.sleep(0)
+
+    lo = [await run(Chunk(f"lo{i}", "t", "lo", index=1, slice=4)) for i in range(2)]  # fills slots - reserved
+    backlog = [asyncio.ensure_future(run(Chunk(f"lo{i}", "t", "lo", index=1, slice=4))) for i in (2, 3)]
+    await settle()
+    assert ep.granted == 2 and len(d.queues) == 2  # preemptible work may not take the reserved slot
+    rt0 = await run(Chunk("rt0", "t", "rt", index=0, slice=4))  # non-preemptible first chunk: at once
+    assert ep.granted == 3 and len(d.queues) == 2
+    rt1 = asyncio.ensure_future(run(Chunk("rt1", "t", "rt", index=1, slice=4)))  # now every slot is busy
+    await settle()
+    assert len(d.queues) == 3
+    d.release(lo[0], None)  # a slot frees: the non-preemptible chunk goes first (priority and reserve)
+    await settle()
+    assert order[-1] == "rt1" and ep.granted == 3
+    d.release(rt0, None)  # only the reserved slot is free: the preemptible backlog keeps waiting
+    await settle()
+    assert ep.granted == 2 and len(d.queues) == 2 and order[-1] == "rt1"
+    d.release(lo[1], None)
+    await settle()
+    assert order[-1] == "lo2" and ep.granted == 2
+    for c in [await rt1, await backlog[0]]:
+        d.release(c, None)
+    await settle()
+    d.release(await backlog[1], None)
+    assert order == ["lo0", "lo1", "rt0", "rt1", "lo2", "lo3"] and ep.granted == 0
+
+
+async def test_a_slice_beyond_the_class_chunk_size_is_accounted_at_the_chunk_size():
+    ds = Datastore(["10.0.0.1:80"])
+    policy = SchedulingPolicySpec(chunk_size=32, priority_classes=[
+        PriorityClass(name="small", priority=5, chunk_size=8), PriorityClass(name="std", priority=1)])
+    m = GatewayMetrics()
+    d = Dispatcher(policy, ds, m)
+    big = Chunk("r1", "t", "small", index=1, slice=100)
+    await d.acquire(big)
+    assert big.slice == 8 and d.queues.counters.get("small", "t") == pytest.approx(2 * 8)
+    assert m.slices_capped.labels("small")._value.get() == 1
+    # the next chunk reports what really came out (100): the charge is corrected to it
+    d.release(big, None)
+    await d.acquire(Chunk("r1", "t", "small", index=2, slice=8, generated=100, kv_holder="10.0.0.1:80"))
+    assert d.queues.counters.get("small", "t") == pytest.approx(2 * 100 + 2 * 8)
+    fits = Chunk("r2", "t", "std", index=1, slice=32)  # the policy's chunk size for a class without one
+    await d.acquire(fits)
+    assert fits.slice == 32 and m.slices_capped.labels("std")._value.get() == 0

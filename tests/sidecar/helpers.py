@@ -24,8 +24,8 @@ CHAT = [
 
 
 async def post_json(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
-                    status: int = 200) -> dict[str, Any]:
-    async with http.post(url, json=body) as resp:
+                    status: int = 200, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    async with http.post(url, json=body, headers=headers) as resp:
         data = await resp.json(content_type=None)
         assert resp.status == status, (resp.status, data)
         return data

@@ -542,6 +542,29 @@ async def test_admit_headers(http, vllm, sidecars):
         assert resp.status == 200 and data["id"] != "cmpl-forged-1"
 
 
+@pytest.mark.parametrize("admitted,chunks", [(3, 4), (7, 2), (0, 1)])
+async def test_admitted_chunk_size_governs_the_slice(http, vllm, sidecars, admitted, chunks):
+    """The gateway's signed chunk size (the policy's, per class) wins over --chunk-size; 0 means ours (16)."""
+    sc = await sidecars(16)
+    body = {"model": vllm.model, "prompt": PROMPTS[1], "max_tokens": 10, "ignore_eos": True}
+    before = _sample(sc, "tokenslice_sidecar_chunks_total")
+    headers = AdmitHeaders("sized", "acme", "premium", chunk_size=admitted).sign(TEST_KEY)
+    got = await post_json(http, f"{sc.url}/v1/completions", body | {"return_token_ids": True}, headers=headers)
+    assert _sample(sc, "tokenslice_sidecar_chunks_total") - before == chunks  # ceil(10 / size)
+    assert len(got["choices"][0]["token_ids"]) == 10 and got["usage"]["completion_tokens"] == 10
+
+
+async def test_forged_admitted_chunk_size_is_ignored(http, vllm, sidecars):
+    sc = await sidecars(16)
+    body = {"model": vllm.model, "prompt": PROMPTS[1], "max_tokens": 10, "ignore_eos": True}
+    before = _sample(sc, "tokenslice_sidecar_chunks_total")
+    rejected = _sample(sc, "tokenslice_sidecar_rejected_total", reason="bad_admit_headers")
+    good = AdmitHeaders("sized", "acme", "premium", chunk_size=16).sign(TEST_KEY)
+    await post_json(http, f"{sc.url}/v1/completions", body, headers={**good, contract.SLICE: "1"})
+    assert _sample(sc, "tokenslice_sidecar_chunks_total") - before == 1  # tampered: our own 16, not 1
+    assert _sample(sc, "tokenslice_sidecar_rejected_total", reason="bad_admit_headers") == rejected + 1
+
+
 # --- pass-through and refusals ------------------------------------------------------------------------------
 
 async def test_passthrough_endpoints(http, vllm, sidecars):
