@@ -5,6 +5,7 @@ Everything here runs against the session's one real vLLM (``vllm`` fixture).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from tokenslice.engine import EngineNotBuilt, VLLMServer, check_built, layout
 from tokenslice.engine.build_model import STOP_TRIGGER
 from tokenslice.engine.model import build_model, files_digest, model_info
 from tokenslice.engine.server import stop_process_group
+from tests.fixtures.engine import StartEngine
 
 pytestmark = pytest.mark.engine
 
@@ -172,3 +174,37 @@ def test_setup_is_idempotent_and_info_reports_the_build() -> None:
     built = json.loads(info.stdout)
     assert built["venv"]["vllm"] == "0.32.0" and built["model_ready"]
     assert built["model"]["stop_trigger"] == STOP_TRIGGER
+
+
+async def test_priority_policy_orders_the_waiting_queue(vllm_factory: StartEngine) -> None:
+    """With --scheduling-policy priority a lower `priority` value leaves the queue first (no preemption)."""
+    engine = await vllm_factory(max_num_seqs=2, extra_args=("--scheduling-policy", "priority"))
+    first_token: dict[str, float] = {}
+
+    async def run(name: str, prompt: str, tokens: int, priority: int) -> None:
+        body = {"model": engine.model, "prompt": prompt, "max_tokens": tokens, "ignore_eos": True,
+                "temperature": 0, "stream": True, "priority": priority}
+        async with aiohttp.ClientSession() as session, \
+                session.post(engine.url + "/v1/completions", json=body) as r:
+            assert r.status == 200, await r.text()
+            async for _ in r.content:
+                first_token.setdefault(name, time.monotonic())
+
+    async def wait_for(metric: str, value: float) -> None:
+        deadline = time.monotonic() + 60
+        while await _metric(engine, metric) != value:
+            assert time.monotonic() < deadline, f"{metric} never reached {value}"
+            await asyncio.sleep(0.02)
+
+    preemptions = await _metric(engine, "vllm:num_preemptions_total")
+    long_runs = [asyncio.create_task(run(f"long{i}", f"long request {i}", n, 10))
+                 for i, n in enumerate((200, 600))]  # the second outlives `high`: one slot frees at a time
+    await wait_for("vllm:num_requests_running", 2)
+    low = asyncio.create_task(run("low", "queued first, priority 10", 8, 10))
+    await wait_for("vllm:num_requests_waiting", 1)
+    high = asyncio.create_task(run("high", "queued second, priority 0", 8, 0))
+    await wait_for("vllm:num_requests_waiting", 2)
+    assert await _metric(engine, "vllm:num_requests_running") == 2  # both queued while both slots are busy
+    await asyncio.gather(low, high, *long_runs)
+    assert first_token["high"] < first_token["low"]
+    assert await _metric(engine, "vllm:num_preemptions_total") == preemptions
