@@ -166,6 +166,10 @@ def test_request_latency_properties() -> None:
     assert r.tokens_between(1.55, 2.65) == 2
     # usage says 8 tokens over 4 events: each event carries 2
     assert _req(0, "t", [1, 2, 3, 4], tokens=8).tokens_between(0, 2.5) == 4
+    # exact per-event counts win (merged events under load)
+    merged = _req(0, "t", [1, 2, 3, 4], tokens=8)
+    merged.token_counts = [1, 5, 1, 1]
+    assert merged.tokens_between(0, 2.5) == 6
 
 
 def test_throughput_counts_only_the_window() -> None:

@@ -46,6 +46,8 @@ class Target:
             "ignore_eos": req.ignore_eos,
             "stream": True,
             "stream_options": {"include_usage": True},
+            # exact tokens per streamed event: under load vLLM merges several tokens into one event
+            "return_token_ids": True,
         }
         if req.stream in self.priorities:
             body["priority"] = self.priorities[req.stream]
@@ -88,17 +90,20 @@ async def _one(session: aiohttp.ClientSession, target: Target, req: TraceRequest
                 break
             now = loop.time() - t0
             for choice in event.get("choices") or ():
-                if choice.get("text"):
-                    if result.first_token is None:
+                ids = choice.get("token_ids")
+                count = len(ids) if ids is not None else (1 if choice.get("text") else 0)
+                if count and (choice.get("text") or ids):
+                    if result.first_token is None and choice.get("text"):
                         result.first_token = now
                     result.token_times.append(now)
+                    result.token_counts.append(count)
             usage = event.get("usage")
             if usage:
                 result.completion_tokens = usage.get("completion_tokens") or 0
                 result.prompt_tokens = usage.get("prompt_tokens") or 0
     result.end = loop.time() - t0
     if result.status == "ok" and not result.completion_tokens:
-        result.completion_tokens = len(result.token_times)
+        result.completion_tokens = sum(result.token_counts)
 
 
 async def replay(trace: list[TraceRequest], target: Target, *, window_s: float, drain_s: float,
@@ -138,8 +143,7 @@ async def replay(trace: list[TraceRequest], target: Target, *, window_s: float, 
             if isinstance(outcome, asyncio.CancelledError):
                 if res.status == "ok" and (res.end is None):
                     res.status = "timeout" if res.stream in draining else "cancelled"
-                    if res.first_token is not None:
-                        res.completion_tokens = max(res.completion_tokens, len(res.token_times))
+                    res.completion_tokens = max(res.completion_tokens, sum(res.token_counts))
             elif isinstance(outcome, BaseException):
                 res.status = "error"
                 res.error = f"{type(outcome).__name__}: {outcome}"[:300]
@@ -161,7 +165,7 @@ async def _report(results: list[RequestResult], t0: float, every_s: float, progr
         now = loop.time() - t0
         sent = sum(1 for r in results if r.sent == r.sent)  # not NaN
         done = sum(1 for r in results if r.end is not None)
-        tokens = sum(len(r.token_times) for r in results)
+        tokens = sum(sum(r.token_counts) for r in results)
         t = time.monotonic()
         rate = (tokens - last_tokens) / max(1e-9, t - last_t)
         last_tokens, last_t = tokens, t

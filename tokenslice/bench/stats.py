@@ -59,7 +59,9 @@ class RequestResult:
     first_token: float | None = None
     end: float | None = None
     token_times: list[float] = field(default_factory=list)
-    """Arrival time of every streamed event that carried text (one token each, as vLLM streams them)."""
+    """Arrival time of every streamed event that carried tokens."""
+    token_counts: list[int] = field(default_factory=list)
+    """Tokens in each of those events (vLLM merges several into one event when the client lags)."""
     completion_tokens: int = 0
     prompt_tokens: int = 0
     status: Status = "ok"
@@ -88,9 +90,14 @@ class RequestResult:
         return max(b - a for a, b in zip(self.token_times, self.token_times[1:]))
 
     def tokens_between(self, start: float, stop: float) -> float:
-        """Output tokens delivered in [start, stop), spreading the usage count evenly over the events."""
+        """Output tokens delivered in [start, stop).
+
+        Exact when the per-event counts are known; otherwise the usage count spread evenly over the events.
+        """
         if not self.token_times:
             return 0.0
+        if len(self.token_counts) == len(self.token_times):
+            return float(sum(n for t, n in zip(self.token_times, self.token_counts) if start <= t < stop))
         per_event = (self.completion_tokens or len(self.token_times)) / len(self.token_times)
         return per_event * sum(1 for t in self.token_times if start <= t < stop)
 
