@@ -153,9 +153,10 @@ class EnginePool:
 
         async def one(i: int) -> Engine:
             name = f"{self.tag}-{i}"
+            named = {"served_model_name": Path(self.model_dir).name} if self.model_dir else {}
             server = await start_vllm(model_dir=self.model_dir, max_num_seqs=self.max_num_seqs,
                                       extra_args=args, log_path=self.run_dir.log(name),
-                                      timeout=self.timeout_s)
+                                      timeout=self.timeout_s, **named)
             engine = Engine(name, server)
             self.progress(f"  {name} ready at {engine.url} after {time.monotonic() - started:.1f}s")
             return engine
