@@ -232,7 +232,10 @@ def test_checks_and_markdown_report_the_targets() -> None:
         _system("vllm-priority", "vllm-priority", 2.0, 300, 300),
         _system("unloaded-tokenslice-c32", "tokenslice", 0.2, 0, 0, unloaded=True, chunk=32),
     ]
+    results[0].gateway_counters = {"sum_queue_wait:batch": 2.0, "count_queue_wait:batch": 4.0,
+                                   "tokenslice_gateway_preemptions_total": 7.0}
     summaries = [summarize(r, sc) for r in results]
+    assert summaries[0].queue_wait_ms == {"batch": 500.0} and summaries[0].preemptions == 7
     by = {c.claim: c for c in checks(summaries, sc)}
     assert by["hi p99 TTFT <= 2x unloaded (tokenslice-c16)"].met is True
     assert by["hi p99 TTFT >= 10x better than vLLM FCFS (tokenslice-c16)"].met is True   # 9.0/0.3 = 30x

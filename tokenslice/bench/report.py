@@ -29,6 +29,8 @@ class SystemSummary:
     """vLLM prefix-cache hits / reusable continuation-prefix tokens (the KV-affinity figure)."""
     preemptions: float | None
     migrations: float | None
+    queue_wait_ms: dict[str, float]
+    """Mean time a chunk waited in the gateway for a slot, per class (ms)."""
     errors: int
     first_error: str | None
 
@@ -83,6 +85,10 @@ def summarize(result: SystemResult, scenario: Scenario) -> SystemSummary:
         affinity_hit_rate=min(1.0, hits / result.reusable_tokens) if result.reusable_tokens else None,
         preemptions=_counter(result.gateway_counters, "preempt"),
         migrations=_counter(result.gateway_counters, "migrat"),
+        queue_wait_ms={k.split(":", 1)[1]: 1000 * v / result.gateway_counters[k.replace("sum_", "count_", 1)]
+                       for k, v in result.gateway_counters.items()
+                       if k.startswith("sum_queue_wait:") and result.gateway_counters.get(
+                           k.replace("sum_", "count_", 1))},
         errors=len(errors), first_error=errors[0].error if errors else None)
 
 
@@ -219,6 +225,11 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
         lines += ["", "Targets:", "", "| claim | measured | met |", "|---|---|---|"]
         for c in cs:
             lines.append(f"| {c.claim} | {c.measured} | {'yes' if c.met else 'no' if c.met is False else 'n/a'} |")
+    waits = [s for s in summaries if s.queue_wait_ms]
+    if waits:
+        lines += ["", "Mean wait of a chunk in the gateway for a slot (the pause the scheduler imposed), per class:", ""]
+        for s in waits:
+            lines.append(f"* {s.label}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(s.queue_wait_ms.items())))
     errs = [s for s in summaries if s.first_error]
     for s in errs:
         lines.append(f"\n{s.label}: {s.errors} error(s), first: `{s.first_error}`")

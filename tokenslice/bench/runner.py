@@ -153,7 +153,12 @@ def _gateway_counters(samples: list[promtext.Sample]) -> dict[str, float]:
     for s in samples:  # the scheduler's own view of service per tenant, to cross-check the client's
         if s.name.endswith("tokens_served_total") and "tenant" in s.labels:
             key = f"tokens_served:{s.labels['tenant']}"
-            out[key] = out.get(key, 0.0) + s.value
+        elif s.name.endswith("queue_wait_seconds_sum") or s.name.endswith("queue_wait_seconds_count"):
+            # how long chunks waited for a slot, per class: the pause the scheduler imposed
+            key = f"{s.name.rsplit('_', 1)[1]}_queue_wait:{s.labels.get('class', '')}"
+        else:
+            continue
+        out[key] = out.get(key, 0.0) + s.value
     return out
 
 
