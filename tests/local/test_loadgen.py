@@ -207,6 +207,11 @@ def test_plan_and_sweep_policy() -> None:
     assert labels[:2] == ["tokenslice-c16", "tokenslice-c64"]
     assert labels[-1] == "vllm-priority"                    # needs its own engine: last
     assert any(p.unloaded for p in plan_systems(sc))
+    with_reserve = [p.label for p in plan_systems(_scenario(chunk_sizes=[16], reserved_slots=[0, 1]))]
+    assert with_reserve[:2] == ["tokenslice-c16", "tokenslice-c16-r1"]
+    assert sweep_policy(sc, 16, 1).reserved_slots_per_endpoint == 1
+    with pytest.raises(ValueError, match="reserved_slots"):
+        _scenario(reserved_slots=[4])
     pol = sweep_policy(sc, 64)
     assert pol.chunk_size == 64 and pol.slots_per_endpoint == sc.max_num_seqs
     assert all(c.chunk_size is None for c in pol.priority_classes)

@@ -40,6 +40,9 @@ def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
     p.add_argument("--systems", default=None,
                    help="comma list of vllm-fcfs,vllm-priority,chunked,tokenslice (default: the scenario's)")
     p.add_argument("--chunk-sizes", default=None, help="comma list, e.g. 16,32,64 (default: the scenario's)")
+    p.add_argument("--reserved", default=None,
+                   help="comma list of reserved slots for non-preemptible classes, one tokenslice run each "
+                   "(e.g. 0,1; default: the scenario's)")
     p.add_argument("--window", type=float, default=None, help="arrival window, seconds")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--model", type=Path, default=None, help="local model directory (default: the tiny model)")
@@ -70,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
                 update["systems"] = [s.strip() for s in args.systems.split(",") if s.strip()]
             if args.chunk_sizes:
                 update["chunk_sizes"] = [int(x) for x in args.chunk_sizes.split(",") if x.strip()]
+            if args.reserved:
+                update["reserved_slots"] = [int(x) for x in args.reserved.split(",") if x.strip()]
             if args.window:
                 update["window_s"] = args.window
         if update:

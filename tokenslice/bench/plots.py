@@ -77,14 +77,18 @@ def versus_chunk_size(summaries: list[SystemSummary], scenario: Scenario, path: 
     if not sweep:
         return
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    xs = [s.chunk_size for s in sweep]
+    xs = sorted({s.chunk_size for s in sweep if s.chunk_size})
 
     def p99(s: SystemSummary) -> float:
         g = s.groups.get(hi)
         return g.ttft.p99 if g else math.nan
 
-    ax1.plot(xs, [p99(s) for s in sweep], "o-", color="tab:blue", linewidth=2, label="tokenslice")
-    ax2.plot(xs, [s.throughput_tps for s in sweep], "o-", color="tab:blue", linewidth=2, label="tokenslice")
+    for r, color in zip(sorted({s.reserved for s in sweep}), ("tab:blue", "tab:green", "tab:purple", "tab:cyan")):
+        line = [s for s in sweep if s.reserved == r]
+        label = "tokenslice" + (f", {r} slot(s) reserved for non-preemptible" if r else "")
+        ax1.plot([s.chunk_size for s in line], [p99(s) for s in line], "o-", color=color, linewidth=2, label=label)
+        ax2.plot([s.chunk_size for s in line], [s.throughput_tps for s in line], "o-", color=color, linewidth=2,
+                 label=label)
     for s in summaries:
         if s.kind == "tokenslice" and not s.unloaded:
             continue

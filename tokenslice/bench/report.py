@@ -21,6 +21,7 @@ class SystemSummary:
     chunk_size: int | None
     unloaded: bool
     groups: dict[str, GroupSummary]
+    reserved: int
     throughput_tps: float
     fairness: Fairness | None
     prefix_hit_rate: float | None
@@ -80,6 +81,7 @@ def summarize(result: SystemResult, scenario: Scenario) -> SystemSummary:
     errors = [r for r in result.results if r.status == "error"]
     return SystemSummary(
         label=plan.label, kind=plan.kind, chunk_size=plan.chunk_size, unloaded=plan.unloaded, groups=groups,
+        reserved=plan.reserved,
         throughput_tps=throughput(result.results, *window), fairness=fair,
         prefix_hit_rate=hits / queries if queries else None,
         affinity_hit_rate=min(1.0, hits / result.reusable_tokens) if result.reusable_tokens else None,

@@ -45,6 +45,7 @@ class Plan:
     chunk_size: int | None
     engine_policy: str  # fcfs | priority
     unloaded: bool = False
+    reserved: int = 0
 
 
 @dataclass
@@ -67,7 +68,8 @@ def plan_systems(scenario: Scenario) -> list[Plan]:
     default = scenario.policy.chunk_size
     plans: list[Plan] = []
     if "tokenslice" in scenario.systems:
-        plans += [Plan(f"tokenslice-c{n}", "tokenslice", "tokenslice", n, "fcfs") for n in scenario.chunk_sizes]
+        plans += [Plan(f"tokenslice-c{n}" + (f"-r{r}" if r else ""), "tokenslice", "tokenslice", n, "fcfs",
+                       reserved=r) for n in scenario.chunk_sizes for r in scenario.reserved_slots]
     if "chunked" in scenario.systems:
         plans.append(Plan(f"chunked-c{default}", "chunked", "chunked", default, "fcfs"))
     if scenario.no_affinity:
@@ -82,13 +84,15 @@ def plan_systems(scenario: Scenario) -> list[Plan]:
     return plans
 
 
-def sweep_policy(scenario: Scenario, chunk_size: int | None) -> SchedulingPolicySpec:
+def sweep_policy(scenario: Scenario, chunk_size: int | None, reserved: int | None = None) -> SchedulingPolicySpec:
     """The scenario's policy with one chunk size for every class and one slot per vLLM sequence.
 
     slots = max-num-seqs so vLLM never queues a chunk behind the scheduler's back (its own queue is FCFS).
     """
     policy = scenario.policy
     update: dict[str, object] = {"slots_per_endpoint": scenario.max_num_seqs}
+    if reserved is not None:
+        update["reserved_slots_per_endpoint"] = reserved
     if chunk_size is not None:
         update["chunk_size"] = chunk_size
         update["priority_classes"] = [c.model_copy(update={"chunk_size": None}) for c in policy.priority_classes]
@@ -168,7 +172,7 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
 
 async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_dir: RunDir,
                      trace: list[TraceRequest], progress: Progress) -> SystemResult:
-    policy = sweep_policy(scenario, plan.chunk_size)
+    policy = sweep_policy(scenario, plan.chunk_size, plan.reserved if plan.kind == "tokenslice" else None)
     trace = salted(trace, plan.label)
     prompt_counts = await _tokenize_counts(engines[0], [r.prompt for r in trace])
     await wait_idle(engines)
