@@ -554,6 +554,38 @@ async def test_admitted_chunk_size_governs_the_slice(http, vllm, sidecars, admit
     assert len(got["choices"][0]["token_ids"]) == 10 and got["usage"]["completion_tokens"] == 10
 
 
+async def test_policy_class_chunk_size_through_the_real_gateway(http, vllm, gateway_stack):
+    """Client -> Envoy -> picker (admits with the class's chunk size) -> driver -> chunks -> Envoy -> worker.
+
+    The sidecar's own --chunk-size (16) loses to the policy: class ``small`` slices by 5, class ``std`` by
+    the policy's chunkSize 8, each counted by the picker's dispatches and the sidecar's chunks.
+    """
+    from sidecar.app import SidecarConfig, start
+    from sidecar.metrics import SidecarMetrics
+    from tokenslice.policy import PriorityClass, SchedulingPolicySpec
+
+    policy = SchedulingPolicySpec(chunk_size=8, priority_classes=[
+        PriorityClass(name="small", priority=2, chunk_size=5), PriorityClass(name="std", priority=1)])
+    stack = await gateway_stack(endpoints=[], policy=policy)
+    metrics = SidecarMetrics()
+    runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=stack.url, chunk_size=16, key=stack.key),
+                               metrics=metrics)
+    try:
+        stack.gateway.datastore.set_endpoints([f"127.0.0.1:{port}"])
+        dispatches = stack.gateway.metrics.dispatches
+        for klass, chunks in (("small", 4), ("std", 3)):  # 18 tokens: ceil(18/5) = 4, ceil(18/8) = 3
+            before = metrics.registry.get_sample_value("tokenslice_sidecar_chunks_total") or 0
+            body = {"model": vllm.model, "prompt": PROMPTS[2], "max_tokens": 18, "ignore_eos": True}
+            got = await post_json(http, f"{stack.url}/v1/completions", body,
+                                  headers={"x-priority-class": klass})
+            assert got["usage"]["completion_tokens"] == 18
+            assert metrics.registry.get_sample_value("tokenslice_sidecar_chunks_total") - before == chunks
+            served = sum(dispatches.get(klass, "default", kind) for kind in ("first", "continuation"))
+            assert served == chunks, klass
+    finally:
+        await runner.cleanup()
+
+
 async def test_forged_admitted_chunk_size_is_ignored(http, vllm, sidecars):
     sc = await sidecars(16)
     body = {"model": vllm.model, "prompt": PROMPTS[1], "max_tokens": 10, "ignore_eos": True}
