@@ -27,7 +27,10 @@ class SystemSummary:
     prefix_hit_rate: float | None
     """vLLM prefix-cache hits / queries over the run (all chunks, first chunks included)."""
     affinity_hit_rate: float | None
-    """vLLM prefix-cache hits / reusable continuation-prefix tokens (the KV-affinity figure)."""
+    """vLLM prefix-cache hits / reusable continuation-prefix tokens (the KV-affinity figure): the lower end,
+    with every chunk that may have been looked up before the cutoff counted as reusable."""
+    affinity_hit_rate_high: float | None
+    """The upper end (those chunks not counted), capped at 100%."""
     preemptions: float | None
     migrations: float | None
     queue_wait_ms: dict[str, float]
@@ -84,7 +87,9 @@ def summarize(result: SystemResult, scenario: Scenario) -> SystemSummary:
         reserved=plan.reserved,
         throughput_tps=throughput(result.results, *window), fairness=fair,
         prefix_hit_rate=hits / queries if queries else None,
-        affinity_hit_rate=min(1.0, hits / result.reusable_tokens) if result.reusable_tokens else None,
+        affinity_hit_rate=min(1.0, hits / max(result.reusable_tokens_max, result.reusable_tokens))
+        if result.reusable_tokens else None,
+        affinity_hit_rate_high=min(1.0, hits / result.reusable_tokens) if result.reusable_tokens else None,
         preemptions=_counter(result.gateway_counters, "preempt"),
         migrations=_counter(result.gateway_counters, "migrat"),
         queue_wait_ms={k.split(":", 1)[1]: 1000 * v / result.gateway_counters[k.replace("sum_", "count_", 1)]
@@ -155,7 +160,7 @@ def checks(summaries: list[SystemSummary], scenario: Scenario) -> list[Check]:
     for s in summaries:
         if s.affinity_hit_rate is not None and s.kind in ("tokenslice", "no-affinity"):
             out.append(Check(f"continuation chunks hit the prefix cache >= 95% ({s.label})",
-                             f"{s.affinity_hit_rate:.1%} of reusable prefix tokens",
+                             f"{_hit_range(s)} of reusable prefix tokens (lower end judged)",
                              s.affinity_hit_rate >= 0.95 if s.kind == "tokenslice" else None))
     return out
 
@@ -168,6 +173,13 @@ def _f(x: float | None, unit: str = "", digits: int = 3) -> str:
     if math.isinf(x):
         return "inf"
     return f"{x:.{digits}f}{unit}"
+
+
+def _hit_range(s: SystemSummary) -> str:
+    lo, hi = s.affinity_hit_rate, s.affinity_hit_rate_high
+    if lo is None or hi is None or f"{lo:.1%}" == f"{hi:.1%}":
+        return _pct(lo)
+    return f"{lo:.1%}-{hi:.1%}"
 
 
 def _pct(x: float | None) -> str:
@@ -201,7 +213,7 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
             f"| {_f(ttft.p99 if ttft else None, 's')}{cens} | {_f(g.longest_pause.p99 if g else None, 's')} "
             f"| {_f(s.throughput_tps, '', 0) if not s.unloaded else '(unloaded)'} | {rel if not s.unloaded else '-'} "
             f"| {share} | {err} | {_f(s.fairness.jain if s.fairness else None)} "
-            f"| {_f(s.preemptions, '', 0)} | {_f(s.migrations, '', 0)} | {_pct(s.affinity_hit_rate)} "
+            f"| {_f(s.preemptions, '', 0)} | {_f(s.migrations, '', 0)} | {_hit_range(s)} "
             f"| {s.errors} |")
     if any(s.fairness for s in summaries):
         first = next(s.fairness for s in summaries if s.fairness)

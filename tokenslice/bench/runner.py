@@ -60,6 +60,9 @@ class SystemResult:
     """Deltas of the gateway's counters whose names mention preempt / migrat / shed."""
     reusable_tokens: float = 0.0
     """Tokens of continuation-chunk prefixes that vLLM *could* serve from cache (full blocks)."""
+    reusable_tokens_max: float = 0.0
+    """The same, also counting the chunk after the last token of every request cut off at a chunk boundary
+    (it may or may not have reached vLLM before the cutoff): the two bracket the true value."""
     block_size: int = 0
 
 
@@ -201,8 +204,9 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
         r.prompt_tokens = r.prompt_tokens or count
     if plan.chunk_size and plan.kind != "vllm-fcfs" and block:
         result.reusable_tokens = float(sum(
-            reusable_tokens(r.prompt_tokens, r.completion_tokens or len(r.token_times), plan.chunk_size, block,
-                            finished=r.status == "ok")
+            reusable_tokens(r.prompt_tokens, r.completion_tokens, plan.chunk_size, block) for r in results))
+        result.reusable_tokens_max = float(sum(
+            reusable_tokens(r.prompt_tokens, r.completion_tokens, plan.chunk_size, block, finished=r.status == "ok")
             for r in results))
     return result
 
