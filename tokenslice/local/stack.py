@@ -42,6 +42,8 @@ from tokenslice.policy import SchedulingPolicySpec, load_policy
 EXAMPLE_POLICY = Path(__file__).with_name("policy.example.yaml")
 
 Mode = Literal["tokenslice", "chunked", "chunked-rr", "direct"]
+_PORT_TAKEN = ("address already in use", "failed to bind", "cannot bind")
+"""How aiohttp, gRPC and Envoy say that a port picked free was taken before they bound it."""
 Progress = Callable[[str], None]
 
 
@@ -258,7 +260,8 @@ class DataPlane:
                 return self
             except (RuntimeError, TimeoutError, OSError) as exc:
                 await self.stop()
-                if attempt == attempts or "address already in use" not in str(exc).lower():
+                text = str(exc).lower()
+                if attempt == attempts or not any(m in text for m in _PORT_TAKEN):
                     raise
                 self.progress(f"{self.mode} data plane: a port was taken meanwhile, retrying ({attempt}/{attempts})")
             except BaseException:
