@@ -20,12 +20,13 @@ _BASELINE_STYLE = {"vllm-fcfs": ("tab:red", "-"), "vllm-priority": ("tab:orange"
                    "chunked": ("tab:brown", "--"), "no-affinity": ("tab:gray", "--")}
 
 
-def _style(res: SystemResult, i: int) -> tuple[str, str]:
+def _style(res: SystemResult, i: int, n: int) -> tuple[str, str]:
+    """Baselines in fixed colours; tokenslice runs spread over a colormap, reserved-slot runs dash-dotted."""
     if res.plan.unloaded:
         return "black", ":"
     if res.plan.kind in _BASELINE_STYLE:
         return _BASELINE_STYLE[res.plan.kind]
-    return plt.get_cmap("viridis")(0.15 + 0.7 * (i % 6) / 5), "-"
+    return plt.get_cmap("viridis")(0.05 + 0.85 * i / max(1, n - 1)), "-." if res.plan.reserved else "-"
 
 
 def _cdf(ax: plt.Axes, values: list[float], **kw: object) -> None:
@@ -41,8 +42,9 @@ def latency_cdfs(results: list[SystemResult], scenario: Scenario, path: Path) ->
     batch = [s.name for s in scenario.streams if s.name != hi]
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     ts_index = 0
+    n_ts = sum(1 for r in results if r.plan.kind == "tokenslice" and not r.plan.unloaded)
     for res in results:
-        color, ls = _style(res, ts_index)
+        color, ls = _style(res, ts_index, n_ts)
         if res.plan.kind == "tokenslice" and not res.plan.unloaded:
             ts_index += 1
         rows = [r for r in res.results if r.stream == hi]
