@@ -139,14 +139,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         decided = time.perf_counter()
         try:
             endpoint = await self.dispatcher.acquire(chunk)
-        except Shed as exc:
-            self.metrics.sheds.labels(exc.reason, chunk.tenant).inc()
-            log.info("shed", extra={"request_id": chunk.request_id, "reason": exc.reason, "chunk": chunk.index})
-            yield immediate(429, str(exc), exc.reason, retry_after=1)
-            return
-        except NoEndpoints as exc:
-            self.metrics.rejections.labels("no_endpoints").inc()
-            yield immediate(503, str(exc), "no_endpoints")
+        except (Shed, NoEndpoints) as exc:
+            yield self._refusal(exc, chunk)
             return
         granted = time.perf_counter()
         produced: int | None = None
@@ -177,6 +171,16 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             # Envoy closed the stream: the upstream response ended (or the client went away).
             self.dispatcher.release(chunk, produced)
 
+    def _refusal(self, exc: Shed | NoEndpoints, chunk: Chunk) -> pb.ProcessingResponse:
+        """429 for a shed request or chunk, 503 when the pool has no endpoint for it."""
+        if isinstance(exc, NoEndpoints):
+            self.metrics.rejections.labels("no_endpoints").inc()
+            return immediate(503, str(exc), "no_endpoints")
+        self.metrics.sheds.labels(exc.reason, chunk.tenant).inc()
+        log.info("shed", extra={"request_id": chunk.request_id, "reason": exc.reason, "tenant": chunk.tenant,
+                                "chunk": chunk.index})
+        return immediate(429, str(exc), exc.reason, retry_after=1)
+
     def _parse_chunk(self, first: pb.ProcessingRequest, headers: dict[str, str]) -> Chunk | pb.ProcessingResponse:
         try:
             claimed = contract.ChunkHeaders.verify(headers, self.key)
@@ -201,14 +205,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         chunk = Chunk(request_id=request_id, tenant=tenant, klass=klass.name, subset=subset_of(first))
         try:
             endpoint = self.dispatcher.admit(chunk)
-        except Shed as exc:
-            self.metrics.sheds.labels(exc.reason, tenant).inc()
-            log.info("shed", extra={"request_id": request_id, "reason": exc.reason, "tenant": tenant})
-            yield immediate(429, str(exc), exc.reason, retry_after=1)
-            return
-        except NoEndpoints as exc:
-            self.metrics.rejections.labels("no_endpoints").inc()
-            yield immediate(503, str(exc), "no_endpoints")
+        except (Shed, NoEndpoints) as exc:
+            yield self._refusal(exc, chunk)
             return
         try:
             self.metrics.admissions.labels(klass.name, tenant).inc()
