@@ -82,6 +82,10 @@ class _State:
 STATE = web.AppKey("tokenslice_sidecar", _State)
 
 
+UPSTREAM_KEEPALIVE_S = 3.0
+"""Idle upstream connections are closed before vLLM's 5 s keep-alive timeout can close them under us."""
+
+
 def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None) -> web.Application:
     """The sidecar app; serve it with ``handler_cancellation=True`` so disconnects cancel upstream work."""
     key = config.key
@@ -94,8 +98,11 @@ def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None) -> w
     app[STATE] = state
 
     async def session_ctx(_: web.Application):
-        state.session = aiohttp.ClientSession(read_bufsize=1 << 20,
-                                              connector=aiohttp.TCPConnector(limit=0, force_close=False))
+        # vLLM's server (uvicorn) drops idle keep-alive connections after 5 s
+        # (VLLM_HTTP_TIMEOUT_KEEP_ALIVE); pooling one longer races that close and fails the next chunk
+        # with ServerDisconnectedError, so idle upstream connections are let go first.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
+        state.session = aiohttp.ClientSession(read_bufsize=1 << 20, connector=connector)
         yield
         await state.session.close()
 
