@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from tokenslice.sse import error_of, sse_json
+
 from .openai_stream import error_body
 
 
@@ -47,16 +49,8 @@ async def error_from_response(resp: aiohttp.ClientResponse, what: str) -> Upstre
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
     """JSON objects of an SSE stream, up to ``[DONE]``; an ``error`` event raises UpstreamError."""
-    async for raw in resp.content:
-        line = raw.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return
-        obj = json.loads(data)
-        if "error" in obj and not obj.get("choices"):
-            err = obj["error"] if isinstance(obj["error"], dict) else {"message": str(obj["error"])}
-            status = int(err.get("code") or 500)
-            raise UpstreamError(status, {"error": err})
+    async for obj in sse_json(resp.content):
+        err = error_of(obj)
+        if err is not None:
+            raise UpstreamError(int(err.get("code") or 500), {"error": err})
         yield obj

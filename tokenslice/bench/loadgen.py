@@ -18,6 +18,7 @@ import aiohttp
 
 from tokenslice.bench.stats import RequestResult
 from tokenslice.bench.trace import TraceRequest
+from tokenslice.sse import error_of, sse_json
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,17 +77,11 @@ async def _one(session: aiohttp.ClientSession, target: Target, req: TraceRequest
             result.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
             result.end = loop.time() - t0
             return
-        async for raw in resp.content:
-            line = raw.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event and not event.get("choices"):
+        async for event in sse_json(resp.content):
+            err = error_of(event)
+            if err is not None:
                 result.status = "error"
-                result.error = json.dumps(event["error"])[:300]
+                result.error = json.dumps(err)[:300]
                 break
             now = loop.time() - t0
             for choice in event.get("choices") or ():
