@@ -36,7 +36,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gateway_ext.envoy import envoy_binary, free_port, start_envoy  # noqa: E402
+from tokenslice_picker.envoy import envoy_binary, free_port, start_envoy  # noqa: E402
 from tokenslice import contract  # noqa: E402
 
 
@@ -278,7 +278,7 @@ async def bench_notify(n: int = 300) -> dict[str, float]:
     import aiohttp
     from aiohttp import web
 
-    from gateway_ext.server import start_gateway
+    from tokenslice_picker.server import start_gateway
 
     ends: dict[str, float] = {}
     released: dict[str, float] = {}

@@ -12,8 +12,8 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sidecar": ("sidecar.cli", "chunking sidecar beside vLLM (driver + worker roles)"),
-    "gateway": ("gateway_ext.cli", "Envoy ext_proc endpoint picker that schedules every chunk"),
+    "sidecar": ("tokenslice_sidecar.cli", "chunking sidecar beside vLLM (driver + worker roles)"),
+    "gateway": ("tokenslice_picker.cli", "Envoy ext_proc endpoint picker that schedules every chunk"),
     "operator": ("tokenslice_operator.cli", "kopf operator for InferencePool / SchedulingPolicy + webhook"),
     "local": ("tokenslice.local.cli", "the whole data plane on loopback (Envoy, gateway, sidecars, vLLM)"),
     "bench": ("tokenslice.bench.cli", "load generator and side-by-side benchmark against the baselines"),

@@ -15,7 +15,7 @@ import ssl
 import aiohttp
 import pytest
 
-from gateway_ext.server import start_gateway
+from tokenslice_picker.server import start_gateway
 from tests.fixtures.kube import ADMIN_TOKEN
 from tests.gateway.conftest import until
 from tokenslice.paths import REPO_ROOT

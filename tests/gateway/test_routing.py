@@ -178,7 +178,7 @@ async def test_queue_bound_ttl_and_tenant_concurrency_shed_with_429(gateway_stac
 async def test_live_load_scrape_and_metrics_endpoint(gateway_stack, upstreams):
     import aiohttp
 
-    from gateway_ext.datastore.scraper import MetricsScraper
+    from tokenslice_picker.datastore.scraper import MetricsScraper
 
     a, b = await upstreams(2)
     a.metrics_text = "vllm:num_requests_running 3\nvllm:num_requests_waiting 7\nvllm:kv_cache_usage_perc 0.5\n"

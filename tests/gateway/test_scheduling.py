@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 
-from gateway_ext.flowcontrol.fairness import jain_index
-from gateway_ext.scheduling.cost_model import CostModel
+from tokenslice_picker.flowcontrol.fairness import jain_index
+from tokenslice_picker.scheduling.cost_model import CostModel
 from tests.gateway.conftest import until
 from tokenslice.policy import FairnessWeights, PriorityClass, SchedulingPolicySpec, Tenant
 

@@ -6,19 +6,19 @@ import asyncio
 
 import pytest
 
-from gateway_ext.datastore.endpoints import Datastore, Endpoint, parse_endpoints
-from gateway_ext.datastore.scraper import parse_vllm_metrics
-from gateway_ext.dispatcher import Dispatcher
-from gateway_ext.envoy import bootstrap_config
-from gateway_ext.flowcontrol.chunk import Chunk, NoEndpoints, Shed
-from gateway_ext.flowcontrol.fairness import VirtualCounters, jain_index
-from gateway_ext.flowcontrol.limits import TenantLimits
-from gateway_ext.flowcontrol.queues import FlowQueues
-from gateway_ext.metrics import GatewayMetrics
-from gateway_ext.scheduling.context import PickContext
-from gateway_ext.scheduling.cost_model import CostModel
-from gateway_ext.scheduling.filters import kv_holder_filter, subset_hint_filter
-from gateway_ext.scheduling.profile import default_profile
+from tokenslice_picker.datastore.endpoints import Datastore, Endpoint, parse_endpoints
+from tokenslice_picker.datastore.scraper import parse_vllm_metrics
+from tokenslice_picker.dispatcher import Dispatcher
+from tokenslice_picker.envoy import bootstrap_config
+from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, Shed
+from tokenslice_picker.flowcontrol.fairness import VirtualCounters, jain_index
+from tokenslice_picker.flowcontrol.limits import TenantLimits
+from tokenslice_picker.flowcontrol.queues import FlowQueues
+from tokenslice_picker.metrics import GatewayMetrics
+from tokenslice_picker.scheduling.context import PickContext
+from tokenslice_picker.scheduling.cost_model import CostModel
+from tokenslice_picker.scheduling.filters import kv_holder_filter, subset_hint_filter
+from tokenslice_picker.scheduling.profile import default_profile
 from tokenslice import contract
 from tokenslice.policy import PriorityClass, QueueLimits, SchedulingPolicySpec, Tenant
 
@@ -205,7 +205,7 @@ def test_policy_file_follows_a_configmap_symlink_swap(tmp_path):
     """Kubelet updates a mounted ConfigMap by swapping the ``..data`` symlink to a new directory."""
     import os
 
-    from gateway_ext.policy_source import PolicyFile
+    from tokenslice_picker.policy_source import PolicyFile
 
     def version(name: str, chunk: int) -> None:
         d = tmp_path / name

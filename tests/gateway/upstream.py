@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from gateway_ext.envoy import free_port
+from tokenslice_picker.envoy import free_port
 from tokenslice import contract
 
 

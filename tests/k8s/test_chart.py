@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway_ext.envoy import EXT_PROC_CLUSTER, bootstrap_config, envoy_binary
+from tokenslice_picker.envoy import EXT_PROC_CLUSTER, bootstrap_config, envoy_binary
 from tests.fixtures.kube import KubeCluster, wait_for
 from tests.k8s.conftest import CHART, OperatorThread, condition
 
@@ -66,7 +66,7 @@ def test_custom_resources_in_the_chart_pass_server_side_validation(crds: KubeClu
 
 
 def test_embedded_envoy_config_matches_the_tested_renderer(kube_cluster: KubeCluster, tmp_path) -> None:
-    """The chart's Envoy bootstrap is gateway_ext.envoy's, with the picker resolved by DNS; Envoy accepts it."""
+    """The chart's Envoy bootstrap is tokenslice_picker.envoy's, with the picker resolved by DNS; Envoy accepts it."""
     cm = next(d for d in _template(kube_cluster, *FULL) if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
     chart = yaml.safe_load(cm["data"]["envoy.yaml"])
     expected = bootstrap_config(listen_port=8080, ext_proc_port=9002, admin_port=9901, listen_address="0.0.0.0",

@@ -46,7 +46,7 @@ async def test_wait_http_fails_fast_with_the_log_when_the_child_dies(tmp_path: P
 
 
 def test_round_robin_envoy_config_is_valid_for_the_real_envoy(tmp_path: Path) -> None:
-    from gateway_ext.envoy import envoy_binary
+    from tokenslice_picker.envoy import envoy_binary
 
     config = _round_robin_config(18080, 18081, ["127.0.0.1:9001", "127.0.0.1:9002"])
     endpoints = config["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0]["lb_endpoints"]

@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiohttp
 import pytest
 
-from sidecar.app import SidecarConfig, start
-from sidecar.metrics import SidecarMetrics
+from tokenslice_sidecar.app import SidecarConfig, start
+from tokenslice_sidecar.metrics import SidecarMetrics
 
 TEST_KEY = b"sidecar-test-key"
 

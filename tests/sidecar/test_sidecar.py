@@ -394,7 +394,7 @@ async def test_client_disconnect_cancels_upstream(http, vllm, sidecars):
 
 async def test_upstream_down_gives_clean_error(http):
     """vLLM on a closed port: a prompt OpenAI error, no hang, both for chat and completions, stream or not."""
-    from sidecar.app import SidecarConfig, start
+    from tokenslice_sidecar.app import SidecarConfig, start
 
     import socket
     with socket.socket() as s:
@@ -419,7 +419,7 @@ async def test_hung_upstream_times_out(http):
 
     A fake (a socket that never replies) because a real vLLM cannot be made to hang on demand.
     """
-    from sidecar.app import SidecarConfig, start
+    from tokenslice_sidecar.app import SidecarConfig, start
 
     accepted: list[asyncio.StreamWriter] = []
 
@@ -450,7 +450,7 @@ async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
     """
     from aiohttp import web
 
-    from sidecar.app import SidecarConfig, start
+    from tokenslice_sidecar.app import SidecarConfig, start
 
     seen: list[ChunkHeaders] = []
     hints: list[str | None] = []
@@ -560,8 +560,8 @@ async def test_policy_class_chunk_size_through_the_real_gateway(http, vllm, gate
     The sidecar's own --chunk-size (16) loses to the policy: class ``small`` slices by 5, class ``std`` by
     the policy's chunkSize 8, each counted by the picker's dispatches and the sidecar's chunks.
     """
-    from sidecar.app import SidecarConfig, start
-    from sidecar.metrics import SidecarMetrics
+    from tokenslice_sidecar.app import SidecarConfig, start
+    from tokenslice_sidecar.metrics import SidecarMetrics
     from tokenslice.policy import PriorityClass, SchedulingPolicySpec
 
     policy = SchedulingPolicySpec(chunk_size=8, priority_classes=[
@@ -687,7 +687,7 @@ async def test_multibyte_characters_split_at_boundaries(http, vllm, sidecars, ch
 
 async def test_stop_inside_merged_event_counts_tokens_exactly(http, vllm, sidecars):
     """vLLM may merge tokens into one stream event; the driver recovers which token completed a stop."""
-    from sidecar.driver import _tokens_covering
+    from tokenslice_sidecar.driver import _tokens_covering
 
     ids, texts = await _token_texts(http, vllm, PROMPTS[1], 12)
     context, merged = ids[:4], ids[4:10]
@@ -704,6 +704,6 @@ def _sample(sc, name: str, **labels: str) -> float:
 
 
 def _target(http, vllm):
-    from sidecar.driver import ChunkTarget
+    from tokenslice_sidecar.driver import ChunkTarget
 
     return ChunkTarget(http, vllm.url, f"{vllm.url}/v1/completions", "", TEST_KEY, aiohttp.ClientTimeout(total=30))

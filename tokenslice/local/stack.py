@@ -197,7 +197,7 @@ class EnginePool:
 
 def _round_robin_config(listen_port: int, admin_port: int, upstreams: list[str]) -> dict[str, Any]:
     """The shipped bootstrap in its no-picker form, with every upstream in one round-robin cluster."""
-    from gateway_ext.envoy import bootstrap_config
+    from tokenslice_picker.envoy import bootstrap_config
 
     config = bootstrap_config(listen_port=listen_port, ext_proc_port=None, admin_port=admin_port,
                               direct_upstream=upstreams[0])
@@ -210,7 +210,7 @@ def _round_robin_config(listen_port: int, admin_port: int, upstreams: list[str])
 
 async def _start_envoy(run_dir: RunDir, name: str, config: dict[str, Any], listen_port: int,
                        admin_port: int) -> ManagedProcess:
-    from gateway_ext.envoy import envoy_binary
+    from tokenslice_picker.envoy import envoy_binary
 
     path = run_dir.path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -313,7 +313,7 @@ class DataPlane:
                 "--signing-key-file", str(key_file)), self.run_dir.log(f"{self.name}gateway"))
             self.processes.append(gateway)
             self.gateway_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            from gateway_ext.envoy import bootstrap_config
+            from tokenslice_picker.envoy import bootstrap_config
 
             config = bootstrap_config(listen_port=envoy_port, ext_proc_port=grpc_port, admin_port=admin_port)
             self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy", config, envoy_port, admin_port))

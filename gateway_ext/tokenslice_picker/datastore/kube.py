@@ -25,10 +25,10 @@ import aiohttp
 import yaml
 from pydantic import ValidationError
 
-from gateway_ext.datastore.endpoints import Datastore
+from tokenslice_picker.datastore.endpoints import Datastore
 from tokenslice import policy as policy_schema
 
-log = logging.getLogger("gateway_ext.kube")
+log = logging.getLogger("tokenslice_picker.kube")
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 POOL_GROUP = "inference.networking.k8s.io"

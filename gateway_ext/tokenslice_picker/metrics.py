@@ -19,8 +19,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from gateway_ext.dispatcher import Dispatcher
-    from gateway_ext.flowcontrol.chunk import Chunk
+    from tokenslice_picker.dispatcher import Dispatcher
+    from tokenslice_picker.flowcontrol.chunk import Chunk
 
 NS = "tokenslice_gateway"
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

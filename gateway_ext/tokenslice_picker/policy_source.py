@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from tokenslice.policy import SchedulingPolicySpec, load_policy
 
-log = logging.getLogger("gateway_ext.policy")
+log = logging.getLogger("tokenslice_picker.policy")
 
 PolicyCallback = Callable[[SchedulingPolicySpec], None]
 

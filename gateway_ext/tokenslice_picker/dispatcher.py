@@ -21,19 +21,19 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway_ext.datastore.endpoints import Datastore, Endpoint
-from gateway_ext.flowcontrol.chunk import Chunk, NoEndpoints, Shed
-from gateway_ext.flowcontrol.fairness import ServiceWindow, jain_index
-from gateway_ext.flowcontrol.limits import TenantLimits
-from gateway_ext.flowcontrol.queues import FlowQueues
-from gateway_ext.metrics import GatewayMetrics
-from gateway_ext.scheduling.context import PickContext
-from gateway_ext.scheduling.cost_model import CostModel
-from gateway_ext.scheduling.filters import subset_hint_filter
-from gateway_ext.scheduling.profile import SchedulerProfile, default_profile
+from tokenslice_picker.datastore.endpoints import Datastore, Endpoint
+from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, Shed
+from tokenslice_picker.flowcontrol.fairness import ServiceWindow, jain_index
+from tokenslice_picker.flowcontrol.limits import TenantLimits
+from tokenslice_picker.flowcontrol.queues import FlowQueues
+from tokenslice_picker.metrics import GatewayMetrics
+from tokenslice_picker.scheduling.context import PickContext
+from tokenslice_picker.scheduling.cost_model import CostModel
+from tokenslice_picker.scheduling.filters import subset_hint_filter
+from tokenslice_picker.scheduling.profile import SchedulerProfile, default_profile
 from tokenslice.policy import SchedulingPolicySpec
 
-log = logging.getLogger("gateway_ext.dispatcher")
+log = logging.getLogger("tokenslice_picker.dispatcher")
 
 
 @dataclass(slots=True)

@@ -18,8 +18,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterator
 
-from gateway_ext.flowcontrol.chunk import Chunk, Shed
-from gateway_ext.flowcontrol.fairness import VirtualCounters
+from tokenslice_picker.flowcontrol.chunk import Chunk, Shed
+from tokenslice_picker.flowcontrol.fairness import VirtualCounters
 from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
 
 

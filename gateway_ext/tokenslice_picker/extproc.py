@@ -24,11 +24,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from gateway_ext.dispatcher import Dispatcher
-from gateway_ext.flowcontrol.chunk import Chunk, NoEndpoints, Shed
+from tokenslice_picker.dispatcher import Dispatcher
+from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, Shed
 from tokenslice import contract
 
-log = logging.getLogger("gateway_ext.extproc")
+log = logging.getLogger("tokenslice_picker.extproc")
 
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())

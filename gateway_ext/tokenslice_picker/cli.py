@@ -11,10 +11,10 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from gateway_ext.datastore.endpoints import parse_endpoints
-from gateway_ext.envoy import render_bootstrap
-from gateway_ext.logs import setup_logging
-from gateway_ext.server import Gateway, GatewaySettings
+from tokenslice_picker.datastore.endpoints import parse_endpoints
+from tokenslice_picker.envoy import render_bootstrap
+from tokenslice_picker.logs import setup_logging
+from tokenslice_picker.server import Gateway, GatewaySettings
 from tokenslice import contract
 from tokenslice.policy import load_policy
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway_ext.datastore.endpoints import Endpoint
+from tokenslice_picker.datastore.endpoints import Endpoint
 
 
 def max_score_picker(candidates: list[Endpoint], scores: list[float], rotation: int) -> Endpoint:

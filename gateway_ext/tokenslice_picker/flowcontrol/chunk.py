@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from gateway_ext.datastore.endpoints import Endpoint
+    from tokenslice_picker.datastore.endpoints import Endpoint
 
 
 class Shed(Exception):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from gateway_ext.datastore.endpoints import Endpoint
-from gateway_ext.scheduling.context import PickContext
+from tokenslice_picker.datastore.endpoints import Endpoint
+from tokenslice_picker.scheduling.context import PickContext
 
 
 def least_load_scorer(ctx: PickContext, candidates: list[Endpoint]) -> list[float]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway_ext.datastore.endpoints import Endpoint
-from gateway_ext.scheduling.context import PickContext
+from tokenslice_picker.datastore.endpoints import Endpoint
+from tokenslice_picker.scheduling.context import PickContext
 
 
 def subset_hint_filter(ctx: PickContext, candidates: list[Endpoint]) -> list[Endpoint]:

@@ -25,7 +25,7 @@ class JsonFormatter(logging.Formatter):
 def setup_logging(level: str = "info") -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
-    root = logging.getLogger("gateway_ext")
+    root = logging.getLogger("tokenslice_picker")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False

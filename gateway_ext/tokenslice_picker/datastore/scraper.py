@@ -9,9 +9,9 @@ import time
 
 import aiohttp
 
-from gateway_ext.datastore.endpoints import Datastore, Endpoint
+from tokenslice_picker.datastore.endpoints import Datastore, Endpoint
 
-log = logging.getLogger("gateway_ext.scraper")
+log = logging.getLogger("tokenslice_picker.scraper")
 
 # vLLM metric -> Endpoint attribute (values summed over label sets, e.g. several engines)
 METRICS = {

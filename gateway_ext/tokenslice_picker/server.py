@@ -1,7 +1,7 @@
 """The picker process: gRPC (ext_proc + health), the metrics endpoint, and the background sources.
 
 ``start_gateway(...)`` runs it in-process (tests, the local stack); ``tokenslice gateway`` runs it
-as a service (see ``gateway_ext.cli``).
+as a service (see ``tokenslice_picker.cli``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from gateway_ext.datastore.endpoints import Datastore
-from gateway_ext.datastore.scraper import MetricsScraper
-from gateway_ext.dispatcher import Dispatcher
-from gateway_ext.extproc import SERVICE, ExtProcServicer
-from gateway_ext.metrics import GatewayMetrics
-from gateway_ext.policy_source import PolicyFile
-from gateway_ext.scheduling.cost_model import CostModel
-from gateway_ext.scheduling.profile import default_profile
+from tokenslice_picker.datastore.endpoints import Datastore
+from tokenslice_picker.datastore.scraper import MetricsScraper
+from tokenslice_picker.dispatcher import Dispatcher
+from tokenslice_picker.extproc import SERVICE, ExtProcServicer
+from tokenslice_picker.metrics import GatewayMetrics
+from tokenslice_picker.policy_source import PolicyFile
+from tokenslice_picker.scheduling.cost_model import CostModel
+from tokenslice_picker.scheduling.profile import default_profile
 from tokenslice.policy import SchedulingPolicySpec
 
-log = logging.getLogger("gateway_ext.server")
+log = logging.getLogger("tokenslice_picker.server")
 
 
 
@@ -126,7 +126,7 @@ class Gateway:
         if self.scraper:
             self.scraper.start()
         if s.kube:
-            from gateway_ext.datastore.kube import KubeSources
+            from tokenslice_picker.datastore.kube import KubeSources
 
             self._kube = KubeSources(s, self.datastore, self.set_policy,
                                      lambda r: self.metrics.policy_reloads.labels(r).inc())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway_ext.flowcontrol.chunk import Chunk
-from gateway_ext.scheduling.cost_model import CostModel
+from tokenslice_picker.flowcontrol.chunk import Chunk
+from tokenslice_picker.scheduling.cost_model import CostModel
 
 
 @dataclass(slots=True)

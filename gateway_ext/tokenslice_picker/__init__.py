@@ -9,6 +9,6 @@ Layers, each behind a narrow interface (as in the GIE endpoint picker):
 * ``dispatcher``   -- ties them together: a chunk waits inside its ext_proc call until granted a slot.
 """
 
-from gateway_ext.server import Gateway, GatewaySettings, start_gateway
+from tokenslice_picker.server import Gateway, GatewaySettings, start_gateway
 
 __all__ = ["Gateway", "GatewaySettings", "start_gateway"]

@@ -6,10 +6,10 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway_ext.datastore.endpoints import Endpoint
-from gateway_ext.scheduling import filters, scorers
-from gateway_ext.scheduling.context import PickContext
-from gateway_ext.scheduling.pickers import max_score_picker
+from tokenslice_picker.datastore.endpoints import Endpoint
+from tokenslice_picker.scheduling import filters, scorers
+from tokenslice_picker.scheduling.context import PickContext
+from tokenslice_picker.scheduling.pickers import max_score_picker
 
 Filter = Callable[[PickContext, list[Endpoint]], list[Endpoint]]
 Scorer = Callable[[PickContext, list[Endpoint]], list[float] | None]
