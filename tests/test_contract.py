@@ -98,3 +98,30 @@ def test_client_headers_are_internal():
     assert c.is_internal_header("x-tokenslice-anything")
     assert c.is_internal_header(c.DESTINATION_ENDPOINT)
     assert not c.is_internal_header("x-tenant-id")
+
+
+def test_role_is_decided_by_the_role_header_alone():
+    assert contract.role_of({contract.ROLE: contract.ROLE_CHUNK}) == contract.ROLE_CHUNK
+    assert contract.role_of({contract.ROLE: contract.ROLE_ADMIT}) == contract.ROLE_ADMIT
+    # a chunk index without the (signed) role is a client request: its internal headers get stripped
+    assert contract.role_of({contract.CHUNK_INDEX: "3"}) is None
+    assert contract.role_of({contract.ROLE: "root"}) is None
+
+
+def test_prefix_hashes_round_trip_and_are_capped():
+    ids = list(range(16 * 70 + 5))
+    hashes = contract.prefix_hashes(ids)
+    assert len(hashes) == contract.MAX_PREFIX_HASHES  # only full blocks, at most the cap
+    assert contract.prefix_hashes(ids[:16 * 3 + 15]) == hashes[:3]  # chained: a prefix shares its hashes
+    assert contract.decode_prefix_hashes(contract.encode_prefix_hashes(hashes)) == tuple(hashes)
+    assert contract.decode_prefix_hashes(",".join(["x"] * 500)) == ("x",) * contract.MAX_PREFIX_HASHES
+    assert contract.decode_prefix_hashes("") == ()
+
+
+def test_one_openai_error_shape():
+    from tokenslice.errors import openai_error
+
+    assert openai_error(429, "full", code="queue_full") == {
+        "error": {"message": "full", "type": "RateLimitError", "param": None, "code": "queue_full"}}
+    assert openai_error(400, "bad", param="n")["error"] == {
+        "message": "bad", "type": "BadRequestError", "param": "n", "code": 400}

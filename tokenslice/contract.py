@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +70,11 @@ SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
 
 ROLE_CHUNK = "chunk"
 ROLE_ADMIT = "admit"
+
+PREFIX_BLOCK = 16
+"""Tokens per hashed prompt block (the picker only compares hashes, so any fixed size works)."""
+MAX_PREFIX_HASHES = 64
+"""At most this many block hashes travel (and are read) per request: bounds header size and work."""
 
 # Headers covered by the signature for each role, in signing order.
 CHUNK_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, TENANT, PRIORITY_CLASS, GENERATED,
@@ -219,6 +224,41 @@ def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], rol
     if expires < (time.time() if now is None else now):
         raise ContractError("expired tokenslice headers")
     return values
+
+
+def role_of(headers: Mapping[str, str]) -> str | None:
+    """``ROLE_CHUNK``, ``ROLE_ADMIT`` or None for a client's own request (lower-case header names).
+
+    One rule for every part: the (signed) role header alone decides. A request with the chunk role must
+    then pass ``ChunkHeaders.verify`` or is refused; anything else is a client request, whose internal
+    headers are stripped before they could route or escalate anything.
+    """
+    role = headers.get(ROLE)
+    return role if role in (ROLE_CHUNK, ROLE_ADMIT) else None
+
+
+def prefix_hashes(ids: Sequence[int], block: int = PREFIX_BLOCK, limit: int = MAX_PREFIX_HASHES) -> list[str]:
+    """Chained hashes of the prompt's leading full blocks: hash i names the whole prefix up to block i.
+
+    The picker's prefix-affinity scorer remembers which endpoint served which hash, so a new request
+    sharing a long prompt prefix (a system prompt, a conversation) is steered to the cache holding it.
+    """
+    out = []
+    h = hashlib.blake2b(digest_size=8)
+    for start in range(0, min(len(ids) // block, limit) * block, block):
+        h.update(b",".join(str(t).encode() for t in ids[start:start + block]) + b";")
+        out.append(h.copy().hexdigest())
+    return out
+
+
+def encode_prefix_hashes(hashes: Sequence[str]) -> str:
+    """The ``PREFIX_HASHES`` header value (comma-separated, at most ``MAX_PREFIX_HASHES``)."""
+    return ",".join(hashes[:MAX_PREFIX_HASHES])
+
+
+def decode_prefix_hashes(value: str) -> tuple[str, ...]:
+    """Inverse of ``encode_prefix_hashes``; tolerant of empties, capped like the encoder."""
+    return tuple(h for h in value.split(",")[:MAX_PREFIX_HASHES] if h) if value else ()
 
 
 def is_internal_header(name: str) -> bool:

@@ -11,7 +11,6 @@ headers (tenant, class, the class's chunk size) and routed to a driver sidecar w
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -27,6 +26,7 @@ from google.protobuf import struct_pb2
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, Shed
 from tokenslice import contract
+from tokenslice.errors import openai_error_bytes
 
 log = logging.getLogger("tokenslice_picker.extproc")
 
@@ -42,13 +42,6 @@ def _hv(key: str, value: str) -> base_pb2.HeaderValueOption:
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
-def error_body(status: int, message: str, code: str) -> bytes:
-    """OpenAI-style error JSON."""
-    kind = {429: "rate_limit_error", 503: "service_unavailable", 403: "permission_error"}.get(
-        status, "invalid_request_error")
-    return json.dumps({"error": {"message": message, "type": kind, "param": None, "code": code}}).encode()
-
-
 def immediate(status: int, message: str, code: str, retry_after: float | None = None) -> pb.ProcessingResponse:
     headers = [_hv("content-type", "application/json")]
     if retry_after is not None:
@@ -56,7 +49,7 @@ def immediate(status: int, message: str, code: str, retry_after: float | None = 
     return pb.ProcessingResponse(immediate_response=pb.ImmediateResponse(
         status=http_status_pb2.HttpStatus(code=status),
         headers=pb.HeaderMutation(set_headers=headers),
-        body=error_body(status, message, code),
+        body=openai_error_bytes(status, message, code=code),
         details=code))
 
 
@@ -126,7 +119,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             return
         t0 = time.perf_counter()
         headers = headers_of(first.request_headers.headers)
-        if headers.get(contract.ROLE) != contract.ROLE_CHUNK:
+        if contract.role_of(headers) != contract.ROLE_CHUNK:
             async for response in self._client(first, headers, stream, t0):
                 yield response
             return
@@ -193,7 +186,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         return Chunk(request_id=claimed.request_id, tenant=claimed.tenant, klass=claimed.priority_class,
                      index=claimed.chunk_index, kv_holder=claimed.kv_holder, prompt_tokens=claimed.prompt_tokens,
                      generated=claimed.generated, slice=claimed.slice, subset=subset_of(first),
-                     prefix_hashes=tuple(h for h in hashes.split(",")[:64] if h) if hashes else ())
+                     prefix_hashes=contract.decode_prefix_hashes(hashes))
 
     # --- a client's own request --------------------------------------------------------
     async def _client(self, first: pb.ProcessingRequest, headers: dict[str, str],

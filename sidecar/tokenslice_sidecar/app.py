@@ -25,10 +25,12 @@ from aiohttp import web
 
 from tokenslice import contract
 from tokenslice.contract import AdmitHeaders, ChunkHeaders, ContractError
+from tokenslice.errors import openai_error
 
 from .driver import ChunkTarget, Generation, tokenize
 from .metrics import SidecarMetrics
-from .openai_stream import ResponseBuilder, error_body, sse
+
+from .openai_stream import ResponseBuilder, sse
 from .proxy import forward, forward_headers
 from .requests import Endpoint, Plan, RequestError, plan
 from .upstream import UpstreamError
@@ -122,13 +124,13 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 def _error(message: str, status: int, err_type: str = "BadRequestError", param: str | None = None) -> web.Response:
-    return web.json_response(error_body(message, status, err_type, param), status=status)
+    return web.json_response(openai_error(status, message, err_type=err_type, param=param), status=status)
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     lower = {k.lower(): v for k, v in request.headers.items()}
-    if lower.get(contract.ROLE) == contract.ROLE_CHUNK or contract.CHUNK_INDEX in lower:
+    if contract.role_of(lower) == contract.ROLE_CHUNK:
         try:
             chunk = ChunkHeaders.verify(lower, st.key)
         except ContractError as exc:

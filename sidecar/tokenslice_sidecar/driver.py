@@ -11,7 +11,6 @@ exactly; token ids come from ``return_token_ids``, never from re-tokenized text.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,10 +19,12 @@ from typing import Any
 
 import aiohttp
 
+from tokenslice import contract
 from tokenslice.contract import PREFIX_HASHES, SERVED_BY, ChunkHeaders
+from tokenslice.errors import openai_error
 
 from .metrics import SidecarMetrics
-from .openai_stream import Delta, error_body
+from .openai_stream import Delta
 from .requests import Plan, RequestError, chunk_seed, tokenize_body
 from .stops import StopScanner
 from .upstream import UpstreamError, error_from_response, sse_events
@@ -163,7 +164,7 @@ class Generation:
                                    prompt_tokens=len(self.prompt_ids), slice=slice_,
                                    kv_holder=self.kv_holder).sign(self.target.key)
             if self.chunks == 0:
-                hashes = prefix_hashes(self.prompt_ids)
+                hashes = contract.encode_prefix_hashes(contract.prefix_hashes(self.prompt_ids))
                 if hashes:
                     headers[PREFIX_HASHES] = hashes
             body = self._chunk_body(slice_)
@@ -233,11 +234,10 @@ class Generation:
                             end = Delta(text + scanner.flush(), ids, lp, finish, choice.get("stop_reason"))
                             yield end
                         else:
-                            raise UpstreamError(500, error_body(f"chunk ended with finish_reason {finish!r}",
-                                                                500, "InternalServerError"))
+                            raise UpstreamError(500, openai_error(500, f"chunk ended with finish_reason {finish!r}"))
                     if finish is None:
-                        raise UpstreamError(502, error_body("chunk stream ended without a finish_reason", 502,
-                                                            "UpstreamError"))
+                        raise UpstreamError(502, openai_error(502, "chunk stream ended without a finish_reason",
+                                                              err_type="UpstreamError"))
 
             except asyncio.TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
                 self.metrics.errors.labels("chunk").inc()
@@ -259,24 +259,6 @@ class Generation:
             self.chunks += 1
             if end is not None:
                 return
-
-
-PREFIX_BLOCK = 16
-"""Tokens per hashed prompt block (the gateway only compares hashes, so any fixed size works)."""
-
-
-def prefix_hashes(ids: list[int], block: int = PREFIX_BLOCK, limit: int = 64) -> str:
-    """Chained hashes of the prompt's leading full blocks: hash i names the whole prefix up to block i.
-
-    The gateway's prefix-affinity scorer remembers which endpoint served which hash, so a new request
-    sharing a long prompt prefix (a system prompt, a conversation) is steered to the cache holding it.
-    """
-    out = []
-    h = hashlib.blake2b(digest_size=8)
-    for start in range(0, min(len(ids) // block, limit) * block, block):
-        h.update(b",".join(str(t).encode() for t in ids[start:start + block]) + b";")
-        out.append(h.copy().hexdigest())
-    return ",".join(out)
 
 
 async def _detokenize(target: ChunkTarget, tokens: list[int], model: str | None) -> str:

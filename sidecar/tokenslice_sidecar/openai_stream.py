@@ -31,12 +31,6 @@ class Delta:
     stop_reason: int | str | None = None
 
 
-def error_body(message: str, status: int, err_type: str = "BadRequestError",
-               param: str | None = None) -> dict[str, Any]:
-    """The OpenAI/vLLM error object."""
-    return {"error": {"message": message, "type": err_type, "param": param, "code": status}}
-
-
 def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
 

@@ -10,7 +10,7 @@ from aiohttp import web
 
 from tokenslice.contract import is_internal_header
 
-from .openai_stream import error_body
+from tokenslice.errors import openai_error
 
 log = logging.getLogger("tokenslice.sidecar.proxy")
 
@@ -54,4 +54,4 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
     log.warning("forward %s %s failed: %s", request.method, url, message)
     if resp is not None and resp.prepared:
         return resp  # already streaming: the truncated body is the error signal
-    return web.json_response(error_body(message, status, "ServiceUnavailableError"), status=status)
+    return web.json_response(openai_error(status, message, err_type="ServiceUnavailableError"), status=status)

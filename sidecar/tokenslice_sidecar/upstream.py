@@ -8,9 +8,9 @@ from typing import Any
 
 import aiohttp
 
+from tokenslice.errors import openai_error
 from tokenslice.sse import error_of, sse_json
 
-from .openai_stream import error_body
 
 
 class UpstreamError(Exception):
@@ -23,12 +23,12 @@ class UpstreamError(Exception):
 
     @classmethod
     def unreachable(cls, what: str, exc: BaseException) -> UpstreamError:
-        return cls(502, error_body(f"{what} unreachable: {exc.__class__.__name__}: {exc}", 502,
-                                   "ServiceUnavailableError"))
+        return cls(502, openai_error(502, f"{what} unreachable: {exc.__class__.__name__}: {exc}",
+                                     err_type="ServiceUnavailableError"))
 
     @classmethod
     def timeout(cls, what: str) -> UpstreamError:
-        return cls(504, error_body(f"{what} timed out", 504, "TimeoutError"))
+        return cls(504, openai_error(504, f"{what} timed out"))
 
 
 async def error_from_response(resp: aiohttp.ClientResponse, what: str) -> UpstreamError:
@@ -39,12 +39,12 @@ async def error_from_response(resp: aiohttp.ClientResponse, what: str) -> Upstre
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
             return UpstreamError(resp.status, body)
         if isinstance(body, dict) and "detail" in body:  # FastAPI's own 4xx
-            return UpstreamError(resp.status, error_body(str(body["detail"]), resp.status))
+            return UpstreamError(resp.status, openai_error(resp.status, str(body["detail"]), err_type="BadRequestError"))
     except ValueError:
         pass
     text = raw.decode(errors="replace")[:500]
-    return UpstreamError(resp.status, error_body(f"{what} returned HTTP {resp.status}: {text}", resp.status,
-                                                 "UpstreamError"))
+    return UpstreamError(resp.status, openai_error(resp.status, f"{what} returned HTTP {resp.status}: {text}",
+                                                   err_type="UpstreamError"))
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:

@@ -116,7 +116,7 @@ async def test_no_endpoints_is_503_with_openai_error(gateway_stack):
         status, resp_headers, body = await stack.post(headers=headers)
         assert status == 503
         err = json.loads(body)["error"]
-        assert err["code"] == "no_endpoints" and err["type"] == "service_unavailable" and err["message"]
+        assert err["code"] == "no_endpoints" and err["type"] == "ServiceUnavailableError" and err["message"]
 
 
 async def test_kv_affinity_and_fallback_when_holder_leaves(gateway_stack, upstreams):
