@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from tokenslice import contract
 from tokenslice import contract as c
 
 KEY = b"k" * 32
