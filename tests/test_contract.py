@@ -126,3 +126,17 @@ def test_one_openai_error_shape():
         "error": {"message": "full", "type": "RateLimitError", "param": None, "code": "queue_full"}}
     assert openai_error(400, "bad", param="n")["error"] == {
         "message": "bad", "type": "BadRequestError", "param": "n", "code": 400}
+
+
+def test_cut_orders_are_signed_and_short_lived():
+    key = b"k" * 32
+    headers = contract.CutHeaders("r1", 4, "priority").sign(key)
+    got = contract.CutHeaders.verify(headers, key)
+    assert (got.request_id, got.chunk_index, got.reason) == ("r1", 4, "priority")
+    assert got.expires - time.time() <= contract.CUT_TTL_S
+    with pytest.raises(contract.ContractError):
+        contract.CutHeaders.verify(headers, b"other-key" * 4)
+    with pytest.raises(contract.ContractError):
+        contract.CutHeaders.verify({**headers, contract.CHUNK_INDEX: "5"}, key)
+    with pytest.raises(contract.ContractError):  # a chunk's signature is no cut order
+        contract.CutHeaders.verify(contract.ChunkHeaders("r1", 4, "t", "batch").sign(key), key)

@@ -70,6 +70,10 @@ SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
 
 ROLE_CHUNK = "chunk"
 ROLE_ADMIT = "admit"
+ROLE_CUT = "cut"
+
+CUT_REASON = "x-tokenslice-cut-reason"
+"""Why the picker revoked a running chunk (``priority``, ``fair_share``, ...): metrics label, signed."""
 
 PREFIX_BLOCK = 16
 """Tokens per hashed prompt block (the picker only compares hashes, so any fixed size works)."""
@@ -80,6 +84,10 @@ MAX_PREFIX_HASHES = 64
 CHUNK_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, TENANT, PRIORITY_CLASS, GENERATED,
                 PROMPT_TOKENS, SLICE, KV_HOLDER, EXPIRES)
 ADMIT_SIGNED = (ROLE, REQUEST_ID, TENANT, PRIORITY_CLASS, SLICE, EXPIRES)
+CUT_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, CUT_REASON, EXPIRES)
+
+CUT_TTL_S = 10
+"""A cut order is acted on at once or never: a short life keeps a captured one from being replayed."""
 
 DEFAULT_TTL_S = 300
 KEY_ENV = "TOKENSLICE_SIGNING_KEY"
@@ -204,6 +212,36 @@ class AdmitHeaders:
                    chunk_size=chunk_size)
 
 
+@dataclass(slots=True)
+class CutHeaders:
+    """The picker's order to end one running chunk now (a revoked slice).
+
+    Sent as ``POST CUT_PATH`` to the worker sidecar the chunk was routed to. The worker closes that
+    chunk's vLLM stream (its full KV blocks stay in the prefix cache) and ends the chunk to the driver
+    cleanly with the tokens generated so far, exactly like a slice end; the driver then continues from
+    those token ids. Signed like the chunk headers, so only the picker can revoke a slice.
+    """
+
+    request_id: str
+    chunk_index: int
+    reason: str = "priority"
+    expires: int = field(default_factory=lambda: int(time.time()) + CUT_TTL_S)
+
+    def sign(self, key: bytes) -> dict[str, str]:
+        values = {ROLE: ROLE_CUT, REQUEST_ID: self.request_id, CHUNK_INDEX: str(self.chunk_index),
+                  CUT_REASON: self.reason, EXPIRES: str(self.expires)}
+        values[SIGNATURE] = _mac(key, [values[h] for h in CUT_SIGNED])
+        return values
+
+    @classmethod
+    def verify(cls, headers: Mapping[str, str], key: bytes, now: float | None = None) -> CutHeaders:
+        values = _checked(headers, key, CUT_SIGNED, ROLE_CUT, now)
+        try:
+            return cls(values[REQUEST_ID], int(values[CHUNK_INDEX]), values[CUT_REASON], int(values[EXPIRES]))
+        except ValueError as exc:
+            raise ContractError(f"malformed cut header: {exc}") from None
+
+
 def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], role: str,
              now: float | None) -> dict[str, str]:
     signature = headers.get(SIGNATURE)
@@ -227,14 +265,14 @@ def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], rol
 
 
 def role_of(headers: Mapping[str, str]) -> str | None:
-    """``ROLE_CHUNK``, ``ROLE_ADMIT`` or None for a client's own request (lower-case header names).
+    """``ROLE_CHUNK``, ``ROLE_ADMIT``, ``ROLE_CUT`` or None for a client's own request (lower-case header names).
 
     One rule for every part: the (signed) role header alone decides. A request with the chunk role must
     then pass ``ChunkHeaders.verify`` or is refused; anything else is a client request, whose internal
     headers are stripped before they could route or escalate anything.
     """
     role = headers.get(ROLE)
-    return role if role in (ROLE_CHUNK, ROLE_ADMIT) else None
+    return role if role in (ROLE_CHUNK, ROLE_ADMIT, ROLE_CUT) else None
 
 
 def prefix_hashes(ids: Sequence[int], block: int = PREFIX_BLOCK, limit: int = MAX_PREFIX_HASHES) -> list[str]:
@@ -268,3 +306,5 @@ def is_internal_header(name: str) -> bool:
 # --- paths ------------------------------------------------------------------
 SIDECAR_METRICS_PATH = "/tokenslice/metrics"
 """The sidecar's own Prometheus metrics; ``/metrics`` on the same port passes through to vLLM."""
+CUT_PATH = "/tokenslice/v1/cut"
+"""Worker sidecar endpoint the picker POSTs a signed ``CutHeaders`` to (200: cut, 404: not running)."""
