@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -130,15 +131,25 @@ def upstream_bootstrap(ports: list[int], admin: int) -> str:
 
 
 LOADGEN = r'''
-import asyncio, sys, time, json
+import asyncio, itertools, os, sys, time, json
 host, port, conns, duration, headers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), json.loads(sys.argv[5])
-req = ("POST /v1/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
-       + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n{}").encode()
+def build(h):
+    return ("POST /v1/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n{}").encode()
+fields = headers.pop("__sign__", None)  # chunk fields: sign each request anew (the picker refuses replays)
+if fields:
+    from tokenslice.contract import ChunkHeaders
+    key, ids = os.environ["BENCH_SIGNING_KEY"].encode(), itertools.count()
+    def request(): return build(ChunkHeaders(**fields, request_id=f"{os.getpid()}-{next(ids)}").sign(key))
+else:
+    fixed = build(headers)
+    def request(): return fixed
 lat = []; errors = 0
 async def worker(stop):
     global errors
     r, w = await asyncio.open_connection(host, port)
     while time.perf_counter() < stop:
+        req = request()
         t0 = time.perf_counter()
         w.write(req)
         head = await r.readuntil(b"\r\n\r\n")
@@ -169,13 +180,13 @@ def _taskset(cpu: str | None) -> list[str]:
     return ["taskset", "-c", cpu] if cpu and shutil.which("taskset") else []
 
 
-async def run_load(url_port: int, conns: int, duration: float, headers: dict[str, str],
-                   cpu: str | None, procs: int) -> dict[str, float]:
+async def run_load(url_port: int, conns: int, duration: float, headers: dict[str, Any],
+                   cpu: str | None, procs: int, env: dict[str, str] | None = None) -> dict[str, float]:
     """Closed-loop load from ``procs`` processes sharing ``conns`` connections."""
     per = [conns // procs + (1 if i < conns % procs else 0) for i in range(procs)]
     runs = [await asyncio.create_subprocess_exec(
         *_taskset(cpu), sys.executable, "-c", LOADGEN, "127.0.0.1", str(url_port), str(c), str(duration),
-        json.dumps(headers), stdout=asyncio.subprocess.PIPE) for c in per if c]
+        json.dumps(headers), stdout=asyncio.subprocess.PIPE, env={**os.environ, **(env or {})}) for c in per if c]
     results = [json.loads((await p.communicate())[0]) for p in runs]
     lat = [x for r in results for x in r["lat"]]
     elapsed = max(r["elapsed"] for r in results)
@@ -223,18 +234,20 @@ async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None
         for e in (direct, picked):
             _pin(e.process.pid, envoy_cpu)
         # the common case: a continuation chunk going back to its KV holder
-        chunk = contract.ChunkHeaders(request_id="bench", chunk_index=1, tenant="default", priority_class="standard",
-                                      generated=32, prompt_tokens=256, slice=32, kv_holder=f"127.0.0.1:{up_ports[0]}",
-                                      expires=int(time.time()) + 3600).sign(key.hex().encode())
+        # signed per request by the load generator: the picker refuses a replayed signature
+        chunk = {"__sign__": dict(chunk_index=1, tenant="default", priority_class="standard", generated=32,
+                                  prompt_tokens=256, slice=32, kv_holder=f"127.0.0.1:{up_ports[0]}",
+                                  expires=int(time.time()) + 3600)}
+        env = {"BENCH_SIGNING_KEY": key.hex()}
         for port in (direct.listen_port, picked.listen_port):  # warm-up
-            await run_load(port, 4, 1.0, chunk, load_cpu, 1)
+            await run_load(port, 4, 1.0, chunk, load_cpu, 1, env)
         rows = []
         for conns in levels:
             reps = []
             for _ in range(repeat):  # direct and picker interleaved, so drift hits both alike
-                d = await run_load(direct.listen_port, conns, duration, chunk, load_cpu, procs)
+                d = await run_load(direct.listen_port, conns, duration, chunk, load_cpu, procs, env)
                 cpu0 = _cpu_seconds(gw.pid)
-                p = await run_load(picked.listen_port, conns, duration, chunk, load_cpu, procs)
+                p = await run_load(picked.listen_port, conns, duration, chunk, load_cpu, procs, env)
                 cpu_us = (_cpu_seconds(gw.pid) - cpu0) / max(1, p["n"]) * 1e6
                 reps.append({"direct_rps": d["rps"], "direct_p50_ms": d["p50_ms"], "direct_p99_ms": d["p99_ms"],
                              "picker_rps": p["rps"], "picker_p50_ms": p["p50_ms"], "picker_p99_ms": p["p99_ms"],

@@ -150,7 +150,7 @@ async def main() -> int:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "tokenslice", "sidecar", "--host", "127.0.0.1", "--port", str(port),
                  "--vllm-url", vllm_url, "--chunk-size", str(size), "--log-level", "WARNING"],
-                cwd=REPO, env={**os.environ, "TOKENSLICE_SIGNING_KEY": "bench"}, start_new_session=True)
+                cwd=REPO, env={**os.environ, "TOKENSLICE_SIGNING_KEY": "bench-" * 8}, start_new_session=True)
             stack.callback(lambda p=proc: (os.killpg(p.pid, signal.SIGTERM), p.wait(10)))
             sidecars[size] = (f"http://127.0.0.1:{port}", proc.pid)
             await wait_http(http, f"{sidecars[size][0]}/health")

@@ -86,13 +86,65 @@ def test_load_key(tmp_path, monkeypatch):
     with pytest.raises(c.ContractError, match="no signing key"):
         c.load_key()
     f = tmp_path / "key"
-    f.write_text("secret\n")
-    assert c.load_key(key_file=f) == b"secret"
+    f.write_text("s" * 32 + "\n")
+    assert c.load_key(key_file=f) == b"s" * 32
     f.write_text("")
     with pytest.raises(c.ContractError, match="empty"):
         c.load_key(key_file=f)
-    monkeypatch.setenv(c.KEY_ENV, "envkey")
-    assert c.load_key() == b"envkey"
+    with pytest.raises(c.ContractError, match="cannot read"):
+        c.load_key(key_file=tmp_path / "absent")
+    monkeypatch.setenv(c.KEY_ENV, "e" * 40)
+    assert c.load_key() == b"e" * 40
+
+
+@pytest.mark.parametrize("source", ["arg", "file", "env"])
+def test_weak_keys_are_refused_and_never_echoed(tmp_path, monkeypatch, source):
+    monkeypatch.delenv(c.KEY_FILE_ENV, raising=False)
+    weak = "hunter2-is-weak"
+    f = tmp_path / "key"
+    f.write_text(weak)
+    monkeypatch.setenv(c.KEY_ENV, weak)
+    with pytest.raises(c.ContractError, match=f"at least {c.MIN_KEY_BYTES}") as err:
+        c.load_key(**{"arg": {"key": weak}, "file": {"key_file": f}, "env": {}}[source])
+    assert weak not in str(err.value)
+
+
+def test_signature_binds_the_body_and_path():
+    body = b'{"prompt":[1,2,3],"max_tokens":32}'
+    headers = chunk(body_digest=c.body_digest("/v1/completions", body)).sign(KEY)
+    assert c.ChunkHeaders.verify(headers, KEY).body_digest == c.body_digest("/v1/completions", body)
+    assert c.body_digest("/v1/completions", body + b" ") != headers[c.BODY_DIGEST]
+    assert c.body_digest("/v1/chat/completions", body) != headers[c.BODY_DIGEST]
+    with pytest.raises(c.ContractError, match="bad signature"):  # another body's digest
+        c.ChunkHeaders.verify({**headers, c.BODY_DIGEST: c.body_digest("/v1/completions", b"{}")}, KEY)
+
+
+def test_chunks_live_briefly_and_a_grant_extends_only_the_granted_one():
+    headers = chunk().sign(KEY)
+    assert int(headers[c.EXPIRES]) - time.time() <= c.CHUNK_TTL_S
+    later = time.time() + c.CHUNK_TTL_S + 60  # it waited a minute in the picker's queue
+    with pytest.raises(c.ContractError, match="expired"):
+        c.ChunkHeaders.verify(headers, KEY, now=later)
+    with pytest.raises(c.ContractError, match="no valid grant"):
+        c.ChunkHeaders.verify(headers, KEY, now=later, granted=True)
+    granted = {**headers, c.GRANT: c.grant(headers, KEY, now=later)}
+    assert c.ChunkHeaders.verify(granted, KEY, now=later + 1, granted=True).request_id == "r1"
+    with pytest.raises(c.ContractError, match="expired grant"):
+        c.ChunkHeaders.verify(granted, KEY, now=later + c.GRANT_TTL_S + 1, granted=True)
+    other = chunk(chunk_index=4).sign(KEY)  # a grant is bound to one chunk's signature
+    with pytest.raises(c.ContractError, match="no valid grant"):
+        c.ChunkHeaders.verify({**other, c.GRANT: granted[c.GRANT]}, KEY, now=later, granted=True)
+    with pytest.raises(c.ContractError, match="no valid grant"):  # and only the key holder makes one
+        c.ChunkHeaders.verify({**headers, c.GRANT: c.grant(headers, b"x" * 32, now=later)}, KEY, now=later,
+                              granted=True)
+
+
+def test_seen_signatures_refuse_a_replay_and_forget_expired_ones():
+    seen = c.SeenSignatures()
+    assert seen.first_use("a", until=100, now=0)
+    assert not seen.first_use("a", until=100, now=50)
+    assert seen.first_use("b", until=200, now=50)
+    assert seen.first_use("c", until=300, now=150) and len(seen) == 2  # "a" could no longer verify
 
 
 def test_client_headers_are_internal():

@@ -9,6 +9,12 @@ A client never holds the key, so it can never forge a continuation, a tenant,
 a priority class or a destination.  The gateway strips every ``x-tokenslice-*``
 header and the destination header from client traffic before anything else.
 
+A chunk's signature also covers a digest of its path and body (``BODY_DIGEST``) and its slice,
+and lives ``CHUNK_TTL_S``; the worker runs only the signed body, only up to the signed slice, and
+each signature once (``SeenSignatures``). A chunk that waited in the picker's queue longer than its
+life carries the picker's short-lived ``GRANT`` instead. So a captured chunk can neither be altered
+nor replayed into an unbounded generation.
+
 The same scheme signs the *admission* headers the gateway puts on a client's
 own request (tenant and class it resolved) so the driver can trust them.
 
@@ -18,6 +24,7 @@ Both sides import this module; nothing else may spell these header names.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
 import os
 import time
@@ -48,6 +55,11 @@ EXPIRES = "x-tokenslice-expires"
 SIGNATURE = "x-tokenslice-signature"
 ROLE = "x-tokenslice-role"
 """``chunk`` (driver -> worker) or ``admit`` (gateway -> driver, client request)."""
+BODY_DIGEST = "x-tokenslice-body-digest"
+"""SHA-256 of the chunk's path and exact body bytes (``body_digest``): binds a signature to one body."""
+GRANT = "x-tokenslice-grant"
+"""``<expires>:<mac>`` set by the picker when it routes a chunk: a fresh, short-lived stamp bound to the
+chunk's signature, so a chunk that waited in the queue longer than its own life still runs once granted."""
 
 # response headers set by the worker / gateway (informational, never trusted for routing)
 SERVED_BY = "x-tokenslice-served-by"
@@ -82,7 +94,7 @@ MAX_PREFIX_HASHES = 64
 
 # Headers covered by the signature for each role, in signing order.
 CHUNK_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, TENANT, PRIORITY_CLASS, GENERATED,
-                PROMPT_TOKENS, SLICE, KV_HOLDER, EXPIRES)
+                PROMPT_TOKENS, SLICE, KV_HOLDER, BODY_DIGEST, EXPIRES)
 ADMIT_SIGNED = (ROLE, REQUEST_ID, TENANT, PRIORITY_CLASS, SLICE, EXPIRES)
 CUT_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, CUT_REASON, EXPIRES)
 
@@ -90,6 +102,15 @@ CUT_TTL_S = 10
 """A cut order is acted on at once or never: a short life keeps a captured one from being replayed."""
 
 DEFAULT_TTL_S = 300
+"""Life of admit headers: the driver reads them once, on arrival, but the client may upload slowly."""
+CHUNK_TTL_S = 30
+"""Life of a chunk's signature from the driver to the picker. A captured chunk is worth little after it:
+the worker then also wants the picker's ``GRANT`` (``GRANT_TTL_S``), and within it the body digest and the
+slice bound what a replay can run to one slice of the very same tokens."""
+GRANT_TTL_S = 10
+"""Life of the picker's grant stamp: the time from routing to the worker reading the headers."""
+MIN_KEY_BYTES = 32
+"""Shortest signing key accepted anywhere (256 bits, the HMAC-SHA256 block strength we rely on)."""
 KEY_ENV = "TOKENSLICE_SIGNING_KEY"
 KEY_FILE_ENV = "TOKENSLICE_SIGNING_KEY_FILE"
 
@@ -98,20 +119,43 @@ class ContractError(ValueError):
     """A header set that must not be trusted (unsigned, forged, expired, malformed)."""
 
 
+def check_key(key: bytes, source: str = "signing key") -> bytes:
+    """``key`` if it is strong enough to sign with, else ContractError (naming the source, never the key)."""
+    if len(key) < MIN_KEY_BYTES:
+        raise ContractError(f"{source} is {len(key)} bytes; at least {MIN_KEY_BYTES} are required "
+                            f"(e.g. `openssl rand -hex 32`)")
+    return key
+
+
 def load_key(key: str | bytes | None = None, key_file: str | os.PathLike[str] | None = None) -> bytes:
-    """Resolve the signing key: explicit value, explicit file, $TOKENSLICE_SIGNING_KEY, or its _FILE."""
+    """Resolve the signing key: explicit value, explicit file, $TOKENSLICE_SIGNING_KEY, or its _FILE.
+
+    There is no fallback: a missing, empty or short key is a ContractError, so a part never starts
+    signing with a key its peers do not share (which would refuse every chunk) or one easy to guess.
+    """
     if key:
-        return key.encode() if isinstance(key, str) else key
+        return check_key(key.encode() if isinstance(key, str) else key)
     path = key_file or os.environ.get(KEY_FILE_ENV)
     if path:
-        data = Path(path).read_bytes().strip()
+        try:
+            data = Path(path).read_bytes().strip()
+        except OSError as exc:
+            raise ContractError(f"cannot read signing key file {path}: {exc.strerror}") from None
         if data:
-            return data
+            return check_key(data, f"signing key file {path}")
         raise ContractError(f"signing key file {path} is empty")
     env = os.environ.get(KEY_ENV)
     if env:
-        return env.encode()
+        return check_key(env.encode(), f"${KEY_ENV}")
     raise ContractError(f"no signing key: set {KEY_ENV} or {KEY_FILE_ENV}, or pass --signing-key-file")
+
+
+def body_digest(path: str, body: bytes) -> str:
+    """What ``BODY_DIGEST`` carries: the request path and body exactly as sent, hashed together."""
+    h = hashlib.sha256(path.encode())
+    h.update(b"\n")
+    h.update(body)
+    return h.hexdigest()
 
 
 def _mac(key: bytes, values: list[str]) -> str:
@@ -130,7 +174,9 @@ class ChunkHeaders:
     prompt_tokens: int = 0
     slice: int = 0
     kv_holder: str = ""
-    expires: int = field(default_factory=lambda: int(time.time()) + DEFAULT_TTL_S)
+    body_digest: str = ""
+    """``body_digest(path, body)`` of the chunk request; the worker refuses any other body."""
+    expires: int = field(default_factory=lambda: int(time.time()) + CHUNK_TTL_S)
 
     def _values(self) -> dict[str, str]:
         return {
@@ -143,6 +189,7 @@ class ChunkHeaders:
             PROMPT_TOKENS: str(self.prompt_tokens),
             SLICE: str(self.slice),
             KV_HOLDER: self.kv_holder,
+            BODY_DIGEST: self.body_digest,
             EXPIRES: str(self.expires),
         }
 
@@ -153,9 +200,17 @@ class ChunkHeaders:
         return values
 
     @classmethod
-    def verify(cls, headers: Mapping[str, str], key: bytes, now: float | None = None) -> ChunkHeaders:
-        """Parse and authenticate chunk headers (lower-case names); raise ContractError if untrusted."""
-        values = _checked(headers, key, CHUNK_SIGNED, ROLE_CHUNK, now)
+    def verify(cls, headers: Mapping[str, str], key: bytes, now: float | None = None, *,
+               granted: bool = False) -> ChunkHeaders:
+        """Parse and authenticate chunk headers (lower-case names); raise ContractError if untrusted.
+
+        ``granted=True`` (the worker): a chunk whose own life ended while it waited in the picker's
+        queue is still accepted when it carries a fresh ``GRANT`` the picker bound to its signature.
+        """
+        now = time.time() if now is None else now
+        values = _checked(headers, key, CHUNK_SIGNED, ROLE_CHUNK, now, check_expiry=not granted)
+        if granted and int(values[EXPIRES]) < now:
+            check_grant(headers, key, now)
         try:
             return cls(
                 request_id=values[REQUEST_ID],
@@ -166,10 +221,28 @@ class ChunkHeaders:
                 prompt_tokens=int(values[PROMPT_TOKENS]),
                 slice=int(values[SLICE]),
                 kv_holder=values[KV_HOLDER],
+                body_digest=values[BODY_DIGEST],
                 expires=int(values[EXPIRES]),
             )
         except ValueError as exc:
             raise ContractError(f"malformed chunk header: {exc}") from None
+
+
+def grant(headers: Mapping[str, str], key: bytes, now: float | None = None) -> str:
+    """The picker's ``GRANT`` value for a chunk it verified and routes now."""
+    expires = int(time.time() if now is None else now) + GRANT_TTL_S
+    return f"{expires}:{_mac(key, ['grant', headers[SIGNATURE], str(expires)])}"
+
+
+def check_grant(headers: Mapping[str, str], key: bytes, now: float | None = None) -> None:
+    """Raise ContractError unless ``headers`` carry a fresh grant bound to their signature."""
+    value = headers.get(GRANT, "")
+    expires, _, mac = value.partition(":")
+    if not expires.isdigit() or not hmac.compare_digest(_mac(key, ["grant", headers.get(SIGNATURE, ""), expires]),
+                                                        mac):
+        raise ContractError("expired tokenslice headers and no valid grant")
+    if int(expires) < (time.time() if now is None else now):
+        raise ContractError("expired grant")
 
 
 @dataclass(slots=True)
@@ -243,7 +316,7 @@ class CutHeaders:
 
 
 def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], role: str,
-             now: float | None) -> dict[str, str]:
+             now: float | None, *, check_expiry: bool = True) -> dict[str, str]:
     signature = headers.get(SIGNATURE)
     if not signature:
         raise ContractError("unsigned tokenslice headers")
@@ -259,9 +332,36 @@ def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], rol
         expires = int(values[EXPIRES])
     except ValueError:
         raise ContractError("malformed expiry") from None
-    if expires < (time.time() if now is None else now):
+    if check_expiry and expires < (time.time() if now is None else now):
         raise ContractError("expired tokenslice headers")
     return values
+
+
+class SeenSignatures:
+    """Signatures already acted on, remembered until they could no longer be accepted anyway.
+
+    Bounded by the signatures' lives: each entry is dropped once ``until`` has passed, when the
+    contract would refuse the headers as expired in any case.
+    """
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def first_use(self, signature: str, until: float, now: float | None = None) -> bool:
+        """Record ``signature``; False when it was seen before (a replay)."""
+        now = time.time() if now is None else now
+        while self._heap and self._heap[0][0] < now:
+            _, old = heapq.heappop(self._heap)
+            self._until.pop(old, None)
+        if signature in self._until:
+            return False
+        self._until[signature] = until
+        heapq.heappush(self._heap, (until, signature))
+        return True
 
 
 def role_of(headers: Mapping[str, str]) -> str | None:

@@ -96,7 +96,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         self.dispatcher = dispatcher
         self.key = key
         self.metrics = dispatcher.metrics
-        self._routes: dict[str, bytes] = {}
+        self._seen = contract.SeenSignatures()
+        """Chunk signatures already admitted: a replay through the gateway is refused (409)."""
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         """Register ``Process`` with a serializer that also passes pre-serialised bytes through."""
@@ -140,13 +141,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         try:
             self.metrics.decision_seconds.observe(self.metrics.decision_series,
                                                  (decided - t0) + (time.perf_counter() - granted))
+            # the grant lets a chunk that outlived its signature in the queue run now, and only now
+            extra = [_hv(contract.GRANT, contract.grant(headers, self.key))]
             if chunk.waited:
-                yield _route(endpoint.address, [_hv(contract.QUEUE_WAIT_MS, f"{(granted - decided) * 1e3:.3f}")], [])
-            else:  # the common case: a pre-serialised answer per endpoint
-                cached = self._routes.get(endpoint.address)
-                if cached is None:
-                    cached = self._routes[endpoint.address] = _route(endpoint.address, [], []).SerializeToString()
-                yield cached
+                extra.append(_hv(contract.QUEUE_WAIT_MS, f"{(granted - decided) * 1e3:.3f}"))
+            yield _route(endpoint.address, extra, [])
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("chunk routed", extra={"request_id": chunk.request_id, "chunk": chunk.index,
                                                  "endpoint": endpoint.address, "migrated": chunk.migrated,
@@ -182,6 +181,11 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             log.warning("rejected chunk headers", extra={"request_id": headers.get(contract.REQUEST_ID, ""),
                                                          "error": str(exc)})
             return immediate(403, f"untrusted tokenslice headers: {exc}", "forged_internal_header")
+        if not self._seen.first_use(headers[contract.SIGNATURE], claimed.expires):
+            self.metrics.rejections.labels("replayed").inc()
+            log.warning("rejected replayed chunk", extra={"request_id": claimed.request_id,
+                                                         "chunk": claimed.chunk_index})
+            return immediate(409, "this signed chunk was already admitted", "replayed_chunk")
         hashes = headers.get(contract.PREFIX_HASHES, "") if claimed.chunk_index == 0 else ""
         return Chunk(request_id=claimed.request_id, tenant=claimed.tenant, klass=claimed.priority_class,
                      index=claimed.chunk_index, kv_holder=claimed.kv_holder, prompt_tokens=claimed.prompt_tokens,

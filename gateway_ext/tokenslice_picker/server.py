@@ -25,6 +25,7 @@ from tokenslice_picker.metrics import GatewayMetrics
 from tokenslice_picker.policy_source import PolicyFile
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tokenslice_picker.scheduling.profile import default_profile
+from tokenslice import contract
 from tokenslice.policy import SchedulingPolicySpec
 
 log = logging.getLogger("tokenslice_picker.server")
@@ -36,7 +37,7 @@ class GatewaySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
-    signing_key: bytes = Field(min_length=1, repr=False)
+    signing_key: bytes = Field(min_length=contract.MIN_KEY_BYTES, repr=False)
     endpoints: list[str] = Field(default_factory=list, description="Static pool (local mode): ip:port.")
     policy_path: Path | None = None
     policy: SchedulingPolicySpec | None = Field(default=None, description="In-process policy (no file).")

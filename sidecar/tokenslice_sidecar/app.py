@@ -16,15 +16,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
 from tokenslice import contract
-from tokenslice.contract import AdmitHeaders, ChunkHeaders, ContractError
+from tokenslice.contract import AdmitHeaders, ChunkHeaders, ContractError, SeenSignatures, check_key
 from tokenslice.errors import openai_error
 
 from .driver import ChunkTarget, Generation, tokenize
@@ -34,6 +33,7 @@ from .openai_stream import ResponseBuilder, sse
 from .proxy import forward, forward_headers
 from .requests import Endpoint, Plan, RequestError, plan
 from .upstream import UpstreamError
+from .worker import CHUNK_PATHS, check_chunk
 
 log = logging.getLogger("tokenslice.sidecar")
 
@@ -49,8 +49,8 @@ class SidecarConfig:
     """Decode tokens per chunk for requests whose admit headers name no size (or were not admitted)."""
     advertise: str = ""
     """``host:port`` this pod is reached at (the KV holder name); empty: the bound address."""
-    key: bytes = b""
-    """HMAC key shared with the gateway; empty means a random per-process key (local mode only)."""
+    key: bytes = field(default=b"", repr=False)
+    """HMAC key shared with the gateway (at least ``contract.MIN_KEY_BYTES``; there is no default)."""
     default_tenant: str = "default"
     default_class: str = "standard"
     connect_timeout_s: float = 10.0
@@ -61,9 +61,11 @@ class SidecarConfig:
 @dataclass(slots=True)
 class _State:
     config: SidecarConfig
-    key: bytes
+    key: bytes = field(repr=False)
     metrics: SidecarMetrics
     advertise: str = ""
+    seen: SeenSignatures = field(default_factory=SeenSignatures)
+    """Chunk signatures this worker already ran (replays are refused)."""
     session: aiohttp.ClientSession | None = None
     max_model_len: int | None = None
     """Learnt from the first /tokenize answer."""
@@ -90,11 +92,7 @@ UPSTREAM_KEEPALIVE_S = 3.0
 
 def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None) -> web.Application:
     """The sidecar app; serve it with ``handler_cancellation=True`` so disconnects cancel upstream work."""
-    key = config.key
-    if not key:
-        key = secrets.token_bytes(32)
-        log.warning("no signing key configured: using a random per-process key (local mode without a gateway "
-                    "only)")
+    key = check_key(config.key)  # no fallback: a random key would refuse every peer's chunk
     state = _State(config, key, metrics or SidecarMetrics(), advertise=config.advertise)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE] = state
@@ -132,14 +130,21 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     lower = {k.lower(): v for k, v in request.headers.items()}
     if contract.role_of(lower) == contract.ROLE_CHUNK:
         try:
-            chunk = ChunkHeaders.verify(lower, st.key)
+            chunk = ChunkHeaders.verify(lower, st.key, granted=True)
         except ContractError as exc:
             st.metrics.rejected.labels("bad_chunk_headers").inc()
             log.warning("refused chunk request from %s: %s", request.remote, exc)
             return _error(f"untrusted chunk headers: {exc}", 403, "PermissionDeniedError")
-        if request.method != "POST" or request.path != "/v1/completions":
-            return _error("chunks are POST /v1/completions only", 404, "NotFoundError")
-        return await _worker(request, st, chunk)
+        if request.method != "POST" or request.path not in CHUNK_PATHS:
+            return _error("chunks are POST /v1/completions or /v1/chat/completions only", 404, "NotFoundError")
+        body = await request.read()
+        try:
+            check_chunk(chunk, lower[contract.SIGNATURE], request.path, body, st.seen)
+        except ContractError as exc:
+            st.metrics.rejected.labels("bad_chunk").inc()
+            log.warning("refused chunk %s/%d from %s: %s", chunk.request_id, chunk.chunk_index, request.remote, exc)
+            return _error(f"untrusted chunk: {exc}", 403, "PermissionDeniedError")
+        return await _worker(request, st, body)
     endpoint = DRIVER_PATHS.get(request.path)
     if endpoint is not None and request.method == "POST":
         return await _driver(request, st, endpoint, lower)
@@ -154,13 +159,12 @@ def _session(st: _State) -> aiohttp.ClientSession:
     return st.session
 
 
-async def _worker(request: web.Request, st: _State, chunk: ChunkHeaders) -> web.StreamResponse:
-    """Run exactly one chunk on the local vLLM; the body is forwarded as is."""
+async def _worker(request: web.Request, st: _State, body: bytes) -> web.StreamResponse:
+    """Run exactly one checked chunk on the local vLLM; the body is forwarded as is."""
     st.metrics.worker_chunks.inc()
-    body = await request.read()
     st.metrics.inflight.inc()
     try:
-        return await forward(request, _session(st), st.config.vllm_url.rstrip("/") + "/v1/completions", body,
+        return await forward(request, _session(st), st.config.vllm_url.rstrip("/") + request.path, body,
                              st.timeout, {"Content-Type": "application/json"},
                              {contract.SERVED_BY: st.advertise})
     finally:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 
 from aiohttp import web
 
-from tokenslice.contract import KEY_ENV, KEY_FILE_ENV, ContractError, load_key
+from tokenslice.contract import KEY_ENV, KEY_FILE_ENV, MIN_KEY_BYTES, ContractError, load_key
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -31,8 +30,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="HOST:PORT this pod is reached at, reported as the KV holder (default "
                         "127.0.0.1:<port>)")
     parser.add_argument("--signing-key-file", default=None,
-                        help=f"HMAC key shared with the gateway (else ${KEY_FILE_ENV} or ${KEY_ENV}; with none, a "
-                        "random per-process key: local mode only)")
+                        help=f"HMAC key shared with the gateway, at least {MIN_KEY_BYTES} bytes (else "
+                        f"${KEY_FILE_ENV} or ${KEY_ENV}); required")
     parser.add_argument("--default-tenant", default="default", help="tenant of requests the gateway did not admit")
     parser.add_argument("--default-class", default="standard", help="class of requests the gateway did not admit")
     parser.add_argument("--read-timeout", type=float, default=300.0,
@@ -48,10 +47,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--chunk-size must be at least 1")
     try:
         key = load_key(key_file=args.signing_key_file)
-    except ContractError as exc:
-        if args.signing_key_file or os.environ.get(KEY_FILE_ENV):
-            raise SystemExit(f"tokenslice sidecar: {exc}") from None
-        key = b""  # build_app generates and logs a per-process key
+    except ContractError as exc:  # no fallback: chunks signed with a key no peer shares would all be refused
+        raise SystemExit(f"tokenslice sidecar: {exc}") from None
     config = SidecarConfig(vllm_url=args.vllm_url, chunk_url=args.chunk_url, chunk_size=args.chunk_size,
                            advertise=args.advertise or f"127.0.0.1:{args.port}", key=key,
                            default_tenant=args.default_tenant, default_class=args.default_class,

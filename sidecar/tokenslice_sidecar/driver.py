@@ -11,6 +11,7 @@ exactly; token ids come from ``return_token_ids``, never from re-tokenized text.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -31,6 +32,9 @@ from .upstream import UpstreamError, error_from_response, sse_events
 
 log = logging.getLogger("tokenslice.sidecar.driver")
 
+CHUNK_PATH = "/v1/completions"
+"""Every continuation chunk is a token-id completion; ``ChunkTarget.chunk_url`` ends with it."""
+
 
 @dataclass(slots=True)
 class ChunkTarget:
@@ -41,7 +45,7 @@ class ChunkTarget:
     chunk_url: str
     """``.../v1/completions`` of the gateway, or of the local vLLM when there is no gateway."""
     advertise: str
-    key: bytes
+    key: bytes = field(repr=False)
     timeout: aiohttp.ClientTimeout
 
 
@@ -159,15 +163,16 @@ class Generation:
         while True:
             remaining = budget - len(self.generated)
             slice_ = min(self.chunk_size, remaining)
+            data = json.dumps(self._chunk_body(slice_), separators=(",", ":")).encode()
             headers = ChunkHeaders(request_id=self.request_id, chunk_index=self.chunks, tenant=self.tenant,
                                    priority_class=self.priority_class, generated=len(self.generated),
-                                   prompt_tokens=len(self.prompt_ids), slice=slice_,
-                                   kv_holder=self.kv_holder).sign(self.target.key)
+                                   prompt_tokens=len(self.prompt_ids), slice=slice_, kv_holder=self.kv_holder,
+                                   body_digest=contract.body_digest(CHUNK_PATH, data)).sign(self.target.key)
+            headers["Content-Type"] = "application/json"
             if self.chunks == 0:
                 hashes = contract.encode_prefix_hashes(contract.prefix_hashes(self.prompt_ids))
                 if hashes:
                     headers[PREFIX_HASHES] = hashes
-            body = self._chunk_body(slice_)
             text_base = len(scanner.text)
             produced = 0
             started = time.monotonic()
@@ -177,7 +182,7 @@ class Generation:
             self.metrics.chunks.inc()
             self.metrics.inflight.inc()
             try:
-                async with self.target.session.post(self.target.chunk_url, json=body, headers=headers,
+                async with self.target.session.post(self.target.chunk_url, data=data, headers=headers,
                                                     timeout=self.target.timeout) as resp:
                     if resp.status != 200:
                         raise await error_from_response(resp, "chunk upstream")

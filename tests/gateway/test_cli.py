@@ -14,7 +14,7 @@ from tokenslice_picker.envoy import free_port
 
 
 async def test_cli_serves_health_and_metrics_then_stops(tmp_path):
-    (tmp_path / "key").write_text("secret\n")
+    (tmp_path / "key").write_text("s" * 32 + "\n")
     (tmp_path / "policy.yaml").write_text("apiVersion: tokenslice.io/v1alpha1\nkind: SchedulingPolicy\n"
                                           "metadata: {name: p}\nspec: {chunkSize: 16}\n")
     grpc_port, metrics_port = free_port(), free_port()
@@ -49,9 +49,11 @@ async def test_cli_serves_health_and_metrics_then_stops(tmp_path):
 
 def test_cli_rejects_bad_input_clearly(tmp_path):
     (tmp_path / "bad.yaml").write_text("slotsPerEndpoint: 0\n")
-    (tmp_path / "key").write_text("k")
+    (tmp_path / "key").write_text("k" * 32)
+    (tmp_path / "weak").write_text("k" * 31)
     cases = [
         (["--endpoints", "127.0.0.1:1"], "no signing key"),
+        (["--endpoints", "127.0.0.1:1", "--signing-key-file", str(tmp_path / "weak")], "at least 32 are required"),
         (["--endpoints", "db.local:1", "--signing-key-file", str(tmp_path / "key")], "must be an IP address"),
         (["--endpoints", "127.0.0.1:1", "--signing-key-file", str(tmp_path / "key"), "--policy",
           str(tmp_path / "bad.yaml")], "slotsPerEndpoint"),

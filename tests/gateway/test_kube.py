@@ -69,7 +69,7 @@ async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_clust
         await ready("p1", "10.1.0.1")
         await ready("other", "10.1.0.9")
         # no --policy file and no --policy-name: the SchedulingPolicy whose poolRef names this pool
-        gw = await start_gateway(signing_key=b"k", kube=True, pool="pool", namespace=ns,
+        gw = await start_gateway(signing_key=b"k" * 32, kube=True, pool="pool", namespace=ns,
                                  kubeconfig=cluster.kubeconfig, scrape_interval_s=0)
         try:
             ds = gw.datastore

@@ -10,7 +10,7 @@ import pytest
 from tokenslice_sidecar.app import SidecarConfig, start
 from tokenslice_sidecar.metrics import SidecarMetrics
 
-TEST_KEY = b"sidecar-test-key"
+TEST_KEY = b"sidecar-test-key-" * 2
 
 
 class RunningSidecar:

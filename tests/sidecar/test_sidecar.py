@@ -7,6 +7,7 @@ runs in-process on a free port; one sidecar per chunk size, shared by the sessio
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -507,25 +508,38 @@ async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
 
 async def test_forged_chunk_headers_are_refused(http, vllm, sidecars):
     sc = await sidecars(16)
-    body = {"model": vllm.model, "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}
-    hdr = ChunkHeaders(request_id="r1", chunk_index=1, tenant="t", priority_class="premium", generated=4,
-                       prompt_tokens=3, slice=2, kv_holder="10.0.0.1:8000")
+    body = json.dumps({"model": vllm.model, "prompt": [1, 2, 3], "max_tokens": 2, "stream": True}).encode()
+
+    def hdr(**kw) -> ChunkHeaders:
+        fields = dict(request_id="r1", chunk_index=1, tenant="t", priority_class="premium", generated=4,
+                      prompt_tokens=3, slice=2, kv_holder="10.0.0.1:8000",
+                      body_digest=contract.body_digest("/v1/completions", body))
+        return ChunkHeaders(**(fields | kw))
+
+    long = json.dumps({"model": vllm.model, "prompt": [1, 2, 3], "max_tokens": 5000, "stream": True}).encode()
     cases = {
-        "unsigned": {k: v for k, v in hdr.sign(TEST_KEY).items() if k != contract.SIGNATURE},
-        "wrong key": hdr.sign(b"not-the-key"),
-        "tampered": {**hdr.sign(TEST_KEY), contract.PRIORITY_CLASS: "critical"},
-        "expired": ChunkHeaders("r1", 1, "t", "premium", expires=int(time.time()) - 5).sign(TEST_KEY),
+        "unsigned": (body, {k: v for k, v in hdr().sign(TEST_KEY).items() if k != contract.SIGNATURE}),
+        "wrong key": (body, hdr().sign(b"not-the-key")),
+        "tampered": (body, {**hdr().sign(TEST_KEY), contract.PRIORITY_CLASS: "critical"}),
+        "expired": (body, hdr(expires=int(time.time()) - 5).sign(TEST_KEY)),
+        "another body": (long, hdr().sign(TEST_KEY)),
+        "beyond its slice": (long, hdr(body_digest=contract.body_digest("/v1/completions", long)).sign(TEST_KEY)),
+        "no max_tokens": (b"{}", hdr(body_digest=contract.body_digest("/v1/completions", b"{}")).sign(TEST_KEY)),
     }
-    for name, headers in cases.items():
-        async with http.post(f"{sc.url}/v1/completions", json=body, headers=headers) as resp:
-            data = await resp.json()
+    json_type = {"Content-Type": "application/json"}
+    for name, (data, headers) in cases.items():
+        async with http.post(f"{sc.url}/v1/completions", data=data, headers=headers | json_type) as resp:
+            err = await resp.json()
             assert resp.status == 403, name
-            assert data["error"]["type"] == "PermissionDeniedError"
-    async with http.post(f"{sc.url}/v1/completions", json=body, headers=hdr.sign(TEST_KEY)) as resp:
+            assert err["error"]["type"] == "PermissionDeniedError", name
+    good = hdr().sign(TEST_KEY)
+    async with http.post(f"{sc.url}/v1/completions", data=body, headers=good | json_type) as resp:
         assert resp.status == 200
         assert resp.headers[contract.SERVED_BY] == sc.url.removeprefix("http://")
         text = await resp.text()
         assert text.rstrip().endswith("data: [DONE]")
+    async with http.post(f"{sc.url}/v1/completions", data=body, headers=good | json_type) as resp:
+        assert resp.status == 403 and "replayed" in (await resp.json())["error"]["message"]
     assert _sample(sc, "tokenslice_sidecar_worker_chunks_total") >= 1
 
 
@@ -707,3 +721,20 @@ def _target(http, vllm):
     from tokenslice_sidecar.driver import ChunkTarget
 
     return ChunkTarget(http, vllm.url, f"{vllm.url}/v1/completions", "", TEST_KEY, aiohttp.ClientTimeout(total=30))
+
+
+def test_no_signing_key_no_start():
+    """No silent fallback: without a (strong enough) key the sidecar refuses to start, saying why."""
+    import os
+    import subprocess
+    import sys
+
+    from tokenslice_sidecar.app import SidecarConfig, build_app
+
+    for weak in (b"", b"short"):
+        with pytest.raises(contract.ContractError, match=f"at least {contract.MIN_KEY_BYTES}"):
+            build_app(SidecarConfig(key=weak))
+    env = {k: v for k, v in os.environ.items() if k not in (contract.KEY_ENV, contract.KEY_FILE_ENV)}
+    proc = subprocess.run([sys.executable, "-m", "tokenslice", "sidecar", "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode != 0 and "no signing key" in proc.stderr
