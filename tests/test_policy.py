@@ -42,6 +42,21 @@ def test_resolve_never_escalates():
     assert p.resolve(None, "no-such-class")[1].name == "standard"
 
 
+def test_no_class_outside_the_allowed_list_at_or_near_the_ceiling():
+    """Equal priority is no licence: another class at the ceiling may be non-preemptible or differently sliced."""
+    p = SchedulingPolicySpec.model_validate({
+        "reservedSlotsPerEndpoint": 1,
+        "priorityClasses": [{"name": "standard", "priority": 100},
+                            {"name": "premium", "priority": 100, "preemptible": False},
+                            {"name": "held", "priority": 50, "preemptible": False},
+                            {"name": "batch", "priority": 10}],
+        "tenants": [{"name": "t", "allowedClasses": ["standard"]}]})
+    assert p.resolve("t", "premium")[1].name == "standard"  # same priority, outside the list
+    assert p.resolve("t", "held")[1].name == "standard"     # lower, but would escape preemption
+    assert p.resolve("t", "batch")[1].name == "batch"       # lower and preemptible: nothing gained
+    assert p.resolve("t", "standard")[1].name == "standard"
+
+
 @pytest.mark.parametrize("over,msg", [
     ({"priorityClasses": [{"name": "a", "priority": 1}, {"name": "a", "priority": 2}]}, "duplicate priority classes"),
     ({"tenants": [{"name": "t"}, {"name": "t"}]}, "duplicate tenants"),
@@ -50,6 +65,7 @@ def test_resolve_never_escalates():
     ({"chunkSize": 0}, "greater than or equal to 1"),
     ({"priorityClasses": [{"name": "Bad_Name", "priority": 1}]}, "pattern"),
     ({"unknownField": 1}, "Extra inputs"),
+    ({"tenants": [{"name": "t", "allowedClasses": []}]}, "empty allowedClasses"),  # resolving it crashed (500)
 ])
 def test_invalid_policies_are_rejected_with_reasons(over, msg):
     with pytest.raises(ValidationError, match=msg):

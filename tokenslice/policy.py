@@ -135,8 +135,10 @@ class SchedulingPolicySpec(_Model):
     def resolve(self, tenant_name: str | None, asked_class: str | None) -> tuple[str, PriorityClass]:
         """Tenant and class for a client request.
 
-        A request may ask for a class *lower than or equal to* its tenant's ceiling (the highest
-        allowed class), never a higher one: asking higher is clamped down, not honoured.
+        A request gets the class it asks for when its tenant is allowed that class, or when the class is
+        preemptible and strictly below the tenant's ceiling (the highest allowed class): nothing to gain
+        there. Anything else -- a higher class, or one at the ceiling's priority but outside the list,
+        which could differ in preemptibility, reserved slots or slice -- falls back to the default.
         Unknown tenants fall back to ``default_tenant``.
         """
         tenant = self.tenant(tenant_name) if tenant_name else None
@@ -153,7 +155,8 @@ class SchedulingPolicySpec(_Model):
         if asked is None:
             return tname, default
         ceiling = max(allowed, key=lambda c: c.priority)
-        return tname, (asked if asked.priority <= ceiling.priority else default)
+        grantable = asked in allowed or (asked.preemptible and asked.priority < ceiling.priority)
+        return tname, (asked if grantable else default)
 
 
 def policy_problems(spec: SchedulingPolicySpec) -> list[str]:
@@ -177,6 +180,9 @@ def policy_problems(spec: SchedulingPolicySpec) -> list[str]:
     if spec.default_class and spec.default_class not in known:
         problems.append(f"defaultClass {spec.default_class!r} is not a priority class")
     for t in spec.tenants:
+        if t.allowed_classes == []:
+            problems.append(f"tenant {t.name!r} has an empty allowedClasses: it could use no class at all "
+                            "(leave it unset to allow every class)")
         for c in t.allowed_classes or []:
             if c not in known:
                 problems.append(f"tenant {t.name!r} allows unknown class {c!r}")
