@@ -82,9 +82,9 @@ async def test_priority_request_overtakes_a_long_generation_and_the_stack_cleans
         async with aiohttp.ClientSession() as session:
             samples = await promtext.scrape(session, stack.plane.gateway_metrics_url)
         admitted = {(s.labels.get("class"), s.labels.get("tenant")) for s in samples
-                    if s.name == "tokenslice_gateway_admissions_total" and s.value > 0}
+                    if s.name == "tokenslice_picker_admissions_total" and s.value > 0}
         assert {("batch", "batch-a"), ("interactive", "web")} <= admitted
-        continuations = sum(s.value for s in samples if s.name == "tokenslice_gateway_dispatches_total"
+        continuations = sum(s.value for s in samples if s.name == "tokenslice_picker_dispatches_total"
                             and s.labels.get("kind") == "continuation" and s.labels.get("tenant") == "batch-a")
         assert continuations >= 300 // 8 - 1
     finally:

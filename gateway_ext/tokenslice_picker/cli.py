@@ -1,4 +1,7 @@
-"""``tokenslice gateway``: run the endpoint picker, or print the Envoy bootstrap that fronts it."""
+"""``tokenslice picker``: run the endpoint picker, or print the Envoy bootstrap that fronts it.
+
+Every ``PickerSettings`` field has a flag here (the in-process ``policy`` and the raw key aside).
+"""
 
 from __future__ import annotations
 
@@ -11,12 +14,12 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from tokenslice import contract
+from tokenslice.policy import load_policy
 from tokenslice_picker.datastore.endpoints import parse_endpoints
 from tokenslice_picker.envoy import render_bootstrap
 from tokenslice_picker.logs import setup_logging
-from tokenslice_picker.server import Gateway, GatewaySettings
-from tokenslice import contract
-from tokenslice.policy import load_policy
+from tokenslice_picker.server import Picker, PickerSettings
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -39,6 +42,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="migration cost model: prefix recompute speed of an idle endpoint")
     parser.add_argument("--default-chunk-seconds", type=float, default=1.0,
                         help="chunk duration assumed before one is observed")
+    parser.add_argument("--idle-grace", type=float, default=2.0,
+                        help="seconds a tenant counts as active after its last chunk ended (fair-share lift)")
+    parser.add_argument("--policy-poll", type=float, default=1.0, help="seconds between policy file checks")
+    parser.add_argument("--load-weight", type=float, default=1.0, help="weight of the least-load scorer")
+    parser.add_argument("--prefix-weight", type=float, default=2.0, help="weight of the prefix-affinity scorer")
+    parser.add_argument("--kv-cache-weight", type=float, default=0.5, help="weight of the free-KV-cache scorer")
+    parser.add_argument("--driver-weight", type=float, default=0.5, help="weight of the driver-affinity scorer")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="auto = uvloop when installed (measured: lower per-chunk cost), else asyncio")
@@ -65,38 +75,40 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--kube needs --pool NAME")
         if not args.kube and not args.endpoints:
             raise ValueError("give --endpoints ip:port,... (local mode) or --kube --pool NAME")
-        settings = GatewaySettings(
+        settings = PickerSettings(
             signing_key=key, endpoints=parse_endpoints(args.endpoints) if args.endpoints else [],
             policy_path=args.policy, grpc_host=args.grpc_host, grpc_port=args.grpc_port,
             metrics_host=args.metrics_host, metrics_port=args.metrics_port,
             scrape_interval_s=args.scrape_interval, prefill_tokens_per_second=args.prefill_tokens_per_second,
-            default_chunk_seconds=args.default_chunk_seconds, kube=args.kube, pool=args.pool,
+            default_chunk_seconds=args.default_chunk_seconds, idle_grace_s=args.idle_grace,
+            policy_poll_s=args.policy_poll, load_weight=args.load_weight, prefix_weight=args.prefix_weight,
+            kv_cache_weight=args.kv_cache_weight, driver_weight=args.driver_weight, kube=args.kube, pool=args.pool,
             namespace=args.namespace, kubeconfig=args.kubeconfig, policy_name=args.policy_name)
     except (contract.ContractError, ValueError, ValidationError, OSError) as exc:
-        print(f"tokenslice gateway: {exc}", file=sys.stderr)
+        print(f"tokenslice picker: {exc}", file=sys.stderr)
         return 2
     if args.event_loop != "asyncio":
         try:
             import uvloop
         except ImportError:
             if args.event_loop == "uvloop":
-                print("tokenslice gateway: --event-loop uvloop needs `pip install uvloop`", file=sys.stderr)
+                print("tokenslice picker: --event-loop uvloop needs `pip install uvloop`", file=sys.stderr)
                 return 2
         else:
             return uvloop.run(_serve(settings))
     return asyncio.run(_serve(settings))
 
 
-async def _serve(settings: GatewaySettings) -> int:
-    gateway = Gateway(settings)
-    await gateway.start()
+async def _serve(settings: PickerSettings) -> int:
+    picker = Picker(settings)
+    await picker.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
-    print(f"tokenslice gateway: ext_proc on {settings.grpc_host}:{gateway.grpc_port}, "
-          f"metrics on :{gateway.metrics_port}, {len(gateway.datastore)} endpoint(s)", file=sys.stderr, flush=True)
+    print(f"tokenslice picker: ext_proc on {settings.grpc_host}:{picker.grpc_port}, "
+          f"metrics on :{picker.metrics_port}, {len(picker.datastore)} endpoint(s)", file=sys.stderr, flush=True)
     await stop.wait()
-    await gateway.stop(grace_s=5.0)
+    await picker.stop(grace_s=5.0)
     return 0

@@ -3,10 +3,11 @@
 A *chunk* (signed ``x-tokenslice-role: chunk`` headers from a driver sidecar) waits inside this
 call until the dispatcher grants it a slot -- that wait is the preemption -- and holds the slot
 until Envoy closes the stream, which with ``response_trailer_mode: SEND`` happens when the
-upstream response has ended (the chunk-end signal; see docs/gateway.md for its latency).
+upstream response has ended (the chunk-end signal; see docs/picker.md for its latency).
 
-A *client request* (anything else) is stripped of every internal header, given signed admission
-headers (tenant, class, the class's chunk size) and routed to a driver sidecar without taking a chunk slot.
+A *client request* (anything else) is stripped of every internal header, admitted (``admission``),
+given signed admission headers (tenant, class, the class's chunk size) and routed to a driver
+sidecar without taking a chunk slot.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 
-from tokenslice_picker.dispatcher import Dispatcher
-from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, Shed
 from tokenslice import contract
 from tokenslice.errors import openai_error_bytes
+from tokenslice_picker.admission import Admission
+from tokenslice_picker.dispatcher import Dispatcher
+from tokenslice_picker.flowcontrol.chunk import Chunk, ClientRequest, NoEndpoints, Shed
 
 log = logging.getLogger("tokenslice_picker.extproc")
 
@@ -92,8 +94,9 @@ def _route(address: str, extra: list[base_pb2.HeaderValueOption], remove: list[s
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, dispatcher: Dispatcher, key: bytes) -> None:
+    def __init__(self, dispatcher: Dispatcher, admission: Admission, key: bytes) -> None:
         self.dispatcher = dispatcher
+        self.admission = admission
         self.key = key
         self.metrics = dispatcher.metrics
         self._seen = contract.SeenSignatures()
@@ -163,14 +166,14 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             # Envoy closed the stream: the upstream response ended (or the client went away).
             self.dispatcher.release(chunk, produced)
 
-    def _refusal(self, exc: Shed | NoEndpoints, chunk: Chunk) -> pb.ProcessingResponse:
+    def _refusal(self, exc: Shed | NoEndpoints, target: Chunk | ClientRequest) -> pb.ProcessingResponse:
         """429 for a shed request or chunk, 503 when the pool has no endpoint for it."""
         if isinstance(exc, NoEndpoints):
             self.metrics.rejections.labels("no_endpoints").inc()
             return immediate(503, str(exc), "no_endpoints")
-        self.metrics.sheds.labels(exc.reason, chunk.tenant).inc()
-        log.info("shed", extra={"request_id": chunk.request_id, "reason": exc.reason, "tenant": chunk.tenant,
-                                "chunk": chunk.index})
+        self.metrics.sheds.labels(exc.reason, target.tenant).inc()
+        log.info("shed", extra={"request_id": target.request_id, "reason": exc.reason, "tenant": target.tenant,
+                                "chunk": target.index if isinstance(target, Chunk) else None})
         return immediate(429, str(exc), exc.reason, retry_after=1)
 
     def _parse_chunk(self, first: pb.ProcessingRequest, headers: dict[str, str]) -> Chunk | pb.ProcessingResponse:
@@ -187,28 +190,26 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                                                          "chunk": claimed.chunk_index})
             return immediate(409, "this signed chunk was already admitted", "replayed_chunk")
         hashes = headers.get(contract.PREFIX_HASHES, "") if claimed.chunk_index == 0 else ""
-        return Chunk(request_id=claimed.request_id, tenant=claimed.tenant, klass=claimed.priority_class,
-                     index=claimed.chunk_index, kv_holder=claimed.kv_holder, prompt_tokens=claimed.prompt_tokens,
-                     generated=claimed.generated, slice=claimed.slice, subset=subset_of(first),
-                     prefix_hashes=contract.decode_prefix_hashes(hashes))
+        return Chunk(claimed, subset=subset_of(first), prefix_hashes=contract.decode_prefix_hashes(hashes))
 
     # --- a client's own request --------------------------------------------------------
     async def _client(self, first: pb.ProcessingRequest, headers: dict[str, str],
                       stream: AsyncIterator[pb.ProcessingRequest], t0: float) -> AsyncIterator[pb.ProcessingResponse]:
         policy = self.dispatcher.policy
         strip = [name for name in headers if contract.is_internal_header(name)]
-        tenant, klass = policy.resolve(headers.get(policy.tenant_header), headers.get(policy.class_header))
+        tenant, pclass = policy.resolve(headers.get(policy.tenant_header), headers.get(policy.class_header))
         request_id = uuid.uuid4().hex
-        chunk = Chunk(request_id=request_id, tenant=tenant, klass=klass.name, subset=subset_of(first))
+        request = ClientRequest(request_id=request_id, tenant=tenant, priority_class=pclass.name,
+                                subset=subset_of(first))
         try:
-            endpoint = self.dispatcher.admit(chunk)
+            endpoint = self.admission.admit(request)
         except (Shed, NoEndpoints) as exc:
-            yield self._refusal(exc, chunk)
+            yield self._refusal(exc, request)
             return
         try:
-            self.metrics.admissions.labels(klass.name, tenant).inc()
-            admit = contract.AdmitHeaders(request_id=request_id, tenant=tenant, priority_class=klass.name,
-                                          chunk_size=policy.class_chunk_size(klass)).sign(self.key)
+            self.metrics.admissions.labels(pclass.name, tenant).inc()
+            admit = contract.AdmitHeaders(request_id=request_id, tenant=tenant, priority_class=pclass.name,
+                                          chunk_size=policy.class_chunk_size(pclass)).sign(self.key)
             extra = [_hv(k, v) for k, v in admit.items()]
             # the signed set overwrites; strip only the client's internal headers it does not cover
             remove = [h for h in strip if h not in admit and h != _DEST]
@@ -216,7 +217,7 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
             yield _route(endpoint.address, extra, remove)
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("request admitted", extra={"request_id": request_id, "tenant": tenant,
-                                                     "class": klass.name, "driver": endpoint.address,
+                                                     "class": pclass.name, "driver": endpoint.address,
                                                      "stripped": strip})
             async for message in stream:
                 kind = message.WhichOneof("request")
@@ -227,4 +228,4 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 else:
                     yield pb.ProcessingResponse()
         finally:
-            self.dispatcher.admitted_done(chunk)
+            self.admission.done(request)

@@ -12,17 +12,21 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from tokenslice_picker.dispatcher import Dispatcher
     from tokenslice_picker.flowcontrol.chunk import Chunk
 
-NS = "tokenslice_gateway"
+NS = "tokenslice_picker"
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _FAST_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05)
 
@@ -74,7 +78,30 @@ class FastCounter:
         return fam
 
 
-class GatewayMetrics:
+@dataclass(frozen=True, slots=True)
+class EndpointState:
+    address: str
+    granted: int
+    mean_chunk_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class PickerSnapshot:
+    """The picker's state as the scrape sees it (read live, at scrape time)."""
+
+    queue_lengths: dict[tuple[str, str], int]
+    queue_oldest: dict[tuple[str, str], float]
+    endpoints: list[EndpointState]
+    jain: float
+    virtual_counters: dict[tuple[str, str], float]
+    open_requests: dict[str, int]
+
+
+class SnapshotSource(Protocol):
+    def snapshot(self, now: float) -> PickerSnapshot: ...
+
+
+class PickerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
@@ -109,64 +136,63 @@ class GatewayMetrics:
         self.policy_reloads = Counter(f"{NS}_policy_reloads_total", "Policy reloads.", ["result"], registry=r)
         self._wait_series: dict[tuple[str, str], list[float]] = {}
 
-    def on_dispatch(self, chunk: Chunk, klass: str, wait: float, migrated: bool) -> None:
-        key = (klass, chunk.tenant)
+    def on_dispatch(self, chunk: Chunk, wait: float, migrated: bool) -> None:
+        pclass = chunk.priority_class
+        key = (pclass, chunk.tenant)
         series = self._wait_series.get(key)
         if series is None:
-            series = self._wait_series[key] = self.queue_wait.child(klass, chunk.tenant)
+            series = self._wait_series[key] = self.queue_wait.child(pclass, chunk.tenant)
         self.queue_wait.observe(series, wait)
-        self.dispatches.inc((klass, chunk.tenant, "continuation" if chunk.index else "first"))
-        self.tokens_served.inc((chunk.tenant,), chunk.slice)
+        self.dispatches.inc((pclass, chunk.tenant, "continuation" if chunk.index else "first"))
         if chunk.waited and chunk.index:
-            self.preemptions.labels(klass, chunk.tenant).inc()
-            self.preemption_seconds.labels(klass).observe(wait)
+            self.preemptions.labels(pclass, chunk.tenant).inc()
+            self.preemption_seconds.labels(pclass).observe(wait)
         if migrated:
             self.migrations.inc()
 
-    def attach(self, dispatcher: Dispatcher) -> None:
-        self.registry.register(_StateCollector(dispatcher, self))
+    def attach(self, source: SnapshotSource) -> None:
+        self.registry.register(_StateCollector(source, self))
 
 
 class _StateCollector(Collector):
-    def __init__(self, dispatcher: Dispatcher, metrics: GatewayMetrics) -> None:
-        self.d = dispatcher
+    def __init__(self, source: SnapshotSource, metrics: PickerMetrics) -> None:
+        self.source = source
         self.m = metrics
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily | HistogramMetricFamily]:
         m = self.m
         for fast in (m.queue_wait, m.dispatches, m.tokens_served, m.decision_seconds, m.chunk_seconds):
             yield fast.family()
-        d = self.d
-        now = time.monotonic()
+        snap = self.source.snapshot(time.monotonic())
         qlen = GaugeMetricFamily(f"{NS}_queue_length", "Chunks waiting.", labels=["class", "tenant"])
-        for (k, t), n in d.queues.lengths().items():
+        for (k, t), n in snap.queue_lengths.items():
             qlen.add_metric([k, t], n)
         yield qlen
         oldest = GaugeMetricFamily(f"{NS}_queue_oldest_wait_seconds", "Wait so far of the oldest queued chunk.",
                                    labels=["class", "tenant"])
-        for (k, t), w in d.queues.oldest(now).items():
+        for (k, t), w in snap.queue_oldest.items():
             oldest.add_metric([k, t], w)
         yield oldest
         slots = GaugeMetricFamily(f"{NS}_endpoint_slots_granted", "Chunk slots in use per endpoint.",
                                   labels=["endpoint"])
         mean = GaugeMetricFamily(f"{NS}_endpoint_mean_chunk_seconds", "EWMA chunk duration per endpoint.",
                                  labels=["endpoint"])
-        for ep in d.datastore.endpoints():
+        for ep in snap.endpoints:
             slots.add_metric([ep.address], ep.granted)
             mean.add_metric([ep.address], ep.mean_chunk_s)
         yield slots
         yield mean
-        yield _gauge(f"{NS}_endpoints", "Pool members.", len(d.datastore))
+        yield _gauge(f"{NS}_endpoints", "Pool members.", len(snap.endpoints))
         yield _gauge(f"{NS}_jain_fairness_index",
-                     "Jain index of weight-normalised tokens served per tenant over the last minute.", d.jain())
+                     "Jain index of weight-normalised tokens served per tenant over the last minute.", snap.jain)
         vtc = GaugeMetricFamily(f"{NS}_virtual_token_counter", "Fair-share counter per class and tenant.",
                                 labels=["class", "tenant"])
-        for (k, t), v in d.queues.counters.snapshot().items():
+        for (k, t), v in snap.virtual_counters.items():
             vtc.add_metric([k, t], v)
         yield vtc
         openr = GaugeMetricFamily(f"{NS}_open_requests", "Client requests in flight per tenant.",
                                   labels=["tenant"])
-        for t, n in d.limits.open_requests.items():
+        for t, n in snap.open_requests.items():
             openr.add_metric([t], n)
         yield openr
 

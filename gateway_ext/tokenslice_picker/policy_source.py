@@ -2,7 +2,7 @@
 operator mounts), or the SchedulingPolicy CR (Kubernetes mode, see ``datastore.kube``).
 
 A reload that fails validation keeps the previous policy (and says so in the log and in
-``tokenslice_gateway_policy_reloads_total{result="invalid"}``); queued chunks are never dropped.
+``tokenslice_picker_policy_reloads_total{result="invalid"}``); queued chunks are never dropped.
 """
 
 from __future__ import annotations

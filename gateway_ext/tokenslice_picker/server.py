@@ -1,7 +1,7 @@
 """The picker process: gRPC (ext_proc + health), the metrics endpoint, and the background sources.
 
-``start_gateway(...)`` runs it in-process (tests, the local stack); ``tokenslice gateway`` runs it
-as a service (see ``tokenslice_picker.cli``).
+``start_picker(...)`` runs it in-process (tests, benchmarks); ``tokenslice picker`` runs it as a
+service (see ``tokenslice_picker.cli``).
 """
 
 from __future__ import annotations
@@ -17,23 +17,24 @@ from grpc_health.v1.health import aio as health_aio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenslice import contract
+from tokenslice.policy import SchedulingPolicySpec
+from tokenslice_picker.admission import Admission
 from tokenslice_picker.datastore.endpoints import Datastore
 from tokenslice_picker.datastore.scraper import MetricsScraper
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.extproc import SERVICE, ExtProcServicer
-from tokenslice_picker.metrics import GatewayMetrics
+from tokenslice_picker.metrics import PickerMetrics
 from tokenslice_picker.policy_source import PolicyFile
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tokenslice_picker.scheduling.profile import default_profile
-from tokenslice import contract
-from tokenslice.policy import SchedulingPolicySpec
 
 log = logging.getLogger("tokenslice_picker.server")
 
 
-
-class GatewaySettings(BaseModel):
-    """Everything the picker is configured with (CLI flags map 1:1)."""
+class PickerSettings(BaseModel):
+    """Everything the picker is configured with; ``tokenslice picker --help`` has a flag for each
+    field except ``policy`` (in-process only) and ``signing_key`` (``--signing-key-file``)."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
@@ -61,12 +62,12 @@ class GatewaySettings(BaseModel):
     policy_name: str | None = Field(default=None, description="Kubernetes mode: watch this SchedulingPolicy CR.")
 
 
-class Gateway:
+class Picker:
     """A running picker. ``grpc_port`` is what Envoy's ext_proc cluster points at."""
 
-    def __init__(self, settings: GatewaySettings) -> None:
+    def __init__(self, settings: PickerSettings) -> None:
         self.settings = settings
-        self.metrics = GatewayMetrics()
+        self.metrics = PickerMetrics()
         self.policy_file: PolicyFile | None = None
         if settings.policy is not None:
             policy = settings.policy
@@ -84,6 +85,8 @@ class Gateway:
             profile=default_profile(load_weight=settings.load_weight, prefix_weight=settings.prefix_weight,
                                     kv_cache_weight=settings.kv_cache_weight, driver_weight=settings.driver_weight),
             idle_grace_s=settings.idle_grace_s)
+        d = self.dispatcher
+        self.admission = Admission(self.datastore, d.queues, d.ledger, d.limits, d.profile, d.cost_model)
         self.metrics.attach(self.dispatcher)
         self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s) if settings.scrape_interval_s else None
         self._grpc: grpc.aio.Server | None = None
@@ -104,7 +107,7 @@ class Gateway:
         s = self.settings
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1_000_000),
                                           ("grpc.so_reuseport", 0)])
-        ExtProcServicer(self.dispatcher, s.signing_key).add_to_server(server)
+        ExtProcServicer(self.dispatcher, self.admission, s.signing_key).add_to_server(server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")
@@ -135,7 +138,7 @@ class Gateway:
         serving = health_pb2.HealthCheckResponse.SERVING
         for name in ("", SERVICE):
             await self._health.set(name, serving)
-        log.info("gateway started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
+        log.info("picker started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
                                            "endpoints": self.datastore.addresses()})
 
     async def _serve_health(self, _: web.Request) -> web.Response:
@@ -161,16 +164,16 @@ class Gateway:
         await self._grpc.wait_for_termination()
 
 
-async def start_gateway(**settings: object) -> Gateway:
-    """Start a picker in this event loop: ``await start_gateway(signing_key=..., endpoints=[...])``."""
-    gw = Gateway(GatewaySettings(**settings))  # type: ignore[arg-type]
+async def start_picker(**settings: object) -> Picker:
+    """Start a picker in this event loop: ``await start_picker(signing_key=..., endpoints=[...])``."""
+    picker = Picker(PickerSettings(**settings))  # type: ignore[arg-type]
     try:
-        await gw.start()
+        await picker.start()
     except BaseException:
         with contextlib.suppress(Exception):
-            await gw.stop(0)
+            await picker.stop(0)
         raise
-    return gw
+    return picker
 
 
-__all__ = ["Gateway", "GatewaySettings", "start_gateway"]
+__all__ = ["Picker", "PickerSettings", "start_picker"]

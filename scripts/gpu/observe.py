@@ -55,7 +55,7 @@ def discover() -> Endpoints:
             continue
         if "tokenslice" in argv and "sidecar" in argv and (port := _arg(argv, "--port")):
             found.sidecars.append(f"http://127.0.0.1:{port}/tokenslice/metrics")
-        elif "tokenslice" in argv and "gateway" in argv and (port := _arg(argv, "--metrics-port")):
+        elif "tokenslice" in argv and ("picker" in argv or "gateway" in argv) and (port := _arg(argv, "--metrics-port")):
             found.gateways.append(f"http://127.0.0.1:{port}/metrics")
         elif "vllm.entrypoints.openai.api_server" in argv and (port := _arg(argv, "--port")):
             found.engines.append(f"http://127.0.0.1:{port}/metrics")
@@ -95,7 +95,7 @@ async def scrape(session: aiohttp.ClientSession, urls: list[str], by_class: bool
             continue
         parts = [flatten(text)]
         if by_class:
-            parts.append(flatten_by_label(text, "tokenslice_gateway_", "class"))
+            parts.append(flatten_by_label(text, "tokenslice_picker_", "class"))
         for part in parts:
             for k, v in part.items():
                 total[k] = total.get(k, 0.0) + v
@@ -138,15 +138,15 @@ def breakdown(m: SystemMetrics) -> dict[str, float | str | None]:
         "chunk_ms_per_token": chunk_s / tokens_per_chunk * 1e3 if chunk_s and tokens_per_chunk else None,
         "pause_ms": _mean(s, "tokenslice_sidecar_pause_seconds", 1e3),
         "pauses": s.get("tokenslice_sidecar_pause_seconds_count"),
-        "gw_queue_wait_ms": _mean(g, "tokenslice_gateway_queue_wait_seconds", 1e3),
+        "gw_queue_wait_ms": _mean(g, "tokenslice_picker_queue_wait_seconds", 1e3),
         "gw_queue_wait_interactive_ms": _mean({k.replace("{interactive}", ""): v for k, v in g.items()
                                                if k.endswith("{interactive}")},
-                                              "tokenslice_gateway_queue_wait_seconds", 1e3),
+                                              "tokenslice_picker_queue_wait_seconds", 1e3),
         "gw_queue_wait_batch_ms": _mean({k.replace("{batch}", ""): v for k, v in g.items() if k.endswith("{batch}")},
-                                        "tokenslice_gateway_queue_wait_seconds", 1e3),
-        "gw_decision_us": _mean(g, "tokenslice_gateway_decision_seconds", 1e6),
-        "gw_grant_to_end_ms": _mean(g, "tokenslice_gateway_chunk_seconds", 1e3),
-        "gw_preemptions": g.get("tokenslice_gateway_preemptions_total"),
+                                        "tokenslice_picker_queue_wait_seconds", 1e3),
+        "gw_decision_us": _mean(g, "tokenslice_picker_decision_seconds", 1e6),
+        "gw_grant_to_end_ms": _mean(g, "tokenslice_picker_chunk_seconds", 1e3),
+        "gw_preemptions": g.get("tokenslice_picker_preemptions_total"),
         "vllm_requests": e.get("vllm:request_success_total"),
         "vllm_prompt_tokens": prompt,
         "vllm_prompt_tokens_cached": hits,

@@ -75,8 +75,8 @@ def test_breakdown_rows_from_counters() -> None:
     m.sidecar = {"tokenslice_sidecar_chunks_total": 10.0, "tokenslice_sidecar_chunk_tokens_sum": 320.0,
                  "tokenslice_sidecar_chunk_tokens_count": 10.0, "tokenslice_sidecar_chunk_seconds_sum": 3.2,
                  "tokenslice_sidecar_chunk_seconds_count": 10.0}
-    m.gateway = {"tokenslice_gateway_queue_wait_seconds_sum{batch}": 2.0,
-                 "tokenslice_gateway_queue_wait_seconds_count{batch}": 4.0}
+    m.gateway = {"tokenslice_picker_queue_wait_seconds_sum{batch}": 2.0,
+                 "tokenslice_picker_queue_wait_seconds_count{batch}": 4.0}
     row = observe.breakdown(m)
     assert row["vllm_prompt_tokens_cached"] == 3000      # deltas over the system, not totals
     assert row["vllm_prompt_tokens_computed"] == 1000

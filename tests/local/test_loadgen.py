@@ -238,7 +238,7 @@ def test_checks_and_markdown_report_the_targets() -> None:
         _system("unloaded-tokenslice-c32", "tokenslice", 0.2, 0, 0, unloaded=True, chunk=32),
     ]
     results[0].gateway_counters = {"sum_queue_wait:batch": 2.0, "count_queue_wait:batch": 4.0,
-                                   "tokenslice_gateway_preemptions_total": 7.0}
+                                   "tokenslice_picker_preemptions_total": 7.0}
     summaries = [summarize(r, sc) for r in results]
     assert summaries[0].queue_wait_ms == {"batch": 500.0} and summaries[0].preemptions == 7
     by = {c.claim: c for c in checks(summaries, sc)}

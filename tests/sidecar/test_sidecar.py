@@ -585,8 +585,8 @@ async def test_policy_class_chunk_size_through_the_real_gateway(http, vllm, gate
     runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=stack.url, chunk_size=16, key=stack.key),
                                metrics=metrics)
     try:
-        stack.gateway.datastore.set_endpoints([f"127.0.0.1:{port}"])
-        dispatches = stack.gateway.metrics.dispatches
+        stack.picker.datastore.set_endpoints([f"127.0.0.1:{port}"])
+        dispatches = stack.picker.metrics.dispatches
         for klass, chunks in (("small", 4), ("std", 3)):  # 18 tokens: ceil(18/5) = 4, ceil(18/8) = 3
             before = metrics.registry.get_sample_value("tokenslice_sidecar_chunks_total") or 0
             body = {"model": vllm.model, "prompt": PROMPTS[2], "max_tokens": 18, "ignore_eos": True}

@@ -306,18 +306,18 @@ class DataPlane:
                 policy_path.write_text(yaml.safe_dump(
                     self.policy.model_dump(by_alias=True, exclude_none=True, mode="json"), sort_keys=False))
             grpc_port, metrics_port = free_port(), free_port()
-            gateway = await spawn("gateway", tokenslice_argv(
-                "gateway", "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
+            picker = await spawn("picker", tokenslice_argv(
+                "picker", "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(metrics_port), "--log-level", self.log_level,
                 "--policy", str(policy_path), "--endpoints", ",".join(self.sidecar_addresses),
-                "--signing-key-file", str(key_file)), self.run_dir.log(f"{self.name}gateway"))
-            self.processes.append(gateway)
+                "--signing-key-file", str(key_file)), self.run_dir.log(f"{self.name}picker"))
+            self.processes.append(picker)
             self.gateway_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             from tokenslice_picker.envoy import bootstrap_config
 
             config = bootstrap_config(listen_port=envoy_port, ext_proc_port=grpc_port, admin_port=admin_port)
             self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy", config, envoy_port, admin_port))
-            await wait_http(gateway, f"http://127.0.0.1:{metrics_port}/healthz", 60)
+            await wait_http(picker, f"http://127.0.0.1:{metrics_port}/healthz", 60)
             self.url = f"http://127.0.0.1:{envoy_port}"
         elif self.mode == "chunked-rr" or len(engines) > 1:
             config = _round_robin_config(envoy_port, admin_port, self.sidecar_addresses)

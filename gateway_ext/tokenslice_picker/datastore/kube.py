@@ -25,8 +25,8 @@ import aiohttp
 import yaml
 from pydantic import ValidationError
 
-from tokenslice_picker.datastore.endpoints import Datastore
 from tokenslice import policy as policy_schema
+from tokenslice_picker.datastore.endpoints import Datastore
 
 log = logging.getLogger("tokenslice_picker.kube")
 

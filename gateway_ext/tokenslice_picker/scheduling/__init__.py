@@ -1,6 +1,14 @@
 """Endpoint choice for one chunk: filters -> weighted scorers -> picker (as in the GIE EPP)."""
 
+from tokenslice_picker.scheduling.affinity import Verdict, holder_verdict
+from tokenslice_picker.scheduling.context import PickContext
 from tokenslice_picker.scheduling.cost_model import CostModel
-from tokenslice_picker.scheduling.profile import Decision, PickContext, SchedulerProfile, default_profile
+from tokenslice_picker.scheduling.profile import (
+           Decision,
+           SchedulerProfile,
+           default_profile,
+)
+from tokenslice_picker.scheduling.victims import VictimSelector
 
-__all__ = ["CostModel", "Decision", "PickContext", "SchedulerProfile", "default_profile"]
+__all__ = ["CostModel", "Decision", "PickContext", "SchedulerProfile", "Verdict", "VictimSelector",
+           "default_profile", "holder_verdict"]

@@ -1,19 +1,34 @@
-"""A scheduling profile: the filters, weighted scorers and picker that place one chunk."""
+"""A scheduling profile: the filters, weighted scorers and picker that place one chunk or request,
+and the plugins told when a placement starts and ends (GIE's PreRequest / PostResponse)."""
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from tokenslice_picker.datastore.endpoints import Endpoint
+from tokenslice_picker.flowcontrol.chunk import Chunk, ClientRequest
 from tokenslice_picker.scheduling import filters, scorers
 from tokenslice_picker.scheduling.context import PickContext
 from tokenslice_picker.scheduling.pickers import max_score_picker
+from tokenslice_picker.scheduling.victims import VictimSelector
 
 Filter = Callable[[PickContext, list[Endpoint]], list[Endpoint]]
+"""Narrows the candidates; an empty list means "wait", raising ``NoEndpoints`` means "never here"."""
 Scorer = Callable[[PickContext, list[Endpoint]], list[float] | None]
 Picker = Callable[[list[Endpoint], list[float], int], Endpoint]
+
+
+class LifecyclePlugin(Protocol):
+    def on_grant(self, target: Chunk | ClientRequest, endpoint: Endpoint) -> None:
+        """``target`` was placed on ``endpoint`` (a chunk got its slot, a request its driver)."""
+        ...
+
+    def on_done(self, target: Chunk | ClientRequest) -> None:
+        """``target`` ended (a client request's response is over)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -28,8 +43,9 @@ class SchedulerProfile:
     filters: list[Filter]
     scorers: list[tuple[Scorer, float]]
     picker: Picker = max_score_picker
-    prefix_scorer: scorers.PrefixAffinityScorer = field(default_factory=scorers.PrefixAffinityScorer)
-    driver_scorer: scorers.DriverAffinityScorer = field(default_factory=scorers.DriverAffinityScorer)
+    plugins: list[LifecyclePlugin] = field(default_factory=list)
+    victim_selector: VictimSelector | None = None
+    """Preemption: picks a running chunk to cut for a waiter (None: never cut)."""
     _rotation: itertools.count[int] = field(default_factory=itertools.count)
 
     def pick(self, ctx: PickContext, candidates: list[Endpoint]) -> Decision:
@@ -48,13 +64,21 @@ class SchedulerProfile:
                     total[i] += weight * s
         return Decision(self.picker(candidates, total, next(self._rotation)), ctx.migrating)
 
+    def on_grant(self, target: Chunk | ClientRequest, endpoint: Endpoint) -> None:
+        for plugin in self.plugins:
+            plugin.on_grant(target, endpoint)
+
+    def on_done(self, target: Chunk | ClientRequest) -> None:
+        for plugin in self.plugins:
+            plugin.on_done(target)
+
 
 def default_profile(*, load_weight: float = 1.0, prefix_weight: float = 2.0, kv_cache_weight: float = 0.5,
                     driver_weight: float = 0.5) -> SchedulerProfile:
     prefix = scorers.PrefixAffinityScorer()
     driver = scorers.DriverAffinityScorer()
     return SchedulerProfile(
-        filters=[filters.kv_holder_filter, filters.free_slot_filter],
+        filters=[filters.subset_hint_filter, filters.kv_holder_filter, filters.free_slot_filter],
         scorers=[(scorers.least_load_scorer, load_weight), (prefix, prefix_weight),
                  (scorers.kv_cache_scorer, kv_cache_weight), (driver, driver_weight)],
-        prefix_scorer=prefix, driver_scorer=driver)
+        plugins=[prefix, driver])

@@ -1,10 +1,15 @@
-"""Scorers rate candidate endpoints in [0, 1] (or return None: no information); the profile sums them with weights."""
+"""Scorers rate candidate endpoints in [0, 1] (or return None: no information); the profile sums them with weights.
+
+The two affinity scorers learn from what was placed through the lifecycle hooks (``on_grant`` /
+``on_done``, after GIE's PreRequest / PostResponse plugins); the profile calls them, nobody else.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 
 from tokenslice_picker.datastore.endpoints import Endpoint
+from tokenslice_picker.flowcontrol.chunk import Chunk, ClientRequest
 from tokenslice_picker.scheduling.context import PickContext
 
 
@@ -32,7 +37,8 @@ class PrefixAffinityScorer:
         self._index: OrderedDict[str, set[str]] = OrderedDict()
 
     def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float] | None:
-        hashes = ctx.chunk.prefix_hashes
+        chunk = ctx.chunk
+        hashes = chunk.prefix_hashes if chunk is not None else ()
         if not hashes:
             return None  # no information: skipped
         scores = []
@@ -45,6 +51,14 @@ class PrefixAffinityScorer:
                 matched += 1
             scores.append(matched / len(hashes))
         return scores
+
+    def on_grant(self, target: Chunk | ClientRequest, endpoint: Endpoint) -> None:
+        """A first chunk was placed: its leading blocks are now cached on ``endpoint``."""
+        if isinstance(target, Chunk) and target.index == 0 and target.prefix_hashes:
+            self.record(target.prefix_hashes, endpoint.address)
+
+    def on_done(self, target: Chunk | ClientRequest) -> None:
+        """Nothing to forget: the prefix cache outlives the request (the index is LRU-bounded)."""
 
     def record(self, hashes: tuple[str, ...], address: str) -> None:
         for h in hashes:
@@ -61,7 +75,7 @@ class PrefixAffinityScorer:
 class DriverAffinityScorer:
     """A first chunk prefers the pod whose driver sidecar runs its request (no hop, warm locality).
 
-    The gateway routed the client request to that driver by the same scorers, so this makes
+    The picker routed the client request to that driver by the same scorers, so this makes
     "the driver sits where the first chunk will likely run" hold by construction.
     """
 
@@ -70,17 +84,24 @@ class DriverAffinityScorer:
         self._drivers: OrderedDict[str, str] = OrderedDict()
 
     def __call__(self, ctx: PickContext, candidates: list[Endpoint]) -> list[float] | None:
-        if ctx.chunk.index != 0:
+        chunk = ctx.chunk
+        if chunk is None or chunk.index != 0:
             return None
-        driver = self._drivers.get(ctx.chunk.request_id)
+        driver = self._drivers.get(chunk.request_id)
         if driver is None:
             return None
         return [1.0 if e.address == driver else 0.0 for e in candidates]
+
+    def on_grant(self, target: Chunk | ClientRequest, endpoint: Endpoint) -> None:
+        """A client request was routed to a driver: remember where, for its first chunk."""
+        if isinstance(target, ClientRequest):
+            self.record(target.request_id, endpoint.address)
+
+    def on_done(self, target: Chunk | ClientRequest) -> None:
+        if isinstance(target, ClientRequest):
+            self._drivers.pop(target.request_id, None)
 
     def record(self, request_id: str, address: str) -> None:
         self._drivers[request_id] = address
         if len(self._drivers) > self.capacity:
             self._drivers.popitem(last=False)
-
-    def forget(self, request_id: str) -> None:
-        self._drivers.pop(request_id, None)

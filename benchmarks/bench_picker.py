@@ -1,4 +1,4 @@
-"""Benchmark of the gateway: what the picker adds to every chunk, and how many chunks it can decide.
+"""Benchmark of the picker: what the picker adds to every chunk, and how many chunks it can decide.
 
 Three parts, printed side by side (and as JSON with --json):
 
@@ -7,14 +7,14 @@ Three parts, printed side by side (and as JSON with --json):
                   one routing ProcessingResponse.
 2. ``load``    -- a real Envoy (--concurrency 1) in front of a C++ upstream (another Envoy's
                   direct_response), twice: routing straight to the upstream (baseline), and through
-                  ext_proc to ``tokenslice gateway`` pinned to ONE core.  Closed-loop HTTP/1.1 load
+                  ext_proc to ``tokenslice picker`` pinned to ONE core.  Closed-loop HTTP/1.1 load
                   at rising concurrency; reports chunk decisions/s and latency p50/p99 of both,
                   and the difference (added latency per chunk).
 3. ``notify``  -- chunk-end notification latency: from the upstream's last response byte to the
                   picker freeing the slot (the ext_proc stream end, response_trailer_mode SEND).
 
-    .venv/bin/python benchmarks/bench_gateway.py            # all parts, ~1-2 min
-    .venv/bin/python benchmarks/bench_gateway.py --parts load --duration 5
+    .venv/bin/python benchmarks/bench_picker.py            # all parts, ~1-2 min
+    .venv/bin/python benchmarks/bench_picker.py --parts load --duration 5
 """
 
 from __future__ import annotations
@@ -206,11 +206,11 @@ def _pin(pid: int, cpu: str | None) -> None:
         subprocess.run(["taskset", "-a", "-p", "-c", cpu, str(pid)], check=True, stdout=subprocess.DEVNULL)
 
 
-async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None, load_cpu: str | None,
+async def bench_load(levels: list[int], duration: float, picker_cpu: str | None, load_cpu: str | None,
                      procs: int, envoy_cpu: str | None = None, upstream_cpu: str | None = None,
                      repeat: int = 1) -> list[dict[str, float]]:
     key = secrets.token_bytes(32)
-    workdir = Path(tempfile.mkdtemp(prefix="bench-gateway-"))
+    workdir = Path(tempfile.mkdtemp(prefix="bench-picker-"))
     up_ports = [free_port(), free_port()]
     (workdir / "up.yaml").write_text(upstream_bootstrap(up_ports, free_port()))
     up = subprocess.Popen([envoy_binary(), "-c", str(workdir / "up.yaml"), "--concurrency", "1", "-l", "error",
@@ -220,7 +220,7 @@ async def bench_load(levels: list[int], duration: float, gateway_cpu: str | None
     (workdir / "key").write_bytes(key.hex().encode())
     (workdir / "policy.yaml").write_text("slotsPerEndpoint: 4096\nqueue: {maxQueuedChunks: 100000}\n")
     grpc_port, metrics_port = free_port(), free_port()
-    gw = subprocess.Popen([*_taskset(gateway_cpu), sys.executable, "-m", "tokenslice", "gateway",
+    gw = subprocess.Popen([*_taskset(picker_cpu), sys.executable, "-m", "tokenslice", "picker",
                            "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
                            "--metrics-port", str(metrics_port), "--policy", str(workdir / "policy.yaml"),
                            "--endpoints", ",".join(f"127.0.0.1:{p}" for p in up_ports),
@@ -291,7 +291,7 @@ async def bench_notify(n: int = 300) -> dict[str, float]:
     import aiohttp
     from aiohttp import web
 
-    from tokenslice_picker.server import start_gateway
+    from tokenslice_picker.server import start_picker
 
     ends: dict[str, float] = {}
     released: dict[str, float] = {}
@@ -313,7 +313,7 @@ async def bench_notify(n: int = 300) -> dict[str, float]:
     up_port = free_port()
     await web.TCPSite(runner, "127.0.0.1", up_port).start()
     key = secrets.token_bytes(32)
-    gw = await start_gateway(signing_key=key, endpoints=[f"127.0.0.1:{up_port}"], scrape_interval_s=0)
+    gw = await start_picker(signing_key=key, endpoints=[f"127.0.0.1:{up_port}"], scrape_interval_s=0)
     gw.dispatcher.release_listeners.append(lambda c, t: released.__setitem__(c.request_id, t))
     envoy = await start_envoy(ext_proc_port=gw.grpc_port)
     try:
@@ -368,19 +368,19 @@ def main() -> int:
     ap.add_argument("--levels", default="1,2,4,8,16,32,64", help="concurrent connections, rising")
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per level and mode")
     ap.add_argument("--repeat", type=int, default=1, help="repetitions per level (medians reported)")
-    ap.add_argument("--gateway-cpu", default="0", help="CPU the picker is pinned to (taskset); '' = unpinned")
+    ap.add_argument("--picker-cpu", default="0", help="CPU the picker is pinned to (taskset); '' = unpinned")
     ap.add_argument("--load-cpu", default="", help="CPUs for the load generator; '' = unpinned")
     ap.add_argument("--load-procs", type=int, default=2, help="load generator processes")
     ap.add_argument("--envoy-cpu", default="", help="CPU for the front Envoys (both modes); '' = unpinned")
     ap.add_argument("--upstream-cpu", default="", help="CPU for the upstream Envoy; '' = unpinned")
     ap.add_argument("--json", type=Path, help="also write results here")
     ap.add_argument("--plot", type=Path, default=None,
-                    help="PNG of the load part (default: $TOKENSLICE_CACHE/bench/gateway.png)")
+                    help="PNG of the load part (default: $TOKENSLICE_CACHE/bench/picker.png)")
     ap.add_argument("--from-json", type=Path, help="only re-plot an earlier --json result")
     args = ap.parse_args()
     from tokenslice.paths import cache_dir
 
-    plot_path = args.plot or cache_dir() / "bench" / "gateway.png"
+    plot_path = args.plot or cache_dir() / "bench" / "picker.png"
     if args.from_json:
         print(f"plot: {plot(json.loads(args.from_json.read_text()), plot_path)}")
         return 0
@@ -392,10 +392,10 @@ def main() -> int:
         for name, r in results["proto"].items():  # type: ignore[union-attr]
             print(f"  {name:34s} {r['us_per_message']:8.1f} us/message")
     if "load" in parts:
-        print(f"== added latency per chunk and decisions/s; picker pinned to CPU {args.gateway_cpu or '-'}, "
+        print(f"== added latency per chunk and decisions/s; picker pinned to CPU {args.picker_cpu or '-'}, "
               f"Envoy --concurrency 1, {args.duration:g}s per point, median of {args.repeat}", flush=True)
         results["load"] = asyncio.run(bench_load([int(x) for x in args.levels.split(",")], args.duration,
-                                                 args.gateway_cpu or None, args.load_cpu or None, args.load_procs,
+                                                 args.picker_cpu or None, args.load_cpu or None, args.load_procs,
                                                  args.envoy_cpu or None, args.upstream_cpu or None, args.repeat))
     if "notify" in parts:
         print("== chunk-end notification: upstream's last byte -> picker frees the slot", flush=True)

@@ -14,10 +14,10 @@ import ssl
 
 import aiohttp
 import pytest
+from tokenslice_picker.server import start_picker
 
-from tokenslice_picker.server import start_gateway
 from tests.fixtures.kube import ADMIN_TOKEN
-from tests.gateway.conftest import until
+from tests.picker.conftest import until
 from tokenslice.paths import REPO_ROOT
 
 pytestmark = pytest.mark.k8s
@@ -69,7 +69,7 @@ async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_clust
         await ready("p1", "10.1.0.1")
         await ready("other", "10.1.0.9")
         # no --policy file and no --policy-name: the SchedulingPolicy whose poolRef names this pool
-        gw = await start_gateway(signing_key=b"k" * 32, kube=True, pool="pool", namespace=ns,
+        gw = await start_picker(signing_key=b"k" * 32, kube=True, pool="pool", namespace=ns,
                                  kubeconfig=cluster.kubeconfig, scrape_interval_s=0)
         try:
             ds = gw.datastore

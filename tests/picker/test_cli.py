@@ -1,4 +1,4 @@
-"""``tokenslice gateway`` as a process: flags, key file, policy file, gRPC health, clean shutdown."""
+"""``tokenslice picker`` as a process: flags, key file, policy file, gRPC health, clean shutdown."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from tokenslice_picker.envoy import free_port
 
 
@@ -18,7 +17,7 @@ async def test_cli_serves_health_and_metrics_then_stops(tmp_path):
     (tmp_path / "policy.yaml").write_text("apiVersion: tokenslice.io/v1alpha1\nkind: SchedulingPolicy\n"
                                           "metadata: {name: p}\nspec: {chunkSize: 16}\n")
     grpc_port, metrics_port = free_port(), free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "tokenslice", "gateway", "--grpc-host", "127.0.0.1",
+    proc = subprocess.Popen([sys.executable, "-m", "tokenslice", "picker", "--grpc-host", "127.0.0.1",
                              "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1", "--metrics-port",
                              str(metrics_port), "--policy", str(tmp_path / "policy.yaml"),
                              "--endpoints", "127.0.0.1:1", "--signing-key-file", str(tmp_path / "key"),
@@ -44,7 +43,7 @@ async def test_cli_serves_health_and_metrics_then_stops(tmp_path):
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err.decode()[-2000:]
-    assert b"gateway started" in err  # structured JSON log line
+    assert b"picker started" in err  # structured JSON log line
 
 
 def test_cli_rejects_bad_input_clearly(tmp_path):
@@ -60,13 +59,13 @@ def test_cli_rejects_bad_input_clearly(tmp_path):
         (["--signing-key-file", str(tmp_path / "key")], "--endpoints"),
     ]
     for args, message in cases:
-        r = subprocess.run([sys.executable, "-m", "tokenslice", "gateway", *args], capture_output=True, text=True,
+        r = subprocess.run([sys.executable, "-m", "tokenslice", "picker", *args], capture_output=True, text=True,
                            env={"PATH": "/usr/bin:/bin"}, timeout=60)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 
 
 def test_print_envoy_config_is_valid_for_envoy(tmp_path, envoy_bin):
-    r = subprocess.run([sys.executable, "-m", "tokenslice", "gateway", "--print-envoy-config", "--grpc-port", "9002"],
+    r = subprocess.run([sys.executable, "-m", "tokenslice", "picker", "--print-envoy-config", "--grpc-port", "9002"],
                        capture_output=True, text=True, check=True, timeout=60)
     (tmp_path / "envoy.yaml").write_text(r.stdout)
     v = subprocess.run([envoy_bin, "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
@@ -74,3 +73,12 @@ def test_print_envoy_config_is_valid_for_envoy(tmp_path, envoy_bin):
     assert v.returncode == 0, v.stdout + v.stderr
 
 
+
+
+def test_gateway_is_a_hidden_deprecated_alias(tmp_path):
+    (tmp_path / "key").write_text("k" * 32)
+    r = subprocess.run([sys.executable, "-m", "tokenslice", "gateway", "--signing-key-file", str(tmp_path / "key")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "deprecated, use `tokenslice picker`" in r.stderr and "--endpoints" in r.stderr
+    listed = subprocess.run([sys.executable, "-m", "tokenslice", "--help"], capture_output=True, text=True, timeout=60)
+    assert "picker" in listed.stdout and "gateway " not in listed.stdout

@@ -1,0 +1,135 @@
+"""The dispatcher: slots, the fast path, the pass, cancellation, reserved slots, slice caps."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from tokenslice_picker.datastore.endpoints import Datastore
+from tokenslice_picker.dispatcher import Dispatcher
+from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, make_chunk
+from tokenslice_picker.metrics import PickerMetrics
+
+from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
+
+
+async def test_dispatcher_slots_cancel_and_reconcile():
+    ds = Datastore(["10.0.0.1:80"])
+    d = Dispatcher(SchedulingPolicySpec(slots_per_endpoint=1), ds, PickerMetrics())
+    first = make_chunk("r1", "t", "standard", index=1, slice=32, generated=0)
+    ep = await d.acquire(first)
+    assert ep.granted == 1
+    waiting = asyncio.ensure_future(d.acquire(make_chunk("r2", "t", "standard", index=1, slice=4)))
+    await asyncio.sleep(0)  # let it queue (one loop turn, no timing involved)
+    assert len(d.queues) == 1
+    waiting.cancel()  # its caller went away: it leaves the queue, nothing leaks
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert len(d.queues) == 0
+    d.release(first, None)
+    assert ep.granted == 0
+    before = d.ledger.counters.get("standard", "t")
+    # the next chunk of r1 reports generated=10: chunk 1 produced 10, not 32 -> the counter is corrected
+    nxt = make_chunk("r1", "t", "standard", index=2, slice=32, generated=10, kv_holder=ep.address)
+    await d.acquire(nxt)
+    assert d.ledger.counters.get("standard", "t") == pytest.approx(before + 2 * (10 - 32) + 2 * 32)
+    ds.set_endpoints([])
+    with pytest.raises(NoEndpoints):
+        await d.acquire(make_chunk("r3", "t", "standard"))
+
+
+async def test_dispatcher_drains_a_large_backlog_in_priority_then_fair_order():
+    ds = Datastore(["10.0.0.1:80", "10.0.0.2:80"])
+    policy = SchedulingPolicySpec(slots_per_endpoint=2, priority_classes=[
+        PriorityClass(name="hi", priority=10), PriorityClass(name="lo", priority=1)],
+        tenants=[Tenant(name="a", weight=3), Tenant(name="b", weight=1)])
+    d = Dispatcher(policy, ds, PickerMetrics())
+    held = []
+    for i in range(4):  # fill every slot
+        c = make_chunk(f"fill{i}", "a", "hi", index=1, slice=1)
+        await d.acquire(c)
+        held.append(c)
+    served: list[Chunk] = []
+
+    async def one(c: Chunk) -> None:
+        await d.acquire(c)
+        served.append(c)
+
+    backlog = [make_chunk(f"lo{i}", "ab"[i % 2], "lo", index=1, slice=4) for i in range(1000)]
+    backlog += [make_chunk(f"hi{i}", "ab"[i % 2], "hi", index=1, slice=4) for i in range(1000)]
+    tasks = [asyncio.ensure_future(one(c)) for c in backlog]
+    while len(d.queues) < len(backlog):
+        await asyncio.sleep(0)  # let every task reach the queue (loop turns, not time)
+    while held:  # each release grants exactly one queued chunk, which then holds the slot
+        seen = len(served)
+        d.release(held.pop(0), None)
+        while len(d.queues) and len(served) == seen:
+            await asyncio.sleep(0)
+        held.extend(served[seen:])
+    await asyncio.gather(*tasks)
+    order = [c.priority_class for c in served]
+    assert order == ["hi"] * 1000 + ["lo"] * 1000
+    # inside each class the 3:1 weights hold while both tenants are backlogged
+    first_hi = [c.tenant for c in served[:1000]][:600]
+    assert abs(first_hi.count("a") / len(first_hi) - 0.75) < 0.02
+
+
+async def test_reserved_slots_are_for_non_preemptible_classes_only():
+    ds = Datastore(["10.0.0.1:80"])
+    policy = SchedulingPolicySpec(slots_per_endpoint=3, reserved_slots_per_endpoint=1, priority_classes=[
+        PriorityClass(name="rt", priority=5, preemptible=False), PriorityClass(name="lo", priority=1)])
+    d = Dispatcher(policy, ds, PickerMetrics())
+    (ep,) = ds.endpoints()
+    order: list[str] = []
+
+    async def run(c: Chunk) -> Chunk:
+        await d.acquire(c)
+        order.append(c.request_id)
+        return c
+
+    async def settle() -> None:
+        for _ in range(5):  # loop turns, not time: let woken acquirers record themselves
+            await asyncio.sleep(0)
+
+    lo = [await run(make_chunk(f"lo{i}", "t", "lo", index=1, slice=4)) for i in range(2)]  # fills slots - reserved
+    backlog = [asyncio.ensure_future(run(make_chunk(f"lo{i}", "t", "lo", index=1, slice=4))) for i in (2, 3)]
+    await settle()
+    assert ep.granted == 2 and len(d.queues) == 2  # preemptible work may not take the reserved slot
+    rt0 = await run(make_chunk("rt0", "t", "rt", index=0, slice=4))  # non-preemptible first chunk: at once
+    assert ep.granted == 3 and len(d.queues) == 2
+    rt1 = asyncio.ensure_future(run(make_chunk("rt1", "t", "rt", index=1, slice=4)))  # now every slot is busy
+    await settle()
+    assert len(d.queues) == 3
+    d.release(lo[0], None)  # a slot frees: the non-preemptible chunk goes first (priority and reserve)
+    await settle()
+    assert order[-1] == "rt1" and ep.granted == 3
+    d.release(rt0, None)  # only the reserved slot is free: the preemptible backlog keeps waiting
+    await settle()
+    assert ep.granted == 2 and len(d.queues) == 2 and order[-1] == "rt1"
+    d.release(lo[1], None)
+    await settle()
+    assert order[-1] == "lo2" and ep.granted == 2
+    for c in [await rt1, await backlog[0]]:
+        d.release(c, None)
+    await settle()
+    d.release(await backlog[1], None)
+    assert order == ["lo0", "lo1", "rt0", "rt1", "lo2", "lo3"] and ep.granted == 0
+
+
+async def test_a_slice_beyond_the_class_chunk_size_is_accounted_at_the_chunk_size():
+    ds = Datastore(["10.0.0.1:80"])
+    policy = SchedulingPolicySpec(chunk_size=32, priority_classes=[
+        PriorityClass(name="small", priority=5, chunk_size=8), PriorityClass(name="std", priority=1)])
+    m = PickerMetrics()
+    d = Dispatcher(policy, ds, m)
+    big = make_chunk("r1", "t", "small", index=1, slice=100)
+    await d.acquire(big)
+    assert big.slice == 8 and d.ledger.counters.get("small", "t") == pytest.approx(2 * 8)
+    assert m.slices_capped.labels("small")._value.get() == 1
+    # the next chunk reports what really came out (100): the charge is corrected to it
+    d.release(big, None)
+    await d.acquire(make_chunk("r1", "t", "small", index=2, slice=8, generated=100, kv_holder="10.0.0.1:80"))
+    assert d.ledger.counters.get("small", "t") == pytest.approx(2 * 100 + 2 * 8)
+    fits = make_chunk("r2", "t", "std", index=1, slice=32)  # the policy's chunk size for a class without one
+    await d.acquire(fits)
+    assert fits.slice == 32 and m.slices_capped.labels("std")._value.get() == 0
