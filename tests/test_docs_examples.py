@@ -39,3 +39,21 @@ def test_policy_in_docs_is_valid(name, index, spec):
 def test_shipped_local_policy_is_valid():
     policy = load_policy(REPO_ROOT / "tokenslice/local/policy.example.yaml")
     assert policy.klass("interactive") is not None and not policy.klass("interactive").preemptible
+
+
+def _chart_example() -> dict:
+    return yaml.safe_load((REPO_ROOT / "charts/tokenslice/values.yaml").read_text())["example"]["policy"]
+
+
+SHOWN = [*((f"{n}#{i}", spec) for n, i, spec in EXAMPLES), ("chart values example.policy", _chart_example()),
+         ("local policy.example.yaml", yaml.safe_load((REPO_ROOT / "tokenslice/local/policy.example.yaml").read_text()))]
+
+
+@pytest.mark.parametrize("name,spec", SHOWN, ids=[n for n, _ in SHOWN])
+def test_shown_policies_are_safe_for_anonymous_clients(name, spec):
+    """A copied example must not let an anonymous client (no key, no tenant) ask for the top class."""
+    policy = SchedulingPolicySpec.model_validate(spec)
+    top = max(policy.priority_classes, key=lambda c: c.priority)
+    for asked in (top.name, *(c.name for c in policy.priority_classes if not c.preemptible)):
+        _, got = policy.resolve(None, asked)
+        assert got.priority < top.priority and got.preemptible, (name, asked, got.name)

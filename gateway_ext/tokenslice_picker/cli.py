@@ -31,6 +31,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoints", default="", help="static pool: ip:port,ip:port (local mode)")
     parser.add_argument("--signing-key-file", type=Path,
                         help=f"HMAC key shared with the sidecars (else ${contract.KEY_FILE_ENV} / ${contract.KEY_ENV})")
+    parser.add_argument("--api-keys-file", type=Path,
+                        help="YAML list of {tenant, key}: clients authenticate with 'Authorization: Bearer <key>' "
+                        "(a Secret mounted as a file); an unknown key is refused (401)")
+    parser.add_argument("--identity-header", help="tenant header set by an authenticating proxy in front of Envoy; "
+                        "believed only from --trusted-proxies, stripped from everyone else")
+    parser.add_argument("--trusted-proxies", default="", help="comma-separated CIDRs of that proxy")
+    parser.add_argument("--trust-tenant-header", action="store_true",
+                        help="believe the policy's tenantHeader as sent by any client (loopback demos only)")
     parser.add_argument("--kube", action="store_true", help="Kubernetes mode: watch the InferencePool's pods")
     parser.add_argument("--pool", help="InferencePool name (Kubernetes mode)")
     parser.add_argument("--namespace", default="default", help="namespace of the pool (Kubernetes mode)")
@@ -83,7 +91,10 @@ def run(args: argparse.Namespace) -> int:
             default_chunk_seconds=args.default_chunk_seconds, idle_grace_s=args.idle_grace,
             policy_poll_s=args.policy_poll, load_weight=args.load_weight, prefix_weight=args.prefix_weight,
             kv_cache_weight=args.kv_cache_weight, driver_weight=args.driver_weight, kube=args.kube, pool=args.pool,
-            namespace=args.namespace, kubeconfig=args.kubeconfig, policy_name=args.policy_name)
+            namespace=args.namespace, kubeconfig=args.kubeconfig, policy_name=args.policy_name,
+            api_keys_file=args.api_keys_file, identity_header=args.identity_header,
+            trusted_proxies=[c for c in args.trusted_proxies.split(",") if c],
+            trust_tenant_header=args.trust_tenant_header)
     except (contract.ContractError, ValueError, ValidationError, OSError) as exc:
         print(f"tokenslice picker: {exc}", file=sys.stderr)
         return 2

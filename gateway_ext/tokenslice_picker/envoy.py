@@ -85,6 +85,8 @@ def bootstrap_config(*, listen_port: int, ext_proc_port: int | None, admin_port:
                 "processing_mode": {"request_header_mode": "SEND", "response_header_mode": "SKIP",
                                     "request_body_mode": "NONE", "response_body_mode": "NONE",
                                     "request_trailer_mode": "SKIP", "response_trailer_mode": "SEND"},
+                # the peer address lets the picker believe an authenticating proxy's identity header
+                "request_attributes": ["source.address"],
                 "metadata_options": {
                     "forwarding_namespaces": {"untyped": [contract.SUBSET_HINT_NAMESPACE]},
                     "receiving_namespaces": {"untyped": [contract.LB_METADATA_NAMESPACE]},

@@ -26,6 +26,7 @@ from google.protobuf import struct_pb2
 
 from tokenslice import contract
 from tokenslice.errors import openai_error_bytes
+from tokenslice.identity import SOURCE_ADDRESS_ATTRIBUTE, Identity, IdentityError
 from tokenslice_picker.admission import Admission
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import Chunk, ClientRequest, NoEndpoints, Shed
@@ -79,6 +80,14 @@ def subset_of(request: pb.ProcessingRequest) -> frozenset[str] | None:
     return frozenset(i.strip() for i in items if i.strip())
 
 
+def peer_of(request: pb.ProcessingRequest) -> str | None:
+    """The downstream peer's ``ip:port`` (the ext_proc attribute ``source.address``), if Envoy sent it."""
+    attrs = request.attributes.get("envoy.filters.http.ext_proc")
+    if attrs is None or SOURCE_ADDRESS_ATTRIBUTE not in attrs.fields:
+        return None
+    return attrs.fields[SOURCE_ADDRESS_ATTRIBUTE].string_value or None
+
+
 def _serialize(message: pb.ProcessingResponse | bytes) -> bytes:
     return message if type(message) is bytes else message.SerializeToString()
 
@@ -94,10 +103,12 @@ def _route(address: str, extra: list[base_pb2.HeaderValueOption], remove: list[s
 
 
 class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
-    def __init__(self, dispatcher: Dispatcher, admission: Admission, key: bytes) -> None:
+    def __init__(self, dispatcher: Dispatcher, admission: Admission, key: bytes,
+                 identity: Identity | None = None) -> None:
         self.dispatcher = dispatcher
         self.admission = admission
         self.key = key
+        self.identity = identity or Identity()
         self.metrics = dispatcher.metrics
         self._seen = contract.SeenSignatures()
         """Chunk signatures already admitted: a replay through the gateway is refused (409)."""
@@ -196,8 +207,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
     async def _client(self, first: pb.ProcessingRequest, headers: dict[str, str],
                       stream: AsyncIterator[pb.ProcessingRequest], t0: float) -> AsyncIterator[pb.ProcessingResponse]:
         policy = self.dispatcher.policy
-        strip = [name for name in headers if contract.is_internal_header(name)]
-        tenant, pclass = policy.resolve(headers.get(policy.tenant_header), headers.get(policy.class_header))
+        peer = peer_of(first)
+        strip = [name for name in headers if contract.is_internal_header(name)] + self.identity.strip(peer)
+        try:
+            claimed = self.identity.tenant(headers, policy.tenant_header, peer)
+        except IdentityError as exc:
+            self.metrics.rejections.labels("unauthenticated").inc()
+            yield immediate(401, str(exc), "invalid_api_key")
+            return
+        tenant, pclass = policy.resolve(claimed, headers.get(policy.class_header))
         request_id = uuid.uuid4().hex
         request = ClientRequest(request_id=request_id, tenant=tenant, priority_class=pclass.name,
                                 subset=subset_of(first))

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenslice import contract
+from tokenslice.identity import Identity
 from tokenslice.policy import SchedulingPolicySpec
 from tokenslice_picker.admission import Admission
 from tokenslice_picker.datastore.endpoints import Datastore
@@ -60,6 +61,12 @@ class PickerSettings(BaseModel):
     namespace: str = "default"
     kubeconfig: Path | None = None
     policy_name: str | None = Field(default=None, description="Kubernetes mode: watch this SchedulingPolicy CR.")
+    api_keys_file: Path | None = Field(default=None, description="YAML list of {tenant, key}: Bearer API keys.")
+    identity_header: str | None = Field(default=None, pattern=r"^[A-Za-z0-9-]+$",
+                                        description="Tenant header set by an authenticating proxy.")
+    trusted_proxies: list[str] = Field(default_factory=list, description="CIDRs identity_header is believed from.")
+    trust_tenant_header: bool = Field(default=False, description="Believe the policy's tenantHeader (a client's "
+                                      "word): loopback demos and benchmarks only.")
 
 
 class Picker:
@@ -88,6 +95,10 @@ class Picker:
         d = self.dispatcher
         self.admission = Admission(self.datastore, d.queues, d.ledger, d.limits, d.profile, d.cost_model)
         self.metrics.attach(self.dispatcher)
+        self.identity = Identity.configure(api_keys_file=settings.api_keys_file,
+                                           trusted_header=settings.identity_header,
+                                           trusted_proxies=settings.trusted_proxies,
+                                           trust_tenant_header=settings.trust_tenant_header)
         self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s) if settings.scrape_interval_s else None
         self._grpc: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
@@ -107,7 +118,7 @@ class Picker:
         s = self.settings
         server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 1_000_000),
                                           ("grpc.so_reuseport", 0)])
-        ExtProcServicer(self.dispatcher, self.admission, s.signing_key).add_to_server(server)
+        ExtProcServicer(self.dispatcher, self.admission, s.signing_key, self.identity).add_to_server(server)
         self._health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         self.grpc_port = server.add_insecure_port(f"{s.grpc_host}:{s.grpc_port}")

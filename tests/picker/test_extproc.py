@@ -25,7 +25,7 @@ POLICY = SchedulingPolicySpec(
 
 async def test_client_request_gets_signed_admission_and_internal_headers_stripped(gateway_stack, upstreams):
     a, b = await upstreams(2)
-    stack = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY)
+    stack = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY, trust_tenant_header=True)
     forged = contract.ChunkHeaders(request_id="evil", chunk_index=3, tenant="gold", priority_class="interactive",
                                    kv_holder="10.9.9.9:1").sign(b"not-the-key")
     forged.pop(contract.ROLE)  # no chunk role: treated as a client request, every internal header stripped

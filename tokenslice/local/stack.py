@@ -310,7 +310,9 @@ class DataPlane:
                 "picker", "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(metrics_port), "--log-level", self.log_level,
                 "--policy", str(policy_path), "--endpoints", ",".join(self.sidecar_addresses),
-                "--signing-key-file", str(key_file)), self.run_dir.log(f"{self.name}picker"))
+                "--signing-key-file", str(key_file),
+                # loopback only, one user: the bench and demos name tenants with the policy's header
+                "--trust-tenant-header"), self.run_dir.log(f"{self.name}picker"))
             self.processes.append(picker)
             self.gateway_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             from tokenslice_picker.envoy import bootstrap_config
