@@ -17,22 +17,28 @@ import contextlib
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aiohttp
 from aiohttp import web
 
 from tokenslice import contract
-from tokenslice.contract import AdmitHeaders, ChunkHeaders, ContractError, SeenSignatures, check_key
+from tokenslice.contract import (
+    AdmitHeaders,
+    ChunkHeaders,
+    ContractError,
+    SeenSignatures,
+    check_key,
+)
 from tokenslice.errors import openai_error
 
-from .driver import ChunkTarget, Generation, tokenize
+from .driver import Generation
 from .metrics import SidecarMetrics
-
 from .openai_stream import ResponseBuilder, sse
 from .proxy import forward, forward_headers
 from .requests import Endpoint, Plan, RequestError, plan
-from .upstream import UpstreamError
+from .vllm import CHUNK_PATH, UpstreamError, VllmClient
 from .worker import CHUNK_PATHS, check_chunk
 
 log = logging.getLogger("tokenslice.sidecar")
@@ -58,6 +64,10 @@ class SidecarConfig:
     """Longest silence tolerated on an upstream stream (a queued chunk waits in the gateway)."""
 
 
+ClientFactory = Callable[[VllmClient], VllmClient]
+"""Given the default client (URLs, key, timeouts), the client a request's driver uses."""
+
+
 @dataclass(slots=True)
 class _State:
     config: SidecarConfig
@@ -69,18 +79,20 @@ class _State:
     session: aiohttp.ClientSession | None = None
     max_model_len: int | None = None
     """Learnt from the first /tokenize answer."""
+    client_factory: ClientFactory | None = None
 
     @property
     def timeout(self) -> aiohttp.ClientTimeout:
         c = self.config
         return aiohttp.ClientTimeout(total=None, sock_connect=c.connect_timeout_s, sock_read=c.read_timeout_s)
 
-    def target(self) -> ChunkTarget:
+    def client(self) -> VllmClient:
         c = self.config
         base = (c.chunk_url or c.vllm_url).rstrip("/")
         assert self.session is not None
-        return ChunkTarget(self.session, c.vllm_url.rstrip("/"), f"{base}/v1/completions", self.advertise,
-                           self.key, self.timeout)
+        client = VllmClient(self.session, c.vllm_url.rstrip("/"), f"{base}{CHUNK_PATH}", self.advertise,
+                            self.key, self.timeout)
+        return self.client_factory(client) if self.client_factory else client
 
 
 STATE = web.AppKey("tokenslice_sidecar", _State)
@@ -90,10 +102,16 @@ UPSTREAM_KEEPALIVE_S = 3.0
 """Idle upstream connections are closed before vLLM's 5 s keep-alive timeout can close them under us."""
 
 
-def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None) -> web.Application:
-    """The sidecar app; serve it with ``handler_cancellation=True`` so disconnects cancel upstream work."""
+def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None,
+              client_factory: ClientFactory | None = None) -> web.Application:
+    """The sidecar app; serve it with ``handler_cancellation=True`` so disconnects cancel upstream work.
+
+    ``client_factory`` swaps the driver's vLLM client (``benchmarks/bench_sidecar.py`` uses it to compare
+    HTTP libraries); by default the aiohttp ``VllmClient``.
+    """
     key = check_key(config.key)  # no fallback: a random key would refuse every peer's chunk
-    state = _State(config, key, metrics or SidecarMetrics(), advertise=config.advertise)
+    state = _State(config, key, metrics or SidecarMetrics(), advertise=config.advertise,
+                   client_factory=client_factory)
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app[STATE] = state
 
@@ -208,11 +226,11 @@ async def _driver(request: web.Request, st: _State, endpoint: Endpoint,
 async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str, tenant: str, klass: str,
                       chunk_size: int) -> web.StreamResponse:
     """Tokenize once, then stream (or collect) the chunked generation."""
-    target = st.target()
+    client = st.client()
     try:
-        prompt_ids, max_model_len = await tokenize(target, p, st.max_model_len)
+        prompt_ids, max_model_len = await client.tokenize(p, st.max_model_len)
         st.max_model_len = max_model_len
-        gen = Generation(target, p, request_id, tenant, klass, chunk_size, prompt_ids, max_model_len, st.metrics)
+        gen = Generation(client, p, request_id, tenant, klass, chunk_size, prompt_ids, max_model_len, st.metrics)
         gen.budget()
     except RequestError as exc:
         st.metrics.rejected.labels("invalid").inc()
@@ -231,10 +249,7 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
                     out.add(d)
                     continue
                 if stream is None:
-                    stream = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                                         "Cache-Control": "no-cache"})
-                    await stream.prepare(request)
-                    await stream.write(out.start_events())
+                    stream = await _open_stream(request, out)
                 event = out.event(d)
                 if event:
                     await stream.write(event)
@@ -252,11 +267,17 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
     if not p.stream:
         return web.json_response(out.body())
     if stream is None:  # nothing was generated at all
-        stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-        await stream.prepare(request)
-        await stream.write(out.start_events())
+        stream = await _open_stream(request, out)
     await stream.write(out.end_events())
     await stream.write_eof()
+    return stream
+
+
+async def _open_stream(request: web.Request, out: ResponseBuilder) -> web.StreamResponse:
+    """Start the client's SSE response: headers, then the events that precede any token."""
+    stream = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await stream.prepare(request)
+    await stream.write(out.start_events())
     return stream
 
 

@@ -7,7 +7,13 @@ import logging
 
 from aiohttp import web
 
-from tokenslice.contract import KEY_ENV, KEY_FILE_ENV, MIN_KEY_BYTES, ContractError, load_key
+from tokenslice.contract import (
+    KEY_ENV,
+    KEY_FILE_ENV,
+    MIN_KEY_BYTES,
+    ContractError,
+    load_key,
+)
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

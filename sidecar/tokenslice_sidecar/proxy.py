@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import aiohttp
 from aiohttp import web
 
 from tokenslice.contract import is_internal_header
-
 from tokenslice.errors import openai_error
 
 log = logging.getLogger("tokenslice.sidecar.proxy")
@@ -47,7 +45,7 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
                 await resp.write(data)
             await resp.write_eof()
             return resp
-    except asyncio.TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
+    except TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
         status, message = 504, "vLLM timed out"
     except aiohttp.ClientConnectionError as exc:
         status, message = 502, f"vLLM unreachable: {exc.__class__.__name__}: {exc}"

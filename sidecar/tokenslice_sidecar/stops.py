@@ -39,7 +39,7 @@ def find_stop(text: str, new_chars: int, stops: list[str], include_in_output: bo
 class StopScanner:
     """Accumulates generated text, finds stop strings, and says what may be released to the client."""
 
-    __slots__ = ("stops", "include_in_output", "min_tokens", "hold", "text", "released", "tokens", "stop_end")
+    __slots__ = ("hold", "include_in_output", "min_tokens", "released", "stop_end", "stops", "text", "tokens")
 
     def __init__(self, stops: list[str], include_in_output: bool = False, min_tokens: int = 0) -> None:
         self.stops = stops

@@ -85,3 +85,26 @@ async def post_stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any
 def choice_text(resp: dict[str, Any]) -> str:
     ch = resp["choices"][0]
     return ch["message"]["content"] if "message" in ch else ch["text"]
+
+
+def greedy(**extra: Any) -> dict[str, Any]:
+    return {"temperature": 0.0, "return_token_ids": True, **extra}
+
+
+async def reference(http: aiohttp.ClientSession, vllm: Any, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """The same request sent straight to vLLM (unchunked): what the sidecar must reproduce."""
+    return await post_json(http, f"{vllm.url}{path}", {"model": vllm.model, **body})
+
+
+async def token_texts(http: aiohttp.ClientSession, vllm: Any, prompt: str, n: int) -> tuple[list[int], list[str]]:
+    """Token ids and the text each one added, from an unchunked greedy request (the model writes ASCII)."""
+    ref = await reference(http, vllm, "/v1/completions",
+                          greedy(prompt=prompt, max_tokens=n, ignore_eos=True, logprobs=0))
+    ids, texts = ref["choices"][0]["token_ids"], ref["choices"][0]["logprobs"]["tokens"]
+    assert "".join(texts) == ref["choices"][0]["text"] and len(texts) == len(ids)
+    return ids, texts
+
+
+def sample(sc: Any, name: str, **labels: str) -> float:
+    """A sidecar metric's current value (0 when never set)."""
+    return sc.metrics.registry.get_sample_value(name, labels or None) or 0.0
