@@ -15,8 +15,8 @@ import aiohttp
 import openai
 import pytest
 
-from tokenslice.bench import promtext
-from tokenslice.local.procs import pid_alive
+from tokenslice import promtext
+from tokenslice.procs import pid_alive
 from tokenslice.local.stack import LocalConfig, LocalStack
 
 pytestmark = [pytest.mark.engine, pytest.mark.envoy, pytest.mark.timeout(600)]
@@ -78,9 +78,9 @@ async def test_priority_request_overtakes_a_long_generation_and_the_stack_cleans
         assert len("".join(low_tokens)) > 0
 
         # both went through the scheduler: admitted with their own tenant and class
-        assert stack.plane and stack.plane.gateway_metrics_url
+        assert stack.plane and stack.plane.picker_metrics_url
         async with aiohttp.ClientSession() as session:
-            samples = await promtext.scrape(session, stack.plane.gateway_metrics_url)
+            samples = await promtext.scrape(session, stack.plane.picker_metrics_url)
         admitted = {(s.labels.get("class"), s.labels.get("tenant")) for s in samples
                     if s.name == "tokenslice_picker_admissions_total" and s.value > 0}
         assert {("batch", "batch-a"), ("interactive", "web")} <= admitted

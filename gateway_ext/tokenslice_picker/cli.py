@@ -15,9 +15,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from tokenslice import contract
+from tokenslice.envoy import Address, ExtProc, render_bootstrap
 from tokenslice.policy import load_policy
 from tokenslice_picker.datastore.endpoints import parse_endpoints
-from tokenslice_picker.envoy import render_bootstrap
 from tokenslice_picker.logs import setup_logging
 from tokenslice_picker.server import Picker, PickerSettings
 
@@ -70,9 +70,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.print_envoy_config:
-        sys.stdout.write(render_bootstrap(listen_port=args.envoy_listen_port, ext_proc_port=args.grpc_port,
-                                          admin_port=args.envoy_admin_port, listen_address="0.0.0.0",
-                                          ext_proc_host=args.envoy_ext_proc_host))
+        sys.stdout.write(render_bootstrap(listen=Address("0.0.0.0", args.envoy_listen_port),
+                                          admin=Address("127.0.0.1", args.envoy_admin_port),
+                                          upstream=ExtProc(args.envoy_ext_proc_host, args.grpc_port)))
         return 0
     setup_logging(args.log_level)
     try:

@@ -57,9 +57,8 @@ EOF
   chmod +x "$TOKENSLICE_CACHE/engine-venv/bin/python"
 }
 
-bench_cmd() {
-  echo python3 scripts/gpu/observe.py --out "$RES" -- python3 -m tokenslice bench run "$SCENARIO" \
-    --model "$MODEL" --out "$RES" --keep-logs ${BENCH_ARGS:-}
+bench_cmd() {  # the benchmark writes its per-chunk breakdown (chunk_breakdown.*) itself
+  echo python3 -m tokenslice bench run "$SCENARIO" --model "$MODEL" --out "$RES" --keep-logs ${BENCH_ARGS:-}
 }
 
 collect() {  # at most 8 files come back from a device call: pack plots and logs
@@ -94,14 +93,14 @@ case "$MODE" in
   all)
     prepare 2>&1 | tee -a "$RES/prepare.log"
     [ -d /root/site ] && export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
-    set +e; $(bench_cmd); echo $? > "$RES/rc"; set -e
+    set +e; $(bench_cmd) 2>&1 | tee -a "$RES/bench.log"; echo "${PIPESTATUS[0]}" > "$RES/rc"; set -e
     collect ;;
   start)
     rm -f "$RES/rc" "$RES/bench.log"
     prepare 2>&1 | tee -a "$RES/prepare.log"
     [ -d /root/site ] && export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
     # its own session, so it outlives this command (the machine stays while calls keep coming)
-    setsid bash -c "$(bench_cmd) >/dev/null 2>&1; echo \$? > '$RES/rc'" < /dev/null > /dev/null 2>&1 &
+    setsid bash -c "$(bench_cmd) >> '$RES/bench.log' 2>&1; echo \$? > '$RES/rc'" < /dev/null > /dev/null 2>&1 &
     say "started detached (pid $!); following for ${FOLLOW_S}s"
     follow ;;
   wait)

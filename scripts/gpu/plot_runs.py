@@ -36,10 +36,8 @@ def load(run: Path) -> list[dict]:
     for label, s in systems.items():
         if s["kind"] != "tokenslice" or s["unloaded"]:
             continue
-        row, raw = breakdown.get(label, ({}, {}))
-        gw = raw.get("gateway", {})
-        n = gw.get("tokenslice_picker_chunk_seconds_count") or 0
-        held_ms = gw.get("tokenslice_picker_chunk_seconds_sum", 0.0) / n * 1e3 if n else None
+        row, _raw = breakdown.get(label, ({}, {}))
+        held_ms = row.get("gw_grant_to_end_ms")
         decode_ms = (row.get("tokens_per_chunk") or 0) * (row.get("vllm_itl_ms") or 0)
         rows.append({
             "run": run.name, "chunk": s["chunk_size"], "p99": s["groups"]["hi"]["ttft"]["p99"],

@@ -11,9 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tokenslice_picker.envoy import EXT_PROC_CLUSTER, bootstrap_config, envoy_binary
 from tests.fixtures.kube import KubeCluster, wait_for
 from tests.k8s.conftest import CHART, OperatorThread, condition
+from tokenslice.envoy import Address, ExtProc, bootstrap_config, envoy_binary
 
 pytestmark = pytest.mark.k8s
 FULL = ["--set", "example.enabled=true", "--set", "gateway.enabled=true", "--set", "gateway.pool=example-pool",
@@ -66,13 +66,11 @@ def test_custom_resources_in_the_chart_pass_server_side_validation(crds: KubeClu
 
 
 def test_embedded_envoy_config_matches_the_tested_renderer(kube_cluster: KubeCluster, tmp_path) -> None:
-    """The chart's Envoy bootstrap is tokenslice_picker.envoy's, with the picker resolved by DNS; Envoy accepts it."""
+    """The chart's Envoy bootstrap is tokenslice.envoy's, with the picker resolved by DNS; Envoy accepts it."""
     cm = next(d for d in _template(kube_cluster, *FULL) if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
     chart = yaml.safe_load(cm["data"]["envoy.yaml"])
-    expected = bootstrap_config(listen_port=8080, ext_proc_port=9002, admin_port=9901, listen_address="0.0.0.0",
-                                admin_address="0.0.0.0", ext_proc_host="example-pool-epp.tokenslice-system.svc")
-    ext = next(c for c in expected["static_resources"]["clusters"] if c["name"] == EXT_PROC_CLUSTER)
-    ext["type"] = "STRICT_DNS"
+    expected = bootstrap_config(listen=Address("0.0.0.0", 8080), admin=Address("0.0.0.0", 9901),
+                                upstream=ExtProc("example-pool-epp.tokenslice-system.svc", 9002, dns=True))
     assert json.loads(json.dumps(chart)) == json.loads(json.dumps(expected))
     path = tmp_path / "envoy.yaml"
     # validate mode resolves nothing, so the in-cluster DNS name is fine here

@@ -23,7 +23,7 @@ def test_committed_crd_is_the_generated_one() -> None:
     for f in CRDS.glob("*.yaml"):
         assert filecmp.cmp(f, CHART / "crds" / f.name, shallow=False), f"charts/tokenslice/crds/{f.name} is stale"
     assert crdgen.CHART_ENVOY_FILE.read_text() == crdgen.render_envoy_template(), \
-        "tokenslice_picker.envoy changed: run `tokenslice operator crds` and commit charts/tokenslice/files/envoy.yaml"
+        "tokenslice.envoy changed: run `tokenslice operator crds` and commit charts/tokenslice/files/envoy.yaml"
 
 
 def _walk(node: Any, where: str = "") -> list[str]:

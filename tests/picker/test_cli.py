@@ -9,7 +9,8 @@ import sys
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from tokenslice_picker.envoy import free_port
+
+from tokenslice.procs import free_port
 
 
 async def test_cli_serves_health_and_metrics_then_stops(tmp_path):

@@ -1,8 +1,8 @@
-"""The virtual token counter and the Jain index."""
+"""The virtual token counter (the Jain index is tokenslice.fairness's: tests/bench/test_loadgen.py)."""
 
 from __future__ import annotations
 
-from tokenslice_picker.flowcontrol.fairness import VirtualCounters, jain_index
+from tokenslice_picker.flowcontrol.fairness import VirtualCounters
 
 
 def test_vtc_weighted_service_and_no_banked_credit():
@@ -17,8 +17,3 @@ def test_vtc_weighted_service_and_no_banked_credit():
     vtc.lift("c", "c", ["a", "b"])
     assert vtc.get("c", "c") == min(vtc.get("c", "a"), vtc.get("c", "b"))
 
-
-def test_jain_index():
-    assert jain_index([1, 1, 1]) == 1.0
-    assert jain_index([1, 0, 0]) == 1.0  # idle tenants are not counted
-    assert abs(jain_index([3, 1]) - 0.8) < 1e-9

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from tokenslice_picker.flowcontrol.fairness import jain_index
+from tokenslice.fairness import jain_index
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tests.picker.conftest import until
 from tokenslice.policy import FairnessWeights, PriorityClass, SchedulingPolicySpec, Tenant

@@ -14,8 +14,8 @@ import json
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from tokenslice_picker.envoy import free_port
 
+from tokenslice.procs import free_port
 from tokenslice import contract
 
 

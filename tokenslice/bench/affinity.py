@@ -17,7 +17,7 @@ from pathlib import Path
 
 import aiohttp
 
-from tokenslice.bench import promtext
+from tokenslice import promtext
 from tokenslice.bench.runner import reusable_tokens
 from tokenslice.local.stack import EXAMPLE_POLICY, DataPlane, EnginePool, Mode, RunDir
 from tokenslice.policy import load_policy

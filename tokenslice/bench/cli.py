@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import platform
 import shlex
 import sys
@@ -29,6 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     aff.add_argument("--tokens", type=int, default=320, help="output tokens per request")
     aff.add_argument("--requests", type=int, default=3)
     aff.add_argument("--model", type=Path, default=None)
+    micro = sub.add_parser("micro", help="micro-benchmarks of one part: picker (its cost per chunk) or "
+                           "sidecar (chunking cost); `tokenslice bench micro picker --help`")
+    micro.add_argument("part", choices=("picker", "sidecar"))
+    micro.add_argument("args", nargs=argparse.REMAINDER, help="the part's own flags")
     sub.add_parser("list", help="list the built-in scenarios")
     trace = sub.add_parser("trace", help="print a scenario's arrival trace summary (no engines needed)")
     trace.add_argument("scenario")
@@ -59,8 +64,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bench_command == "affinity":
         return _affinity(args)
+    if args.bench_command == "micro":
+        from tokenslice.bench.micro import picker, sidecar
+
+        return {"picker": picker.main, "sidecar": sidecar.main}[args.part](args.args)
     if args.bench_command not in ("demo", "run", "trace"):
-        print("usage: tokenslice bench {demo,run,affinity,list,trace} ...  (see --help)", file=sys.stderr)
+        print("usage: tokenslice bench {demo,run,affinity,micro,list,trace} ...  (see --help)", file=sys.stderr)
         return 2
     name = "demo" if args.bench_command == "demo" else args.scenario
     try:
@@ -115,7 +124,7 @@ def _print_trace(scenario) -> int:  # type: ignore[no-untyped-def]
 
 
 async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    from tokenslice.bench import plots, report
+    from tokenslice.bench import breakdown, plots, report
     from tokenslice.bench.runner import SystemResult, run_benchmark
 
     out.mkdir(parents=True, exist_ok=True)
@@ -130,6 +139,10 @@ async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: i
         table = report.markdown(summaries, scenario, command)
         (out / "results.md").write_text(table)
         report.write_json(out / "results.json", scenario, done, summaries, {**meta, "complete": final})
+        rows = [breakdown.breakdown(r.plan.label, r.observation) for r in done]
+        (out / "chunk_breakdown.json").write_text(json.dumps(
+            {"rows": rows, "raw": [{"label": r.plan.label, **r.observation.as_json()} for r in done]}, indent=1))
+        (out / "chunk_breakdown.md").write_text(breakdown.markdown(rows))
         if final:
             for path in plots.write_all(done, summaries, scenario, out):
                 print(f"wrote {path}", file=sys.stderr)

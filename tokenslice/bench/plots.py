@@ -13,20 +13,22 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from tokenslice.bench.report import SystemSummary, fairness_class, focus_stream  # noqa: E402
 from tokenslice.bench.runner import SystemResult  # noqa: E402
-from tokenslice.bench.scenario import Scenario  # noqa: E402
+from tokenslice.bench.scenario import SYSTEMS, Scenario  # noqa: E402
 from tokenslice.bench.stats import ttft_censored  # noqa: E402
 
-_BASELINE_STYLE = {"vllm-fcfs": ("tab:red", "-"), "vllm-priority": ("tab:orange", "-"),
-                   "chunked": ("tab:brown", "--"), "no-affinity": ("tab:gray", "--")}
-
-
 def _style(res: SystemResult, i: int, n: int) -> tuple[str, str]:
-    """Baselines in fixed colours; tokenslice runs spread over a colormap, reserved-slot runs dash-dotted."""
+    """Baselines in their system's colour; tokenslice runs spread over a colormap, reserved-slot runs dash-dotted."""
     if res.plan.unloaded:
         return "black", ":"
-    if res.plan.kind in _BASELINE_STYLE:
-        return _BASELINE_STYLE[res.plan.kind]
-    return plt.get_cmap("viridis")(0.05 + 0.85 * i / max(1, n - 1)), "-." if res.plan.reserved else "-"
+    system = res.plan.system
+    if system.color is not None:
+        return system.color, system.linestyle
+    return plt.get_cmap("viridis")(0.05 + 0.85 * i / max(1, n - 1)), "-." if res.plan.reserved else system.linestyle
+
+
+def _baseline_style(kind: str) -> tuple[str, str]:
+    system = SYSTEMS.get(kind)
+    return (system.color, system.linestyle) if system and system.color else ("gray", "--")
 
 
 def _cdf(ax: plt.Axes, values: list[float], **kw: object) -> None:
@@ -94,7 +96,7 @@ def versus_chunk_size(summaries: list[SystemSummary], scenario: Scenario, path: 
     for s in summaries:
         if s.kind == "tokenslice" and not s.unloaded:
             continue
-        color, ls = ("black", ":") if s.unloaded else _BASELINE_STYLE.get(s.kind, ("gray", "--"))
+        color, ls = ("black", ":") if s.unloaded else _baseline_style(s.kind)
         ax1.axhline(p99(s), color=color, linestyle=ls, label=s.label)
         if not s.unloaded:
             ax2.axhline(s.throughput_tps, color=color, linestyle=ls, label=s.label)

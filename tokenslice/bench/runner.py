@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from tokenslice.bench import promtext
+from tokenslice import promtext
+from tokenslice.bench.breakdown import Observation
 from tokenslice.bench.loadgen import Target, replay
-from tokenslice.bench.scenario import Scenario
+from tokenslice.bench.scenario import SYSTEMS, Scenario, System
 from tokenslice.bench.stats import RequestResult
 from tokenslice.bench.trace import TraceRequest, build_trace
 from tokenslice.local.stack import DataPlane, Engine, EnginePool, Mode, RunDir
@@ -37,15 +38,25 @@ def _stderr(line: str) -> None:
 
 @dataclass(frozen=True, slots=True)
 class Plan:
-    """One system to run: its label, kind, chunk size and which trace (full or unloaded)."""
+    """One system to run: its label, which system, chunk size and which trace (full or unloaded)."""
 
     label: str
-    kind: str  # vllm-fcfs | vllm-priority | chunked | tokenslice | no-affinity
-    mode: Mode
+    system: System
     chunk_size: int | None
-    engine_policy: str  # fcfs | priority
     unloaded: bool = False
     reserved: int = 0
+
+    @property
+    def kind(self) -> str:
+        return self.system.name
+
+    @property
+    def mode(self) -> Mode:
+        return self.system.mode
+
+    @property
+    def engine_policy(self) -> str:
+        return self.system.engine_policy
 
 
 @dataclass
@@ -64,6 +75,8 @@ class SystemResult:
     """The same, also counting the chunk after the last token of every request cut off at a chunk boundary
     (it may or may not have reached vLLM before the cutoff): the two bracket the true value."""
     block_size: int = 0
+    observation: Observation = field(default_factory=Observation)
+    """What the data plane's own metrics said, scraped before it was torn down (the per-chunk breakdown)."""
 
 
 def plan_systems(scenario: Scenario) -> list[Plan]:
@@ -71,19 +84,18 @@ def plan_systems(scenario: Scenario) -> list[Plan]:
     default = scenario.policy.chunk_size
     plans: list[Plan] = []
     if "tokenslice" in scenario.systems:
-        plans += [Plan(f"tokenslice-c{n}" + (f"-r{r}" if r else ""), "tokenslice", "tokenslice", n, "fcfs",
-                       reserved=r) for n in scenario.chunk_sizes for r in scenario.reserved_slots]
+        plans += [Plan(f"tokenslice-c{n}" + (f"-r{r}" if r else ""), SYSTEMS["tokenslice"], n, reserved=r)
+                  for n in scenario.chunk_sizes for r in scenario.reserved_slots]
     if "chunked" in scenario.systems:
-        plans.append(Plan(f"chunked-c{default}", "chunked", "chunked", default, "fcfs"))
+        plans.append(Plan(f"chunked-c{default}", SYSTEMS["chunked"], default))
     if scenario.no_affinity:
-        plans.append(Plan(f"no-affinity-c{default}", "no-affinity", "chunked-rr", default, "fcfs"))
+        plans.append(Plan(f"no-affinity-c{default}", SYSTEMS["no-affinity"], default))
     if "vllm-fcfs" in scenario.systems:
-        plans.append(Plan("vllm-fcfs", "vllm-fcfs", "direct", None, "fcfs"))
+        plans.append(Plan("vllm-fcfs", SYSTEMS["vllm-fcfs"], None))
     if scenario.unloaded_stream:
-        plans.append(Plan(f"unloaded-tokenslice-c{default}", "tokenslice", "tokenslice", default, "fcfs",
-                          unloaded=True))
+        plans.append(Plan(f"unloaded-tokenslice-c{default}", SYSTEMS["tokenslice"], default, unloaded=True))
     if "vllm-priority" in scenario.systems:
-        plans.append(Plan("vllm-priority", "vllm-priority", "direct", None, "priority"))
+        plans.append(Plan("vllm-priority", SYSTEMS["vllm-priority"], None))
     return plans
 
 
@@ -173,6 +185,31 @@ def _delta(after: dict[str, float], before: dict[str, float]) -> dict[str, float
     return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
+def _summed(scraped: list[list[promtext.Sample]], by_label: str | None = None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for samples in scraped:
+        for k, v in promtext.flatten(samples, by_label).items():
+            out[k] = out.get(k, 0.0) + v
+    return out
+
+
+async def observe(plane: DataPlane, engines: list[Engine]) -> tuple[list[list[promtext.Sample]], Observation]:
+    """The scrape hook: every part of a running system -- engines, the picker, the sidecars -- at once.
+
+    Called once before the trace and once after it, *before* the data plane is torn down, so the
+    numbers of each system are read from the system itself (no process scanning from outside).
+    Returns the engines' and the picker's raw samples (in that order) and the flattened totals.
+    """
+    engine_urls = [f"{e.url}/metrics" for e in engines]
+    picker_urls = [plane.picker_metrics_url] if plane.picker_metrics_url else []
+    sidecar_urls = [f"http://{a}/tokenslice/metrics" for a in plane.sidecar_addresses]
+    scraped = await promtext.scrape_all(engine_urls + picker_urls + sidecar_urls)
+    n, m = len(engine_urls), len(engine_urls) + len(picker_urls)
+    obs = Observation(engine=_summed(scraped[:n]), picker=_summed(scraped[n:m], by_label="class"),
+                      sidecar=_summed(scraped[m:]))
+    return scraped[:m], obs
+
+
 async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_dir: RunDir,
                      trace: list[TraceRequest], progress: Progress) -> SystemResult:
     policy = sweep_policy(scenario, plan.chunk_size, plan.reserved if plan.kind == "tokenslice" else None)
@@ -182,9 +219,8 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
     draining = {s.name for s in scenario.streams if s.drain}
     async with DataPlane(engines, policy, run_dir, mode=plan.mode, progress=progress, log_level="WARNING",
                          name=f"{plan.label}-") as plane:
-        engine_urls = [f"{e.url}/metrics" for e in engines]
-        gw_urls = [plane.gateway_metrics_url] if plane.gateway_metrics_url else []
-        before = await promtext.scrape_all(engine_urls + gw_urls)
+        gw_urls = [plane.picker_metrics_url] if plane.picker_metrics_url else []
+        before, first = await observe(plane, engines)
         block = int(promtext.label(before[0], promtext.CACHE_CONFIG, "block_size") or 0)
         target = Target(
             plan.label, plane.url, engines[0].model,
@@ -194,12 +230,14 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
         started = time.time()
         results, cutoff = await replay(trace, target, window_s=scenario.window_s, drain_s=scenario.drain_s,
                                        draining=draining, progress=progress)
-        after = await promtext.scrape_all(engine_urls + gw_urls)
+        after, last = await observe(plane, engines)
     n = len(engines)
+    last.engine = _delta(last.engine, first.engine)
+    last.seconds = time.time() - started
     result = SystemResult(plan, results, cutoff, started,
                           engine_counters=_delta(_engine_counters(after[:n]), _engine_counters(before[:n])),
                           gateway_counters=_delta(_gateway_counters(after[n]), _gateway_counters(before[n]))
-                          if gw_urls else {}, block_size=block)
+                          if gw_urls else {}, block_size=block, observation=last)
     for r, count in zip(results, prompt_counts):
         r.prompt_tokens = r.prompt_tokens or count
     if plan.chunk_size and plan.kind != "vllm-fcfs" and block:

@@ -9,17 +9,45 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tokenslice.local.stack import Mode
 from tokenslice.policy import SchedulingPolicySpec
 
-SYSTEMS = ("vllm-fcfs", "vllm-priority", "chunked", "tokenslice")
-"""(a) vLLM direct FCFS, (b) vLLM direct with priority scheduling, (c) chunking without the
-scheduler (sidecar straight to its own vLLM), (d) tokenslice (Envoy + gateway + sidecars)."""
+
+@dataclass(frozen=True, slots=True)
+class System:
+    """One kind of system a benchmark compares: what runs in front of the engines, on which engines,
+    and how its curves are drawn. The one place these facts live (runner, report and plots read them)."""
+
+    name: str
+    mode: Mode
+    """The data plane in front of the engines (``tokenslice.local.stack.DataPlane``)."""
+    engine_policy: Literal["fcfs", "priority"]
+    """vLLM's ``--scheduling-policy`` for the engines it runs on."""
+    color: str | None
+    """Fixed plot colour; None = spread over a colormap (the tokenslice sweep)."""
+    linestyle: str
+    description: str
+
+
+SYSTEMS: dict[str, System] = {s.name: s for s in (
+    System("vllm-fcfs", "direct", "fcfs", "tab:red", "-", "(a) vLLM direct, FCFS"),
+    System("vllm-priority", "direct", "priority", "tab:orange", "-",
+           "(b) vLLM direct with its priority scheduling"),
+    System("chunked", "chunked", "fcfs", "tab:brown", "--",
+           "(c) chunking without the scheduler: each sidecar straight to its own vLLM"),
+    System("no-affinity", "chunked-rr", "fcfs", "tab:gray", "--",
+           "chunking through a round-robin gateway: no KV affinity"),
+    System("tokenslice", "tokenslice", "fcfs", None, "-", "(d) tokenslice: sidecars, gateway and picker"),
+)}
+SystemName = Literal["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"]
+"""The systems a scenario lists (no-affinity is switched on by ``no_affinity``)."""
 
 
 class _Model(BaseModel):
@@ -95,8 +123,8 @@ class Scenario(_Model):
     engines: int = Field(default=1, ge=1, le=8)
     max_num_seqs: int = Field(default=4, ge=1)
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM flags for every engine")
-    systems: list[Literal["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"]] = Field(
-        default_factory=lambda: list(SYSTEMS))
+    systems: list[SystemName] = Field(
+        default_factory=lambda: ["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"])
     chunk_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
     reserved_slots: list[int] = Field(
         default_factory=lambda: [0],

@@ -11,6 +11,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+from tokenslice.fairness import jain_index
+
 Status = Literal["ok", "cancelled", "timeout", "error"]
 
 
@@ -33,17 +35,6 @@ def percentile(values: Sequence[float], q: float) -> float:
     if math.isinf(data[hi]):
         return data[hi]
     return data[lo] + (data[hi] - data[lo]) * frac
-
-
-def jain_index(values: Iterable[float]) -> float:
-    """Jain's fairness index (sum x)^2 / (n * sum x^2): 1 = perfectly fair, 1/n = one takes all."""
-    xs = list(values)
-    if not xs:
-        return math.nan
-    square_sum = sum(x * x for x in xs)
-    if square_sum == 0:
-        return 1.0
-    return sum(xs) ** 2 / (len(xs) * square_sum)
 
 
 @dataclass(slots=True)

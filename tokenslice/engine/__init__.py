@@ -6,12 +6,11 @@ from tokenslice.engine.server import (
     EngineStartError,
     VLLMServer,
     check_built,
-    free_port,
     running_vllm,
     start_vllm,
 )
 
 __all__ = [
     "MODEL_NAME", "EngineNotBuilt", "EngineStartError", "VLLMServer", "check_built", "default_model_dir",
-    "engine_python", "engine_venv", "free_port", "running_vllm", "start_vllm",
+    "engine_python", "engine_venv", "running_vllm", "start_vllm",
 ]

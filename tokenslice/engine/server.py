@@ -1,8 +1,9 @@
 """Start and stop a real vLLM OpenAI server (CPU build) on a free loopback port.
 
-Used by the test fixtures, ``tokenslice local`` and the benchmarks.  The server
-runs in its own process group so ``stop()`` takes down vLLM and anything it
-spawned, and its log goes to a file in the cache (tail it when a start fails).
+Used by the test fixtures, ``tokenslice local`` and the benchmarks.  The server is
+supervised by :mod:`tokenslice.procs` (own process group, parent-death signal), so
+``stop()`` takes down vLLM and anything it spawned, and its log goes to a file in the
+cache (tail it when a start fails).
 
 Defaults suit a 2-core machine running several engines side by side: the model
 runs inside the engine-core process (no extra worker process), one OpenMP
@@ -14,20 +15,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from tokenslice import procs
 from tokenslice.engine import layout
 from tokenslice.paths import cache_dir
+from tokenslice.procs import ManagedProcess, free_port
 
 DEFAULT_MAX_MODEL_LEN = 4096
 DEFAULT_MAX_NUM_SEQS = 16
@@ -51,13 +47,6 @@ class EngineNotBuilt(RuntimeError):
 
 class EngineStartError(RuntimeError):
     """vLLM exited or did not become healthy in time; the message carries the log tail."""
-
-
-def free_port() -> int:
-    """A currently free loopback TCP port (the OS picks it; other engineers share this machine)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def check_built(model_dir: Path | None = None) -> Path:
@@ -117,16 +106,13 @@ def vllm_env() -> dict[str, str]:
 
 @dataclass
 class VLLMServer:
-    """A running vLLM server process. ``url`` is the OpenAI base without ``/v1``."""
+    """A running vLLM server, supervised by :mod:`tokenslice.procs`. ``url`` is the OpenAI base without ``/v1``."""
 
     port: int
     model: str
     model_dir: Path
-    log_path: Path
-    process: subprocess.Popen[bytes]
+    proc: ManagedProcess
     started_in_s: float = 0.0
-    command: list[str] = field(default_factory=list)
-    stopped: bool = False
 
     @property
     def url(self) -> str:
@@ -137,80 +123,30 @@ class VLLMServer:
         """``host:port`` as endpoint pickers name it."""
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def log_path(self) -> Path:
+        return self.proc.log_path
+
+    @property
+    def command(self) -> list[str]:
+        return self.proc.argv
+
     def running(self) -> bool:
-        return self.process.poll() is None
+        return self.proc.running
 
     def log_tail(self, lines: int = 40) -> str:
-        return _tail(self.log_path, lines)
+        return self.proc.log_tail(lines)
 
     def stop_sync(self, timeout: float = 20.0) -> None:
-        """SIGTERM the process group, then SIGKILL what is left after ``timeout``. Idempotent."""
-        if not self.stopped:  # never signal the pgid again: once the group is gone the id can be reused
-            stop_process_group(self.process, timeout)
-            self.stopped = True
+        """SIGTERM vLLM's process group (API server, EngineCore, resource tracker), SIGKILL what is left."""
+        self.proc.stop_sync(timeout)
 
     async def stop(self, timeout: float = 20.0) -> None:
-        await asyncio.to_thread(self.stop_sync, timeout)
-
-
-def _tail(path: Path, lines: int) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # pgid reused by someone else's process: not ours any more
-        return False
-    return True
-
-
-def stop_process_group(proc: subprocess.Popen[bytes], timeout: float) -> None:
-    """SIGTERM vLLM's process group (API server, EngineCore, resource tracker); SIGKILL stragglers.
-
-    Waiting for the API server alone is not enough: its children outlive it for a moment.
-    """
-    pgid = proc.pid  # start_new_session=True: the server leads its own group
-    if proc.poll() is not None and not _group_alive(pgid):
-        return  # leader reaped and no member left: the id may belong to someone else by now
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        proc.poll()  # reap the leader so it does not linger as a zombie
-        if not _group_alive(pgid):
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGKILL)
-    proc.wait()
-    while _group_alive(pgid) and time.monotonic() < deadline + 5:
-        time.sleep(0.1)
-
-
-def _healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-            return resp.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
-
-
-def _die_with_parent() -> list[str]:
-    """Prefix that makes vLLM get SIGTERM if whoever started it dies (a killed pytest, a crashed stack).
-
-    ``setpriv`` (util-linux) sets the parent-death signal and execs vLLM, so the pid stays vLLM's;
-    without it the engine would run on, orphaned, on a machine other people share.  Linux sends
-    the signal when the *thread* that spawned it exits, so spawn from a long-lived thread (the
-    event loop's), not from a short-lived worker thread.
-    """
-    setpriv = shutil.which("setpriv")
-    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
+        await self.proc.stop(timeout)
 
 
 def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra_args: Sequence[str] = (),
@@ -222,43 +158,26 @@ def spawn(*, model_dir: Path | str | None = None, port: int | None = None, extra
     model = check_built(Path(model_dir) if model_dir else None)
     port = port or free_port()
     log = Path(log_path) if log_path else layout.logs_dir() / f"vllm-{port}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     cmd = vllm_command(model_dir=model, port=port, served_model_name=served_model_name,
                        max_num_seqs=max_num_seqs, max_model_len=max_model_len, torch_compile=torch_compile,
                        kv_cache_mib=kv_cache_mib, extra_args=extra_args)
-    with log.open("ab") as fh:
-        fh.write(f"$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen([*_die_with_parent(), *cmd], stdout=fh, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env=vllm_env(), start_new_session=True)
-    return VLLMServer(port=port, model=served_model_name, model_dir=model, log_path=log, process=proc,
-                      command=cmd)
+    proc = procs.spawn(f"vllm:{port}", cmd, log, env=vllm_env(), append_log=True)
+    return VLLMServer(port=port, model=served_model_name, model_dir=model, proc=proc)
 
 
 async def wait_healthy(server: VLLMServer, timeout: float = DEFAULT_START_TIMEOUT_S,
                        progress: Callable[[str], None] | None = None) -> VLLMServer:
-    """Poll ``/health`` until it answers 200; kill the server and raise if it dies or times out."""
+    """Wait until ``/health`` answers 200; stop the server and raise if it dies or times out."""
     started = time.monotonic()
-    deadline = started + timeout
-    next_note = started + 10
-    while True:
-        if not server.running():
-            raise EngineStartError(f"vLLM exited with {server.process.returncode} during startup "
-                                   f"(log {server.log_path}):\n{server.log_tail()}")
-        if await asyncio.to_thread(_healthy, server.url):
-            server.started_in_s = time.monotonic() - started
-            if progress:
-                progress(f"vLLM ready on {server.url} in {server.started_in_s:.1f} s")
-            return server
-        now = time.monotonic()
-        if now > deadline:
-            await server.stop()
-            raise EngineStartError(f"vLLM not healthy after {timeout:.0f} s (log {server.log_path}):\n"
-                                   f"{server.log_tail()}")
-        if progress and now >= next_note:
-            last = server.log_tail(1).strip()
-            progress(f"waiting for vLLM on :{server.port} ({now - started:.0f} s) ... {last[-120:]}")
-            next_note = now + 10
-        await asyncio.sleep(0.25)
+    try:
+        await procs.wait_ready(server.proc, server.url + "/health", timeout, progress=progress, interval_s=0.25)
+    except procs.NotReady as exc:
+        await server.stop()
+        raise EngineStartError(f"vLLM did not start: {exc}") from None
+    server.started_in_s = time.monotonic() - started
+    if progress:
+        progress(f"vLLM ready on {server.url} in {server.started_in_s:.1f} s")
+    return server
 
 
 async def start_vllm(*, model_dir: Path | str | None = None, port: int | None = None,
@@ -298,6 +217,3 @@ def running_vllm(**kwargs: object) -> Iterator[VLLMServer]:
     finally:
         server.stop_sync()
 
-
-def _progress_to_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)

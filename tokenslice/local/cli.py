@@ -74,8 +74,8 @@ async def _up(config: LocalConfig) -> int:
           f"  try: curl -N {stack.url}/v1/completions -H 'content-type: application/json' "
           f"-H '{policy.tenant_header}: web' -H '{policy.class_header}: interactive' "
           f"-d '{{\"model\": \"{stack.model}\", \"prompt\": \"hello\", \"max_tokens\": 32, \"stream\": true}}'\n"
-          + (f"  gateway metrics: {stack.plane.gateway_metrics_url}\n"
-             if stack.plane and stack.plane.gateway_metrics_url else "")
+          + (f"  picker metrics: {stack.plane.picker_metrics_url}\n"
+             if stack.plane and stack.plane.picker_metrics_url else "")
           + "Ctrl-C stops everything.", flush=True)
     died = asyncio.create_task(_watch(stack))
     await asyncio.wait({waiter, died}, return_when=asyncio.FIRST_COMPLETED)

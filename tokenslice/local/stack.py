@@ -8,7 +8,7 @@ what runs in front of them:
 
 * :class:`EnginePool` -- N real vLLM engines (``tokenslice.engine.server``).
 * :class:`DataPlane` -- over a list of engine URLs, one of
-  ``tokenslice`` (sidecar per engine -> Envoy with the shipped ext_proc config -> gateway_ext),
+  ``tokenslice`` (sidecar per engine -> the gateway, Envoy as ``tokenslice.envoy`` builds it -> the picker),
   ``chunked`` (sidecars chunking straight into their own vLLM: no scheduler, baseline c),
   ``chunked-rr`` (sidecars whose chunks go through a plain round-robin Envoy: chunking without KV affinity),
   ``direct`` (nothing: the engines themselves, round-robin Envoy in front when there are several).
@@ -30,20 +30,24 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenslice.local.procs import ManagedProcess, free_port, spawn, tokenslice_argv, wait_http
+from tokenslice.envoy import ExtProc, Static, start_envoy
+from tokenslice.procs import ManagedProcess, free_port, spawn, tokenslice_argv, wait_http
 from tokenslice.paths import cache_dir
 from tokenslice.policy import SchedulingPolicySpec, load_policy
+
+if TYPE_CHECKING:  # the engine venv is optional for the rest
+    from tokenslice.engine.server import VLLMServer
 
 EXAMPLE_POLICY = Path(__file__).with_name("policy.example.yaml")
 
 Mode = Literal["tokenslice", "chunked", "chunked-rr", "direct"]
 _PORT_TAKEN = ("address already in use", "failed to bind", "cannot bind")
-"""How aiohttp, gRPC and Envoy say that a port picked free was taken before they bound it."""
+"""How aiohttp and gRPC say that a port picked free was taken before they bound it."""
 Progress = Callable[[str], None]
 
 
@@ -100,27 +104,26 @@ class RunDir:
 
 @dataclass
 class Engine:
-    """One running vLLM: the object ``tokenslice.engine.server.start_vllm`` returned, plus its name."""
+    """One running vLLM with its name."""
 
     name: str
-    server: Any
+    server: VLLMServer
 
     @property
     def url(self) -> str:
-        return str(self.server.url)
+        return self.server.url
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.server.port}"
+        return self.server.address
 
     @property
     def model(self) -> str:
-        return str(self.server.model)
+        return self.server.model
 
     @property
-    def pid(self) -> int | None:
-        proc = getattr(self.server, "process", None) or getattr(self.server, "proc", None)
-        return getattr(proc, "pid", None)
+    def pid(self) -> int:
+        return self.server.pid
 
 
 class EnginePool:
@@ -193,39 +196,11 @@ class EnginePool:
         await self.stop()
 
 
-# --- Envoy -------------------------------------------------------------------------------------------
-
-def _round_robin_config(listen_port: int, admin_port: int, upstreams: list[str]) -> dict[str, Any]:
-    """The shipped bootstrap in its no-picker form, with every upstream in one round-robin cluster."""
-    from tokenslice_picker.envoy import bootstrap_config
-
-    config = bootstrap_config(listen_port=listen_port, ext_proc_port=None, admin_port=admin_port,
-                              direct_upstream=upstreams[0])
-    cluster = config["static_resources"]["clusters"][0]
-    cluster["load_assignment"]["endpoints"] = [{"lb_endpoints": [
-        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": int(port)}}}}
-        for host, _, port in (u.rpartition(":") for u in upstreams)]}]
-    return config
-
-
-async def _start_envoy(run_dir: RunDir, name: str, config: dict[str, Any], listen_port: int,
-                       admin_port: int) -> ManagedProcess:
-    from tokenslice_picker.envoy import envoy_binary
-
-    path = run_dir.path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    proc = await spawn(name, [envoy_binary(), "-c", str(path), "--concurrency", "1", "-l", "warning",
-                              "--base-id", str((os.getpid() * 64 + listen_port) % 2**31),
-                              "--disable-hot-restart"], run_dir.log(name))
-    await wait_http(proc, f"http://127.0.0.1:{admin_port}/ready", 60)
-    return proc
-
-
 # --- the data plane in front of the engines ----------------------------------------------------------
 
 @dataclass
 class DataPlane:
-    """Sidecars (+ gateway + Envoy) in front of already running engines; see the module docstring."""
+    """Sidecars (+ the picker + the gateway) in front of already running engines; see the module docstring."""
 
     engines: list[Engine]
     policy: SchedulingPolicySpec
@@ -233,7 +208,7 @@ class DataPlane:
     mode: Mode = "tokenslice"
     port: int | None = None
     policy_path: Path | None = None
-    """Hand the gateway this file (keeps hot reload of the user's own file) instead of a written copy."""
+    """Hand the picker this file (keeps hot reload of the user's own file) instead of a written copy."""
     progress: Progress = _stderr
     log_level: str = "INFO"
     name: str = ""
@@ -242,7 +217,7 @@ class DataPlane:
     sidecar_addresses: list[str] = field(default_factory=list)
     url: str = ""
     """Base URL of the OpenAI API (without /v1)."""
-    gateway_metrics_url: str | None = None
+    picker_metrics_url: str | None = None
 
     @property
     def openai_base_url(self) -> str:
@@ -275,7 +250,7 @@ class DataPlane:
             if len(engines) == 1:
                 self.url = engines[0].url
             else:
-                await self._round_robin([e.address for e in engines])
+                await self._envoy("envoy-rr", Static(tuple(e.address for e in engines)), self.port)
             return
         key_file = self.run_dir.path / "signing.key"
         if not key_file.exists():
@@ -284,7 +259,6 @@ class DataPlane:
         ports = [free_port() for _ in engines]
         self.sidecar_addresses = [f"127.0.0.1:{p}" for p in ports]
         envoy_port = self.port or free_port()
-        admin_port = free_port()
         chunk_url = {"tokenslice": f"http://127.0.0.1:{envoy_port}", "chunked": None,
                      "chunked-rr": f"http://127.0.0.1:{envoy_port}"}[self.mode]
         default_class = self.policy.default_class or self.policy.lowest_class().name
@@ -297,8 +271,8 @@ class DataPlane:
                                    "--default-class", default_class, "--log-level", self.log_level)
             if chunk_url:
                 argv += ["--chunk-url", chunk_url]
-            self.processes.append(await spawn(f"sidecar-{engine.name}", argv,
-                                              self.run_dir.log(f"{self.name}sidecar-{engine.name}")))
+            self.processes.append(spawn(f"sidecar-{engine.name}", argv,
+                                        self.run_dir.log(f"{self.name}sidecar-{engine.name}")))
         if self.mode == "tokenslice":
             policy_path = self.policy_path
             if policy_path is None:
@@ -306,7 +280,7 @@ class DataPlane:
                 policy_path.write_text(yaml.safe_dump(
                     self.policy.model_dump(by_alias=True, exclude_none=True, mode="json"), sort_keys=False))
             grpc_port, metrics_port = free_port(), free_port()
-            picker = await spawn("picker", tokenslice_argv(
+            picker = spawn("picker", tokenslice_argv(
                 "picker", "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
                 "--metrics-port", str(metrics_port), "--log-level", self.log_level,
                 "--policy", str(policy_path), "--endpoints", ",".join(self.sidecar_addresses),
@@ -314,33 +288,27 @@ class DataPlane:
                 # loopback only, one user: the bench and demos name tenants with the policy's header
                 "--trust-tenant-header"), self.run_dir.log(f"{self.name}picker"))
             self.processes.append(picker)
-            self.gateway_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-            from tokenslice_picker.envoy import bootstrap_config
-
-            config = bootstrap_config(listen_port=envoy_port, ext_proc_port=grpc_port, admin_port=admin_port)
-            self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy", config, envoy_port, admin_port))
-            await wait_http(picker, f"http://127.0.0.1:{metrics_port}/healthz", 60)
-            self.url = f"http://127.0.0.1:{envoy_port}"
+            self.picker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+            await self._envoy("envoy", ExtProc("127.0.0.1", grpc_port), envoy_port)
+            await wait_http(f"http://127.0.0.1:{metrics_port}/healthz", 60, picker)
         elif self.mode == "chunked-rr" or len(engines) > 1:
-            config = _round_robin_config(envoy_port, admin_port, self.sidecar_addresses)
-            self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy-rr", config, envoy_port,
-                                                      admin_port))
-            self.url = f"http://127.0.0.1:{envoy_port}"
+            await self._envoy("envoy-rr", Static(tuple(self.sidecar_addresses)), envoy_port)
         else:
             self.url = f"http://{self.sidecar_addresses[0]}"
         for proc, address in zip(self.processes, self.sidecar_addresses):
-            await wait_http(proc, f"http://{address}/health", 60)
+            await wait_http(f"http://{address}/health", 60, proc)
         self.progress(f"{self.mode} data plane ready at {self.url} in {time.monotonic() - started:.1f}s "
                       f"(chunk size {self.policy.chunk_size})")
 
-    async def _round_robin(self, upstreams: list[str]) -> None:
-        port, admin = self.port or free_port(), free_port()
-        config = _round_robin_config(port, admin, upstreams)
-        self.processes.append(await _start_envoy(self.run_dir, f"{self.name}envoy-rr", config, port, admin))
-        self.url = f"http://127.0.0.1:{port}"
+    async def _envoy(self, name: str, upstream: ExtProc | Static, port: int | None) -> None:
+        """The gateway in front of this plane, with config and log in the run directory."""
+        envoy = await start_envoy(upstream, workdir=self.run_dir.path / "logs", name=f"{self.name}{name}",
+                                  listen_port=port)
+        self.processes.append(envoy.proc)
+        self.url = envoy.url
 
     async def stop(self) -> None:
-        # front to back: Envoy and the gateway first so nothing new reaches the sidecars
+        # front to back: the gateway and the picker first so nothing new reaches the sidecars
         for proc in reversed(self.processes):
             await proc.stop()
         self.processes = []
@@ -383,8 +351,8 @@ class LocalStack:
         return self.engines[0].model
 
     def pids(self) -> list[int]:
-        """Every process this stack started directly (engines, sidecars, gateway, Envoy)."""
-        pids = [p for e in self.engines if (p := e.pid) is not None]
+        """Every process this stack started directly (engines, sidecars, picker, gateway)."""
+        pids = [e.pid for e in self.engines]
         return pids + (self.plane.pids() if self.plane else [])
 
     async def start(self) -> LocalStack:

@@ -9,20 +9,22 @@ import time
 
 import aiohttp
 
+from tokenslice import promtext
 from tokenslice_picker.datastore.endpoints import Datastore, Endpoint
 
 log = logging.getLogger("tokenslice_picker.scraper")
 
-# vLLM metric -> Endpoint attribute (values summed over label sets, e.g. several engines)
+# vLLM metric -> Endpoint attribute (values summed over label sets, e.g. several engines). Parsed by hand
+# below for speed (this runs every scrape interval on the hot path); the names are tokenslice.promtext's.
 METRICS = {
-    "vllm:num_requests_running": "running",
-    "vllm:num_requests_waiting": "waiting",
-    "vllm:kv_cache_usage_perc": "kv_usage",
-    "vllm:gpu_cache_usage_perc": "kv_usage",  # older vLLM name
-    "vllm:prefix_cache_hits_total": "prefix_hits",
-    "vllm:prefix_cache_queries_total": "prefix_queries",
-    "vllm:gpu_prefix_cache_hits_total": "prefix_hits",
-    "vllm:gpu_prefix_cache_queries_total": "prefix_queries",
+    promtext.RUNNING: "running",
+    promtext.WAITING: "waiting",
+    promtext.KV_USAGE: "kv_usage",
+    promtext.KV_USAGE_OLD: "kv_usage",
+    promtext.PREFIX_HITS: "prefix_hits",
+    promtext.PREFIX_QUERIES: "prefix_queries",
+    promtext.PREFIX_HITS_OLD: "prefix_hits",
+    promtext.PREFIX_QUERIES_OLD: "prefix_queries",
 }
 
 

@@ -2,9 +2,9 @@
 
 from tokenslice_picker.flowcontrol.accounting import ServiceLedger
 from tokenslice_picker.flowcontrol.chunk import Chunk, ClientRequest, NoEndpoints, Shed
-from tokenslice_picker.flowcontrol.fairness import VirtualCounters, jain_index
+from tokenslice_picker.flowcontrol.fairness import VirtualCounters
 from tokenslice_picker.flowcontrol.limits import TenantLimits
 from tokenslice_picker.flowcontrol.queues import FlowQueues
 
 __all__ = ["Chunk", "ClientRequest", "FlowQueues", "NoEndpoints", "ServiceLedger", "Shed", "TenantLimits",
-           "VirtualCounters", "jain_index"]
+           "VirtualCounters"]

@@ -17,13 +17,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tokenslice.fairness import jain_index
 from tokenslice.policy import SchedulingPolicySpec
 from tokenslice_picker.flowcontrol.chunk import Chunk
-from tokenslice_picker.flowcontrol.fairness import (
-    ServiceWindow,
-    VirtualCounters,
-    jain_index,
-)
+from tokenslice_picker.flowcontrol.fairness import ServiceWindow, VirtualCounters
 from tokenslice_picker.flowcontrol.limits import TenantLimits
 from tokenslice_picker.metrics import PickerMetrics
 

@@ -35,15 +35,6 @@ class VirtualCounters:
         return dict(self._counters)
 
 
-def jain_index(values: Iterable[float]) -> float:
-    """Jain's fairness index (sum x)^2 / (n * sum x^2): 1.0 = perfectly fair, 1/n = one takes all."""
-    xs = [v for v in values if v > 0]
-    if not xs:
-        return 1.0
-    total = sum(xs)
-    return total * total / (len(xs) * sum(x * x for x in xs))
-
-
 class ServiceWindow:
     """Tokens served per tenant over the last ``window_s`` (for the live Jain index)."""
 

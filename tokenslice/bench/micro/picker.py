@@ -13,8 +13,8 @@ Three parts, printed side by side (and as JSON with --json):
 3. ``notify``  -- chunk-end notification latency: from the upstream's last response byte to the
                   picker freeing the slot (the ext_proc stream end, response_trailer_mode SEND).
 
-    .venv/bin/python benchmarks/bench_picker.py            # all parts, ~1-2 min
-    .venv/bin/python benchmarks/bench_picker.py --parts load --duration 5
+    tokenslice bench micro picker            # all parts, ~1-2 min
+    tokenslice bench micro picker --parts load --duration 5
 """
 
 from __future__ import annotations
@@ -31,21 +31,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from tokenslice_picker.envoy import envoy_binary, free_port, start_envoy  # noqa: E402
-from tokenslice import contract  # noqa: E402
-
-
-def pct(xs: list[float], p: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+from tokenslice import contract
+from tokenslice.bench.stats import percentile as pct
+from tokenslice.envoy import ExtProc, Static, envoy_binary, start_envoy
+from tokenslice.procs import free_port, spawn, tokenslice_argv
 
 
 # --- 1. protobuf libraries ---------------------------------------------------------------------
@@ -213,41 +205,40 @@ async def bench_load(levels: list[int], duration: float, picker_cpu: str | None,
     workdir = Path(tempfile.mkdtemp(prefix="bench-picker-"))
     up_ports = [free_port(), free_port()]
     (workdir / "up.yaml").write_text(upstream_bootstrap(up_ports, free_port()))
-    up = subprocess.Popen([envoy_binary(), "-c", str(workdir / "up.yaml"), "--concurrency", "1", "-l", "error",
-                           "--base-id", str(os.getpid() % 10000 * 10 + 7)], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    up = spawn("upstream-envoy", [envoy_binary(), "-c", str(workdir / "up.yaml"), "--concurrency", "1", "-l",
+                                  "error", "--base-id", str(os.getpid() % 10000 * 10 + 7), "--disable-hot-restart"],
+               workdir / "upstream.log")
     _pin(up.pid, upstream_cpu)
     (workdir / "key").write_bytes(key.hex().encode())
     (workdir / "policy.yaml").write_text("slotsPerEndpoint: 4096\nqueue: {maxQueuedChunks: 100000}\n")
     grpc_port, metrics_port = free_port(), free_port()
-    gw = subprocess.Popen([*_taskset(picker_cpu), sys.executable, "-m", "tokenslice", "picker",
-                           "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
-                           "--metrics-port", str(metrics_port), "--policy", str(workdir / "policy.yaml"),
-                           "--endpoints", ",".join(f"127.0.0.1:{p}" for p in up_ports),
-                           "--signing-key-file", str(workdir / "key"), "--scrape-interval", "0",
-                           "--log-level", "warning"], stderr=subprocess.DEVNULL)
+    gw = spawn("picker", [*_taskset(picker_cpu), *tokenslice_argv(
+        "picker", "--grpc-host", "127.0.0.1", "--grpc-port", str(grpc_port), "--metrics-host", "127.0.0.1",
+        "--metrics-port", str(metrics_port), "--policy", str(workdir / "policy.yaml"),
+        "--endpoints", ",".join(f"127.0.0.1:{p}" for p in up_ports), "--signing-key-file", str(workdir / "key"),
+        "--scrape-interval", "0", "--log-level", "warning")], workdir / "picker.log")
     direct = picked = None
     try:
         await _wait_port(grpc_port)
-        direct = await start_envoy(ext_proc_port=None, direct_upstream=f"127.0.0.1:{up_ports[0]}")
-        picked = await start_envoy(ext_proc_port=grpc_port)
+        direct = await start_envoy(Static((f"127.0.0.1:{up_ports[0]}",)))
+        picked = await start_envoy(ExtProc("127.0.0.1", grpc_port))
         for e in (direct, picked):
-            _pin(e.process.pid, envoy_cpu)
+            _pin(e.pid, envoy_cpu)
         # the common case: a continuation chunk going back to its KV holder
         # signed per request by the load generator: the picker refuses a replayed signature
         chunk = {"__sign__": dict(chunk_index=1, tenant="default", priority_class="standard", generated=32,
                                   prompt_tokens=256, slice=32, kv_holder=f"127.0.0.1:{up_ports[0]}",
                                   expires=int(time.time()) + 3600)}
         env = {"BENCH_SIGNING_KEY": key.hex()}
-        for port in (direct.listen_port, picked.listen_port):  # warm-up
+        for port in (direct.listen.port, picked.listen.port):  # warm-up
             await run_load(port, 4, 1.0, chunk, load_cpu, 1, env)
         rows = []
         for conns in levels:
             reps = []
             for _ in range(repeat):  # direct and picker interleaved, so drift hits both alike
-                d = await run_load(direct.listen_port, conns, duration, chunk, load_cpu, procs, env)
+                d = await run_load(direct.listen.port, conns, duration, chunk, load_cpu, procs, env)
                 cpu0 = _cpu_seconds(gw.pid)
-                p = await run_load(picked.listen_port, conns, duration, chunk, load_cpu, procs, env)
+                p = await run_load(picked.listen.port, conns, duration, chunk, load_cpu, procs, env)
                 cpu_us = (_cpu_seconds(gw.pid) - cpu0) / max(1, p["n"]) * 1e6
                 reps.append({"direct_rps": d["rps"], "direct_p50_ms": d["p50_ms"], "direct_p99_ms": d["p99_ms"],
                              "picker_rps": p["rps"], "picker_p50_ms": p["p50_ms"], "picker_p99_ms": p["p99_ms"],
@@ -268,8 +259,7 @@ async def bench_load(levels: list[int], duration: float, picker_cpu: str | None,
             if e is not None:
                 await e.stop()
         for proc in (gw, up):
-            proc.terminate()
-            proc.wait(10)
+            await proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -315,7 +305,7 @@ async def bench_notify(n: int = 300) -> dict[str, float]:
     key = secrets.token_bytes(32)
     gw = await start_picker(signing_key=key, endpoints=[f"127.0.0.1:{up_port}"], scrape_interval_s=0)
     gw.dispatcher.release_listeners.append(lambda c, t: released.__setitem__(c.request_id, t))
-    envoy = await start_envoy(ext_proc_port=gw.grpc_port)
+    envoy = await start_envoy(ExtProc("127.0.0.1", gw.grpc_port))
     try:
         async with aiohttp.ClientSession() as s:
             for i in range(n):
@@ -362,8 +352,9 @@ def plot(results: dict[str, object], path: Path) -> Path:
     return path
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tokenslice bench micro picker", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="proto,load,notify")
     ap.add_argument("--levels", default="1,2,4,8,16,32,64", help="concurrent connections, rising")
     ap.add_argument("--duration", type=float, default=4.0, help="seconds per level and mode")
@@ -377,7 +368,7 @@ def main() -> int:
     ap.add_argument("--plot", type=Path, default=None,
                     help="PNG of the load part (default: $TOKENSLICE_CACHE/bench/picker.png)")
     ap.add_argument("--from-json", type=Path, help="only re-plot an earlier --json result")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from tokenslice.paths import cache_dir
 
     plot_path = args.plot or cache_dir() / "bench" / "picker.png"
@@ -409,5 +400,3 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

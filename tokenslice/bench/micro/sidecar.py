@@ -1,6 +1,6 @@
 """Direct vLLM vs through the chunking sidecar, side by side, for several chunk sizes.
 
-    .venv/bin/python benchmarks/bench_sidecar.py [--vllm-url URL] [--chunk-sizes 4,16,64]
+    tokenslice bench micro sidecar [--vllm-url URL] [--chunk-sizes 4,16,64]
         [--concurrency 1,8] [--tokens 256] [--rounds 5]
 
 Starts a real vLLM with the tiny model (unless --vllm-url is given) and one sidecar process per
@@ -17,11 +17,8 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -29,14 +26,9 @@ from pathlib import Path
 
 import aiohttp
 
-REPO = Path(__file__).resolve().parent.parent
+from tokenslice.procs import free_port, spawn, tokenslice_argv, wait_http
+
 PROMPT = "Once upon a time, in a kingdom by the sea, there lived"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -83,19 +75,6 @@ def median_of(rounds: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
 
 
-async def wait_http(http: aiohttp.ClientSession, url: str, deadline_s: float = 60.0) -> None:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        try:
-            async with http.get(url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up")
-
-
 def cpu_seconds(pid: int) -> float:
     """User+system CPU of a process and all its descendants (from /proc): robust to a busy machine."""
     tick = os.sysconf("SC_CLK_TCK")
@@ -117,8 +96,9 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-async def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tokenslice bench micro sidecar", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--vllm-url", help="use this running vLLM instead of starting the tiny one")
     ap.add_argument("--vllm-pid", type=int, help="its process id, to report vLLM CPU time (with --vllm-url)")
     ap.add_argument("--model", help="served model name (default: the first of /v1/models)")
@@ -126,7 +106,10 @@ async def main() -> int:
     ap.add_argument("--concurrency", default="1,8")
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=5)
-    args = ap.parse_args()
+    return asyncio.run(_main(ap.parse_args(argv)))
+
+
+async def _main(args: argparse.Namespace) -> int:
     sizes = [int(x) for x in args.chunk_sizes.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
     vllm_pid = args.vllm_pid
@@ -140,20 +123,21 @@ async def main() -> int:
             print("starting vLLM (tiny model) ...", flush=True)
             server = await start_vllm(max_num_seqs=max(16, max(levels) * 2))
             stack.push_async_callback(server.stop)
-            vllm_url, vllm_pid = server.url, server.process.pid
+            vllm_url, vllm_pid = server.url, server.pid
         async with http.get(f"{vllm_url}/v1/models") as resp:
             model = args.model or (await resp.json())["data"][0]["id"]
 
         sidecars: dict[int, tuple[str, int]] = {}
+        logs = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-sidecar-")))
         for size in sizes:
             port = free_port()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "tokenslice", "sidecar", "--host", "127.0.0.1", "--port", str(port),
-                 "--vllm-url", vllm_url, "--chunk-size", str(size), "--log-level", "WARNING"],
-                cwd=REPO, env={**os.environ, "TOKENSLICE_SIGNING_KEY": "bench-" * 8}, start_new_session=True)
-            stack.callback(lambda p=proc: (os.killpg(p.pid, signal.SIGTERM), p.wait(10)))
+            proc = spawn(f"sidecar-c{size}", tokenslice_argv(
+                "sidecar", "--host", "127.0.0.1", "--port", str(port), "--vllm-url", vllm_url,
+                "--chunk-size", str(size), "--log-level", "WARNING"), logs / f"sidecar-c{size}.log",
+                env={**os.environ, "TOKENSLICE_SIGNING_KEY": "bench-" * 8})
+            stack.push_async_callback(proc.stop)
             sidecars[size] = (f"http://127.0.0.1:{port}", proc.pid)
-            await wait_http(http, f"{sidecars[size][0]}/health")
+            await wait_http(f"{sidecars[size][0]}/health", 60, proc)
         print(f"vLLM {vllm_url} model {model}; sidecars on {[u for u, _ in sidecars.values()]}", flush=True)
 
         for url in [vllm_url, *(u for u, _ in sidecars.values())]:
@@ -200,5 +184,3 @@ async def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(asyncio.run(main()))

@@ -13,7 +13,7 @@ import pytest
 
 from tokenslice.bench.report import checks, markdown, summarize
 from tokenslice.bench.runner import Plan, SystemResult, plan_systems, reusable_tokens, salted, sweep_policy
-from tokenslice.bench.scenario import Arrivals, LengthDist, Scenario, resolve_scenario
+from tokenslice.bench.scenario import SYSTEMS, Arrivals, LengthDist, Scenario, resolve_scenario
 from tokenslice.bench.stats import (RequestResult, fairness, jain_index, percentile, summarize_group,
                                     throughput)
 from tokenslice.bench.trace import arrival_times, build_trace
@@ -122,9 +122,19 @@ def test_percentile_matches_hand_values() -> None:
 
 def test_jain_index_hand_values() -> None:
     assert jain_index([1, 1, 1, 1]) == 1.0
-    assert jain_index([1, 0, 0, 0]) == 0.25
+    assert jain_index([1, 0, 0, 0]) == 0.25                 # a tenant given nothing counts
     assert jain_index([2, 1]) == pytest.approx(9 / 10)      # (2+1)^2 / (2 * (4+1))
     assert jain_index([3, 1, 2]) == pytest.approx(36 / 42)  # 6^2 / (3 * 14)
+    assert jain_index([]) == 1.0 and jain_index([0, 0]) == 1.0  # nobody to be unfair to: never NaN
+
+
+def test_one_jain_index_for_the_picker_gauge_and_the_report() -> None:
+    from tokenslice_picker.flowcontrol import accounting
+
+    from tokenslice.bench import stats
+    from tokenslice.fairness import jain_index as the_one
+
+    assert accounting.jain_index is the_one and stats.jain_index is the_one
 
 
 def _req(i: int, tenant: str, times: list[float], *, cls: str = "batch", sent: float = 0.0,
@@ -226,7 +236,7 @@ def _system(label: str, kind: str, hi_ttft: float, tokens_a: int, tokens_b: int,
     if not unloaded:
         rs.append(_req(20, "batch-a", [8 + k * 20 / tokens_a for k in range(tokens_a)], stream="batch-a"))
         rs.append(_req(21, "batch-b", [8 + k * 20 / tokens_b for k in range(tokens_b)], stream="batch-b"))
-    return SystemResult(Plan(label, kind, "direct", chunk, "fcfs", unloaded), rs, cutoff=40, started_at=0)
+    return SystemResult(Plan(label, SYSTEMS[kind], chunk, unloaded), rs, cutoff=40, started_at=0)
 
 
 def test_checks_and_markdown_report_the_targets() -> None:

@@ -1,4 +1,9 @@
-"""Read Prometheus text exposition (vLLM's and the gateway's /metrics) into plain numbers."""
+"""Prometheus text exposition (vLLM's, the picker's, the sidecars' /metrics) read into plain numbers.
+
+The one parser for measurement (the bench, the GPU runs, the tests) and the one list of the vLLM
+metric names tokenslice reads. The picker's hot-path scraper parses by hand for speed but takes
+its names from here, so a vLLM rename is fixed in one place.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +20,22 @@ PREFIX_QUERIES = "vllm:prefix_cache_queries_total"
 PREFIX_HITS = "vllm:prefix_cache_hits_total"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
+KV_USAGE = "vllm:kv_cache_usage_perc"
 CACHE_CONFIG = "vllm:cache_config_info"
+# names older vLLM releases used for the same series
+KV_USAGE_OLD = "vllm:gpu_cache_usage_perc"
+PREFIX_QUERIES_OLD = "vllm:gpu_prefix_cache_queries_total"
+PREFIX_HITS_OLD = "vllm:gpu_prefix_cache_hits_total"
+# engine-side numbers of the per-chunk breakdown
+PROMPT_TOKENS = "vllm:prompt_tokens_total"
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+REQUEST_SUCCESS = "vllm:request_success_total"
+QUEUE_TIME = "vllm:request_queue_time_seconds"
+PREFILL_TIME = "vllm:request_prefill_time_seconds"
+INTER_TOKEN_LATENCY = "vllm:inter_token_latency_seconds"
+TIME_PER_OUTPUT_TOKEN = "vllm:time_per_output_token_seconds"  # older name of the inter-token latency
+ITERATION_TOKENS = "vllm:iteration_tokens_total"
+NUM_PREEMPTIONS = "vllm:num_preemptions_total"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +61,20 @@ def totals_matching(samples: Iterable[Sample], *fragments: str, suffix: str = "_
     for s in samples:
         if s.name.endswith(suffix) and all(f in s.name for f in fragments):
             out[s.name] = out.get(s.name, 0.0) + s.value
+    return out
+
+
+def flatten(samples: Iterable[Sample], by_label: str | None = None) -> dict[str, float]:
+    """``name -> value`` summed over label sets (histogram buckets and ``_created`` left out); with
+    ``by_label``, also ``name{value}`` for every sample carrying that label (e.g. per class)."""
+    out: dict[str, float] = {}
+    for s in samples:
+        if s.name.endswith(("_bucket", "_created")):
+            continue
+        out[s.name] = out.get(s.name, 0.0) + s.value
+        if by_label and by_label in s.labels:
+            key = f"{s.name}{{{s.labels[by_label]}}}"
+            out[key] = out.get(key, 0.0) + s.value
     return out
 
 
