@@ -44,6 +44,9 @@ from .worker import CHUNK_PATHS, check_chunk
 log = logging.getLogger("tokenslice.sidecar")
 
 DRIVER_PATHS: dict[str, Endpoint] = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+PASSTHROUGH = frozenset({("GET", "/v1/models"), ("GET", "/health"), ("GET", "/ping"), ("GET", "/version"),
+                         ("GET", "/metrics"), ("POST", "/tokenize"), ("POST", "/detokenize")})
+"""What else passes to vLLM: cheap, generation-free routes (model list, health, metrics, tokenizer)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +169,11 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
     endpoint = DRIVER_PATHS.get(request.path)
     if endpoint is not None and request.method == "POST":
         return await _driver(request, st, endpoint, lower)
+    if (request.method, request.path) not in PASSTHROUGH:
+        # vLLM serves more (/v1/responses, /v1/messages, /v1/embeddings, ...): none of it may bypass the picker
+        st.metrics.rejected.labels("unscheduled_route").inc()
+        return _error(f"{request.method} {request.path} is not served here: tokenslice schedules "
+                      f"POST {' and POST '.join(DRIVER_PATHS)}", 404, "NotFoundError")
     st.metrics.requests.labels("other", "passthrough").inc()
     body = await request.read() if request.can_read_body else None
     url = st.config.vllm_url.rstrip("/") + request.raw_path
@@ -202,14 +210,6 @@ async def _driver(request: web.Request, st: _State, endpoint: Endpoint,
     except RequestError as exc:
         st.metrics.rejected.labels("invalid").inc()
         return _error(str(exc), 400, param=exc.param)
-    if p.passthrough:
-        st.metrics.requests.labels(endpoint, "passthrough").inc()
-        st.metrics.passthrough.labels(p.passthrough).inc()
-        log.info("running %s request unchunked: %s", endpoint, p.passthrough)
-        return await forward(request, _session(st), st.config.vllm_url.rstrip("/") + request.path, raw,
-                             st.timeout, forward_headers(request))
-    st.metrics.requests.labels(endpoint, "chunked").inc()
-
     request_id, tenant, klass = uuid.uuid4().hex, st.config.default_tenant, st.config.default_class
     chunk_size = st.config.chunk_size
     if lower.get(contract.ROLE) == contract.ROLE_ADMIT:
@@ -220,7 +220,40 @@ async def _driver(request: web.Request, st: _State, endpoint: Endpoint,
         except ContractError as exc:
             st.metrics.rejected.labels("bad_admit_headers").inc()
             log.warning("ignoring untrusted admit headers from %s: %s", request.remote, exc)
+    if p.passthrough:
+        st.metrics.requests.labels(endpoint, "passthrough").inc()
+        st.metrics.passthrough.labels(p.passthrough).inc()
+        log.info("running %s request as one chunk: %s", endpoint, p.passthrough)
+        if st.config.chunk_url is None:  # no picker to queue it: this vLLM, at once (local mode)
+            return await forward(request, _session(st), st.config.vllm_url.rstrip("/") + request.path, raw,
+                                 st.timeout, forward_headers(request))
+        return await run_one_chunk(request, st, p, request_id, tenant, klass)
+    st.metrics.requests.labels(endpoint, "chunked").inc()
     return await run_chunked(request, st, p, request_id, tenant, klass, chunk_size)
+
+
+async def run_one_chunk(request: web.Request, st: _State, p: Plan, request_id: str, tenant: str,
+                        klass: str) -> web.StreamResponse:
+    """A request that cannot be time-sliced runs as ONE chunk through the picker: queued, charged, routed.
+
+    Its slice is everything it may generate (``max_tokens`` x ``n``), so the picker charges the tenant
+    for it like for any chunk and the worker refuses the body if it asks for more. It is never paused
+    (it has no boundary), hence it needs a known ``max_tokens``.
+    """
+    if p.max_tokens is None:
+        return _error(f"max_tokens is required for this request: it cannot be time-sliced ({p.passthrough}), "
+                      "so it runs as one chunk whose size must be known", 400, param="max_tokens")
+    body = dict(p.body)
+    if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
+        body["max_tokens"] = p.max_tokens
+    data = json.dumps(body, separators=(",", ":")).encode()
+    headers = ChunkHeaders(request_id=request_id, chunk_index=0, tenant=tenant, priority_class=klass,
+                           slice=p.max_tokens * p.fanout,
+                           body_digest=contract.body_digest(request.path, data)).sign(st.key)
+    headers["Content-Type"] = "application/json"
+    url = (st.config.chunk_url or "").rstrip("/") + request.path
+    st.metrics.chunks.inc()
+    return await forward(request, _session(st), url, data, st.timeout, headers)
 
 
 async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str, tenant: str, klass: str,

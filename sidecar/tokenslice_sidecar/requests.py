@@ -101,6 +101,8 @@ class Plan:
     continuous_usage: bool = False
     max_tokens: int | None = None
     """Completion tokens asked for; None means 'up to the context length'."""
+    fanout: int = 1
+    """Sequences generated at once (``n``, ``best_of``): an unchunked request's slice is max_tokens x fanout."""
     stops: list[str] = field(default_factory=list)
     include_stop_str: bool = False
     min_tokens: int = 0
@@ -179,6 +181,14 @@ def plan(endpoint: Endpoint, body: Any) -> Plan:
     p = Plan(endpoint=endpoint, body=body, stream=bool(f.stream), model=f.model)
     p.passthrough = _passthrough_reason(endpoint, body, f)
     if p.passthrough:
+        if isinstance(f, _CompletionFields):
+            p.max_tokens = f.max_tokens
+        else:
+            p.max_tokens = f.max_completion_tokens if f.max_completion_tokens is not None else f.max_tokens
+        best_of = body.get("best_of")
+        p.fanout = max(f.n or 1, best_of if type(best_of) is int and best_of > 1 else 1)
+        if p.max_tokens == 0:
+            raise RequestError("max_tokens must be at least 1", "max_tokens")
         return p
     if f.stream_options is not None:
         p.include_usage = bool(f.stream_options.include_usage)

@@ -113,6 +113,40 @@ async def test_policy_class_chunk_size_through_the_real_gateway(http, vllm, gate
         await runner.cleanup()
 
 
+async def test_unchunkable_requests_are_scheduled_as_one_chunk(http, vllm, gateway_stack):
+    """``presence_penalty`` or ``n`` once escaped the picker (run straight on vLLM, unqueued, uncharged).
+
+    Now such a request is one chunk through Envoy and the picker: dispatched and charged to its tenant
+    for max_tokens x n, routed to a worker; other generating routes of vLLM are refused.
+    """
+    from tokenslice_sidecar.app import SidecarConfig, start
+    from tokenslice.policy import PriorityClass, SchedulingPolicySpec
+
+    policy = SchedulingPolicySpec(priority_classes=[PriorityClass(name="std", priority=1)])
+    stack = await gateway_stack(endpoints=[], policy=policy)
+    runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=stack.url, chunk_size=4, key=stack.key))
+    try:
+        stack.picker.datastore.set_endpoints([f"127.0.0.1:{port}"])
+        dispatches = stack.picker.metrics.dispatches
+        cases = [({"prompt": PROMPTS[0], "max_tokens": 6, "presence_penalty": 0.001}, 1),
+                 ({"prompt": PROMPTS[1], "max_tokens": 5, "n": 2, "temperature": 0.5, "seed": 3}, 2)]
+        for extra, n in cases:
+            before = sum(dispatches.get("std", "default", kind) for kind in ("first", "continuation"))
+            got = await post_json(http, f"{stack.url}/v1/completions", {"model": vllm.model, **extra})
+            assert len(got["choices"]) == n
+            assert sum(dispatches.get("std", "default", kind) for kind in ("first", "continuation")) == before + 1
+        chat = {"model": vllm.model, "messages": CHAT[0], "presence_penalty": 0.5}  # no max_tokens: no known size
+        err = await post_json(http, f"{stack.url}/v1/chat/completions", chat, 400)
+        assert err["error"]["param"] == "max_tokens"
+        got = await post_json(http, f"{stack.url}/v1/chat/completions", chat | {"max_tokens": 3, "stream": False})
+        assert got["choices"][0]["message"]["role"] == "assistant"
+        for path in ("/v1/responses", "/v1/messages", "/v1/embeddings"):
+            err = await post_json(http, f"{stack.url}{path}", {"model": vllm.model, "input": "hi"}, 404)
+            assert err["error"]["type"] == "NotFoundError" and "schedules" in err["error"]["message"]
+    finally:
+        await runner.cleanup()
+
+
 async def test_forged_admitted_chunk_size_is_ignored(http, vllm, sidecars):
     sc = await sidecars(16)
     body = {"model": vllm.model, "prompt": PROMPTS[1], "max_tokens": 10, "ignore_eos": True}
