@@ -7,6 +7,7 @@ driver-affinity plugin learns where it went).
 
 from __future__ import annotations
 
+from tokenslice.policy import PriorityClass
 from tokenslice_picker.datastore.endpoints import Datastore, Endpoint
 from tokenslice_picker.flowcontrol.accounting import ServiceLedger
 from tokenslice_picker.flowcontrol.chunk import ClientRequest, NoEndpoints, Shed
@@ -19,13 +20,14 @@ from tokenslice_picker.scheduling.profile import SchedulerProfile
 
 class Admission:
     def __init__(self, datastore: Datastore, queues: FlowQueues, ledger: ServiceLedger, limits: TenantLimits,
-                 profile: SchedulerProfile, cost_model: CostModel) -> None:
+                 profile: SchedulerProfile, cost_model: CostModel, *, max_slice_tokens: int = 0) -> None:
         self.datastore = datastore
         self.queues = queues
         self.ledger = ledger
         self.limits = limits
         self.profile = profile
         self.cost_model = cost_model
+        self.max_slice_tokens = max_slice_tokens
 
     def admit(self, request: ClientRequest) -> Endpoint:
         """The driver sidecar for ``request``. Raises Shed (429) or NoEndpoints (503)."""
@@ -45,6 +47,14 @@ class Admission:
         self.profile.on_grant(request, decision.endpoint)
         self.limits.opened(request.tenant)
         return decision.endpoint
+
+    def slice_tokens(self, pclass: PriorityClass) -> int:
+        """The slice its driver cuts the request into (signed in the admit headers).
+
+        The class's chunk size, or -- with long slices -- ``max_slice_tokens`` if larger: a slice end
+        then costs nothing while nobody waits, and a waiter gets its slot by a cut instead.
+        """
+        return max(self.queues.policy.class_chunk_size(pclass), self.max_slice_tokens)
 
     def done(self, request: ClientRequest) -> None:
         """The request's response ended (or its client went away)."""

@@ -57,6 +57,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prefix-weight", type=float, default=2.0, help="weight of the prefix-affinity scorer")
     parser.add_argument("--kv-cache-weight", type=float, default=0.5, help="weight of the free-KV-cache scorer")
     parser.add_argument("--driver-weight", type=float, default=0.5, help="weight of the driver-affinity scorer")
+    parser.add_argument("--no-preemption", dest="preemption", action="store_false",
+                        help="never cut a running chunk (a waiter waits for a slice end)")
+    parser.add_argument("--cut-timeout", type=float, default=2.0, help="seconds a worker has to acknowledge a cut")
+    parser.add_argument("--max-slice-tokens", type=int, default=0,
+                        help="long slices: admit requests with this slice; the class's chunk size stays the fairness "
+                             "quantum (0 = slices of the class's chunk size)")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="auto = uvloop when installed (measured: lower per-chunk cost), else asyncio")
@@ -90,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
             scrape_interval_s=args.scrape_interval, prefill_tokens_per_second=args.prefill_tokens_per_second,
             default_chunk_seconds=args.default_chunk_seconds, idle_grace_s=args.idle_grace,
             policy_poll_s=args.policy_poll, load_weight=args.load_weight, prefix_weight=args.prefix_weight,
-            kv_cache_weight=args.kv_cache_weight, driver_weight=args.driver_weight, kube=args.kube, pool=args.pool,
+            kv_cache_weight=args.kv_cache_weight, driver_weight=args.driver_weight, preemption=args.preemption,
+            cut_timeout_s=args.cut_timeout, max_slice_tokens=args.max_slice_tokens, kube=args.kube, pool=args.pool,
             namespace=args.namespace, kubeconfig=args.kubeconfig, policy_name=args.policy_name,
             api_keys_file=args.api_keys_file, identity_header=args.identity_header,
             trusted_proxies=[c for c in args.trusted_proxies.split(",") if c],

@@ -12,6 +12,11 @@ among preemptible work (``_ClassRule.slots``).
 Invariant: after every dispatch pass no queued chunk can be placed.  So an arriving chunk that
 can be placed right away may go at once (the fast path, O(filters)); a pass over the queue runs
 only when a slot frees, the pool changes, the policy changes, or an arrival must wait.
+
+Preemption: when a pass leaves chunks queued, the profile's victim selector may pick a running
+chunk to cut for one of them (``scheduling.victims``); the cut is sent by its own task and, when
+the victim's stream ends, its slot goes straight to that waiter -- nobody else, the victim's own
+continuation included, can take it in between.
 """
 
 from __future__ import annotations
@@ -19,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from tokenslice.policy import SchedulingPolicySpec
 from tokenslice_picker.datastore.endpoints import Datastore, Endpoint
-from tokenslice_picker.flowcontrol.accounting import ServiceLedger
+from tokenslice_picker.flowcontrol.accounting import ServiceLedger, Settled
 from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, Shed
 from tokenslice_picker.flowcontrol.limits import TenantLimits
 from tokenslice_picker.flowcontrol.queues import FlowQueues
@@ -33,8 +38,15 @@ from tokenslice_picker.scheduling.affinity import Verdict, holder_verdict
 from tokenslice_picker.scheduling.context import PickContext
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tokenslice_picker.scheduling.profile import SchedulerProfile, default_profile
+from tokenslice_picker.scheduling.victims import Preemption, VictimContext
 
 log = logging.getLogger("tokenslice_picker.dispatcher")
+
+CutFn = Callable[[str, str, int, str], Awaitable[int | None]]
+"""``(worker address, request id, chunk index, reason) -> HTTP status or None``: sends one cut."""
+
+KV_BLOCK_TOKENS = 16
+"""vLLM's default KV block: a continuation after a cut recomputes only the tokens past the last full one."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,26 +56,40 @@ class _ClassRule:
     slots: int
     """Slots of an endpoint its chunks may fill (``slotsPerEndpoint`` minus the reserve if preemptible)."""
     chunk_size: int
-    """The slice the picker accounts a chunk at most (the driver was admitted with this size)."""
+    """The fairness quantum: a chunk is charged at most this many output tokens until it reports."""
+    max_slice: int
+    """The slice a driver may claim without being counted as capped (>= chunk_size; long slices)."""
 
 
-def _class_rules(policy: SchedulingPolicySpec) -> dict[str, _ClassRule]:
-    return {c.name: _ClassRule(policy.class_slots(c), policy.class_chunk_size(c)) for c in policy.priority_classes}
+def _class_rules(policy: SchedulingPolicySpec, max_slice_tokens: int) -> dict[str, _ClassRule]:
+    rules = {}
+    for c in policy.priority_classes:
+        size = policy.class_chunk_size(c)
+        rules[c.name] = _ClassRule(policy.class_slots(c), size, max(size, max_slice_tokens))
+    return rules
 
 
 class Dispatcher:
     def __init__(self, policy: SchedulingPolicySpec, datastore: Datastore, metrics: PickerMetrics, *,
                  cost_model: CostModel | None = None, profile: SchedulerProfile | None = None,
-                 idle_grace_s: float = 2.0, ledger_size: int = 100_000) -> None:
+                 idle_grace_s: float = 2.0, ledger_size: int = 100_000, cut: CutFn | None = None,
+                 max_slice_tokens: int = 0, preempt_scan: int = 32) -> None:
         self.limits = TenantLimits()
         self.ledger = ServiceLedger(policy, self.limits, metrics, idle_grace_s=idle_grace_s, ledger_size=ledger_size)
         self.queues = FlowQueues(policy, self.ledger)
-        self._rules = _class_rules(policy)
+        self.max_slice_tokens = max_slice_tokens
+        self._rules = _class_rules(policy, max_slice_tokens)
         self.datastore = datastore
         self.metrics = metrics
         self.cost_model = cost_model or CostModel()
         self.profile = profile or default_profile()
         self._ttl_handles: dict[int, asyncio.TimerHandle] = {}
+        self.cut = cut
+        """Sends a cut; None: never preempt (every chunk runs to its slice end)."""
+        self.preempt_scan = preempt_scan
+        """At most this many queued chunks (in dispatch order) look for a victim per pass."""
+        self.running: set[Chunk] = set()
+        self._cut_tasks: set[asyncio.Task[None]] = set()
         self.migrations = 0
         self.release_listeners: list[Callable[[Chunk, float], None]] = []
         """Called with (chunk, monotonic time) when a chunk ends; benchmarks measure notification latency."""
@@ -77,7 +103,7 @@ class Dispatcher:
         """Hot reload: queued chunks stay queued and are re-ordered under the new policy."""
         self.queues.set_policy(policy)
         self.ledger.set_policy(policy)
-        self._rules = _class_rules(policy)
+        self._rules = _class_rules(policy, self.max_slice_tokens)
         self.dispatch()
 
     # --- chunk lifecycle ----------------------------------------------------------
@@ -88,7 +114,11 @@ class Dispatcher:
         rule = self._rule(chunk.priority_class)
         if chunk.slice > rule.chunk_size:
             self._cap_slice(chunk, rule)
-        self.ledger.reconcile(chunk)
+        settled = self.ledger.reconcile(chunk)
+        if settled is not None:
+            self._settled(settled, chunk.prompt_tokens + chunk.generated)
+        born = self.ledger.born(chunk.request_id)
+        chunk.born = born if born is not None else now
         members = self.datastore.endpoints()
         if not members:
             raise NoEndpoints("no ready endpoint in the pool")
@@ -129,15 +159,30 @@ class Dispatcher:
             ep.granted -= 1
             ep.observe_chunk(now - chunk.dispatched_at)
         self.metrics.chunk_seconds.observe(self.metrics.chunk_series, now - chunk.dispatched_at)
-        self.ledger.charge_end(chunk, produced, now)
+        self.running.discard(chunk)
+        waiter = chunk.cut_for
+        settled = self.ledger.charge_end(chunk, produced, now, cut=waiter is not None)
+        if settled is not None:
+            self._settled(settled, chunk.prompt_tokens + chunk.generated + settled.produced)
         chunk.endpoint = ""
         chunk.granted_on = None
+        if waiter is not None:
+            chunk.cut_for = None
+            self.metrics.cut_to_free_seconds.observe(now - chunk.cut_at)
+            if waiter.cutting is chunk and ep is not None:
+                self._hand_over(waiter, ep, now)
         for listener in self.release_listeners:
             listener(chunk, now)
         self.dispatch()
 
     # --- the dispatch pass ------------------------------------------------------------
     def dispatch(self) -> None:
+        """Grant what fits; then, for what still waits, cut a running chunk where the policy says so."""
+        self._fill()
+        if self.queues.total and self.cut is not None and self.running:
+            self._preempt()
+
+    def _fill(self) -> None:
         """Grant queued chunks while some endpoint has a free slot and some queued chunk fits one."""
         if not self.queues.total:
             return
@@ -187,23 +232,119 @@ class Dispatcher:
             if not placed:
                 return
 
+    # --- preemption ----------------------------------------------------------------------
+    def _preempt(self) -> None:
+        """Let the first ``preempt_scan`` waiters (in dispatch order) each cut at most one running chunk."""
+        selector = self.profile.victim_selector
+        if selector is None:
+            return
+        now = time.monotonic()
+        ctx = VictimContext(self.queues.resolve_class, lambda c: self._rule(c).chunk_size,
+                            self.ledger.counters.get, now)
+        for n, waiter in enumerate(self.queues.in_order(now)):
+            if n >= self.preempt_scan:
+                break
+            if waiter.cutting is not None:
+                continue
+            offered = self._victims_for(waiter)
+            if offered:
+                choice = selector.select(waiter, offered, ctx)
+                if choice is not None:
+                    self._start_cut(choice, waiter, now)
+
+    def _victims_for(self, waiter: Chunk) -> list[Chunk]:
+        """Running chunks whose slot ``waiter`` could take: where it may run, and with room for its class."""
+        limit = self._rule(waiter.priority_class).slots
+        subset = waiter.subset
+        holder = self.datastore.get(waiter.kv_holder) if waiter.kv_holder else None
+        if holder is not None and subset is not None and holder.address not in subset:
+            holder = None
+        out = []
+        for c in self.running:
+            ep = c.granted_on
+            if (c.cut_for is not None or c.cut_failed or ep is None or ep.granted - 1 >= limit
+                    or (holder is not None and ep is not holder) or (subset is not None and ep.address not in subset)
+                    or self.datastore.get(ep.address) is not ep):
+                continue
+            out.append(c)
+        return out
+
+    def _start_cut(self, choice: Preemption, waiter: Chunk, now: float) -> None:
+        victim = choice.victim
+        victim.cut_for = waiter
+        victim.cut_reason = choice.reason
+        victim.cut_at = now
+        waiter.cutting = victim
+        self.metrics.preemptions.labels(choice.reason, victim.priority_class).inc()
+        log.info("preempting", extra={"request_id": victim.request_id, "chunk": victim.index, "reason": choice.reason,
+                                      "endpoint": victim.endpoint, "for": waiter.request_id})
+        assert self.cut is not None
+        task = asyncio.get_running_loop().create_task(self._send_cut(victim, waiter, victim.endpoint, choice.reason))
+        self._cut_tasks.add(task)
+        task.add_done_callback(self._cut_tasks.discard)
+
+    async def _send_cut(self, victim: Chunk, waiter: Chunk, address: str, reason: str) -> None:
+        assert self.cut is not None
+        status = await self.cut(address, victim.request_id, victim.index, reason)
+        if status == 200:
+            return
+        result = "not_running" if status == 404 else "unreachable" if status is None else f"http_{status}"
+        self.metrics.cut_failures.labels(result).inc()
+        log.warning("cut failed", extra={"request_id": victim.request_id, "chunk": victim.index,
+                                         "endpoint": address, "result": result})
+        if victim.cut_for is waiter:  # still running: let the waiter look elsewhere, never cut this one again
+            victim.cut_for = None
+            victim.cut_failed = True
+            if waiter.cutting is victim:
+                waiter.cutting = None
+            self.dispatch()
+
+    def _hand_over(self, waiter: Chunk, ep: Endpoint, now: float) -> None:
+        """The victim's slot goes to the chunk it was cut for (if that one still waits and fits)."""
+        waiter.cutting = None
+        if self.datastore.get(ep.address) is not ep or ep.granted >= self._rule(waiter.priority_class).slots:
+            return
+        if not self.queues.remove(waiter):
+            return  # granted elsewhere meanwhile, or its caller went away
+        self._cancel_ttl(waiter)
+        self._grant(waiter, ep, False, now)
+        assert waiter.future is not None
+        if not waiter.future.done():
+            waiter.future.set_result(ep.address)
+
+    async def close(self) -> None:
+        """Wait for cuts in flight (shutdown)."""
+        if self._cut_tasks:
+            await asyncio.gather(*self._cut_tasks, return_exceptions=True)
+
     # --- internals ----------------------------------------------------------------
+    def _settled(self, settled: Settled, context_tokens: int) -> None:
+        """A chunk's output became known: learn its endpoint's decode rate; a cut one's cost is now known."""
+        ep = self.datastore.get(settled.address)
+        if ep is not None:
+            ep.observe_rate(settled.produced, settled.seconds)
+        if settled.cut:
+            self.metrics.cut_tokens.labels("produced").inc(settled.produced)
+            self.metrics.cut_tokens.labels("recomputed").inc(context_tokens % KV_BLOCK_TOKENS)
+
     def _rule(self, priority_class: str) -> _ClassRule:
         """The class's rule; a class a policy reload removed is the lowest (as in the queues)."""
         rule = self._rules.get(priority_class)
         return rule if rule is not None else self._rules[self.queues.resolve_class(priority_class).name]
 
     def _cap_slice(self, chunk: Chunk, rule: _ClassRule) -> None:
-        """Account a slice larger than the class's chunk size at the chunk size.
+        """Account a slice larger than the class's chunk size (the quantum) at the chunk size.
 
-        Not a 400: a driver keeps the size it was admitted with, so after a hot reload that shrank
+        With long slices (``max_slice_tokens``) that is the normal case; beyond ``max_slice`` it is
+        counted in ``slices_capped_total``.  Not a 400: a driver keeps the size it was admitted with, so after a hot reload that shrank
         ``chunkSize`` its in-flight requests legitimately claim the old size, and a request that
         reached a driver without the picker's admission uses the sidecar's ``--chunk-size`` -- a
         deployment matter, not the client's fault.  The next chunk's signed ``generated`` corrects
         the charge to what was really produced.
         """
+        if chunk.slice > rule.max_slice:
+            self.metrics.slices_capped.labels(chunk.priority_class).inc()
         chunk.slice = rule.chunk_size
-        self.metrics.slices_capped.labels(chunk.priority_class).inc()
 
     def _grant(self, chunk: Chunk, ep: Endpoint, migrated: bool, now: float) -> Endpoint:
         ep.granted += 1
@@ -211,6 +352,8 @@ class Dispatcher:
         chunk.granted_on = ep
         chunk.dispatched_at = now
         chunk.migrated = migrated
+        chunk.cutting = None
+        self.running.add(chunk)
         self.ledger.charge_grant(chunk, ep.address, now)
         self.profile.on_grant(chunk, ep)
         self.metrics.on_dispatch(chunk, now - chunk.enqueued_at, migrated)

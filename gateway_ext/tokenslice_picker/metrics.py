@@ -4,7 +4,7 @@ The per-chunk path only touches :class:`FastHistogram` / :class:`FastCounter` --
 lists and dicts, no locks (everything runs on one event loop) -- which a collector renders at scrape
 time; measured, prometheus_client's locked children cost more than the rest of a decision.
 Everything that is a *state* (queue lengths, oldest wait, slots, Jain index) is read live at
-scrape time too.  Rare events (sheds, migrations, reloads) use ordinary prometheus_client counters.
+scrape time too.  Rare events (sheds, migrations, cuts, reloads) use ordinary prometheus_client counters.
 """
 
 from __future__ import annotations
@@ -118,11 +118,23 @@ class PickerMetrics:
         self.decision_series = self.decision_seconds.child()
         self.chunk_series = self.chunk_seconds.child()
         # rare events
+        self.pauses = Counter(f"{NS}_pauses_total", "Pauses: a request's next chunk had to wait for others.",
+                              ["class", "tenant"], registry=r)
+        self.pause_seconds = Histogram(f"{NS}_pause_seconds", "Duration of pauses.",
+                                       ["class"], buckets=_WAIT_BUCKETS, registry=r)
         self.preemptions = Counter(f"{NS}_preemptions_total",
-                                   "Pauses: a request's next chunk had to wait for others.",
-                                   ["class", "tenant"], registry=r)
-        self.preemption_seconds = Histogram(f"{NS}_preemption_seconds", "Duration of pauses.",
-                                            ["class"], buckets=_WAIT_BUCKETS, registry=r)
+                                   "Cuts sent: a running chunk revoked for a waiter (reason, the victim's class).",
+                                   ["reason", "class"], registry=r)
+        self.cut_failures = Counter(f"{NS}_cut_failures_total",
+                                    "Cuts the worker did not act on (not_running, unreachable, http_<status>).",
+                                    ["result"], registry=r)
+        self.cut_to_free_seconds = Histogram(f"{NS}_cut_to_free_seconds",
+                                             "Cut sent -> the victim's slot handed to its waiter.",
+                                             buckets=_WAIT_BUCKETS, registry=r)
+        self.cut_tokens = Counter(f"{NS}_cut_tokens_total",
+                                  "Cost of cuts: tokens the cut chunks produced (kept) and the tokens their "
+                                  "continuations recompute (past the last full KV block; an estimate).",
+                                  ["kind"], registry=r)
         self.migrations = Counter(f"{NS}_migrations_total",
                                   "Paused requests moved off their KV holder (prefix recomputed).", registry=r)
         self.sheds = Counter(f"{NS}_sheds_total", "Requests refused with 429.", ["reason", "tenant"], registry=r)
@@ -145,8 +157,8 @@ class PickerMetrics:
         self.queue_wait.observe(series, wait)
         self.dispatches.inc((pclass, chunk.tenant, "continuation" if chunk.index else "first"))
         if chunk.waited and chunk.index:
-            self.preemptions.labels(pclass, chunk.tenant).inc()
-            self.preemption_seconds.labels(pclass).observe(wait)
+            self.pauses.labels(pclass, chunk.tenant).inc()
+            self.pause_seconds.labels(pclass).observe(wait)
         if migrated:
             self.migrations.inc()
 

@@ -21,6 +21,7 @@ from tokenslice import contract
 from tokenslice.identity import Identity
 from tokenslice.policy import SchedulingPolicySpec
 from tokenslice_picker.admission import Admission
+from tokenslice_picker.cuts import CutSender
 from tokenslice_picker.datastore.endpoints import Datastore
 from tokenslice_picker.datastore.scraper import MetricsScraper
 from tokenslice_picker.dispatcher import Dispatcher
@@ -52,6 +53,11 @@ class PickerSettings(BaseModel):
     prefill_tokens_per_second: float = Field(default=4000.0, gt=0, description="Migration cost model.")
     default_chunk_seconds: float = Field(default=1.0, gt=0, description="Chunk duration before any is observed.")
     idle_grace_s: float = Field(default=2.0, ge=0, description="A tenant is idle this long after its last chunk.")
+    preemption: bool = Field(default=True, description="Cut a running chunk for a more important waiter.")
+    cut_timeout_s: float = Field(default=2.0, gt=0, description="How long a cut may take to be acknowledged.")
+    max_slice_tokens: int = Field(default=0, ge=0, description=(
+        "Long slices: admit requests with this slice (if above the class's chunk size, which stays the "
+        "fairness quantum); 0 = the class's chunk size."))
     load_weight: float = 1.0
     prefix_weight: float = 2.0
     kv_cache_weight: float = 0.5
@@ -86,14 +92,17 @@ class Picker:
         else:
             policy = SchedulingPolicySpec()
         self.datastore = Datastore(settings.endpoints, default_chunk_s=settings.default_chunk_seconds)
+        self.cuts = CutSender(settings.signing_key, settings.cut_timeout_s) if settings.preemption else None
         self.dispatcher = Dispatcher(
             policy, self.datastore, self.metrics,
             cost_model=CostModel(settings.prefill_tokens_per_second),
             profile=default_profile(load_weight=settings.load_weight, prefix_weight=settings.prefix_weight,
                                     kv_cache_weight=settings.kv_cache_weight, driver_weight=settings.driver_weight),
-            idle_grace_s=settings.idle_grace_s)
+            idle_grace_s=settings.idle_grace_s, cut=self.cuts.send if self.cuts else None,
+            max_slice_tokens=settings.max_slice_tokens)
         d = self.dispatcher
-        self.admission = Admission(self.datastore, d.queues, d.ledger, d.limits, d.profile, d.cost_model)
+        self.admission = Admission(self.datastore, d.queues, d.ledger, d.limits, d.profile, d.cost_model,
+                                   max_slice_tokens=settings.max_slice_tokens)
         self.metrics.attach(self.dispatcher)
         self.identity = Identity.configure(api_keys_file=settings.api_keys_file,
                                            trusted_header=settings.identity_header,
@@ -167,6 +176,9 @@ class Picker:
                 await part.stop()  # type: ignore[attr-defined]
         if self._grpc:
             await self._grpc.stop(grace_s)
+        await self.dispatcher.close()
+        if self.cuts:
+            await self.cuts.close()
         if self._metrics_runner:
             await self._metrics_runner.cleanup()
 

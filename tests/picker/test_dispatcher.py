@@ -133,3 +133,100 @@ async def test_a_slice_beyond_the_class_chunk_size_is_accounted_at_the_chunk_siz
     fits = make_chunk("r2", "t", "std", index=1, slice=32)  # the policy's chunk size for a class without one
     await d.acquire(fits)
     assert fits.slice == 32 and m.slices_capped.labels("std")._value.get() == 0
+
+
+class Worker:
+    """Records the cuts the dispatcher sends (what a worker sidecar would receive) and answers ``status``."""
+
+    def __init__(self, status: int | None = 200) -> None:
+        self.status = status
+        self.cuts: list[tuple[str, str, int, str]] = []
+        self.sent = asyncio.Event()
+
+    async def __call__(self, address: str, request_id: str, chunk_index: int, reason: str) -> int | None:
+        self.cuts.append((address, request_id, chunk_index, reason))
+        self.sent.set()
+        return self.status
+
+
+HI_LO = SchedulingPolicySpec(slots_per_endpoint=1, priority_classes=[
+    PriorityClass(name="top", priority=20), PriorityClass(name="hi", priority=10), PriorityClass(name="lo", priority=1)])
+
+
+async def _settle() -> None:
+    for _ in range(5):  # loop turns, not time
+        await asyncio.sleep(0)
+
+
+@pytest.mark.parametrize("preemption", [True, False])
+async def test_a_higher_class_waiter_cuts_one_victim_and_gets_its_slot(preemption: bool):
+    ds = Datastore(["10.0.0.1:80", "10.0.0.2:80"])
+    worker = Worker()
+    d = Dispatcher(HI_LO, ds, PickerMetrics(), cut=worker if preemption else None)
+    a, b = ds.endpoints()
+    lo_a = make_chunk("lo-a", "t", "lo", index=1, kv_holder=a.address, prompt_tokens=10**6)
+    lo_b = make_chunk("lo-b", "t", "lo", index=3, kv_holder=b.address, prompt_tokens=10**6)
+    assert await d.acquire(lo_a) is a and await d.acquire(lo_b) is b
+    # a hi continuation bound to b (its prefix is too long to recompute elsewhere)
+    hi = asyncio.ensure_future(d.acquire(make_chunk("hi", "t", "hi", index=2, kv_holder=b.address,
+                                                    prompt_tokens=10**6)))
+    await _settle()
+    if not preemption:  # the scheduler without cuts: the waiter waits for a slice end
+        assert worker.cuts == [] and not hi.done()
+        d.release(lo_b, None)
+        assert await hi is b
+        return
+    assert worker.cuts == [(b.address, "lo-b", 3, "priority")]  # exactly one cut, to the right worker
+    # before the victim's stream ends, a chunk of an even higher class queues for b, first in the order
+    older = asyncio.ensure_future(d.acquire(make_chunk("top", "t", "top", index=5, kv_holder=b.address,
+                                                       prompt_tokens=10**6)))
+    await _settle()
+    assert len(worker.cuts) == 1  # the victim is already promised: no second cut on b
+    d.release(lo_b, 5)  # the victim ended with 5 tokens
+    await _settle()
+    assert hi.done() and hi.result() is b and not older.done()  # the freed slot was reserved for its waiter
+    # the victim's continuation queues behind; nothing else took b meanwhile
+    cont = asyncio.ensure_future(d.acquire(make_chunk("lo-b", "t", "lo", index=4, generated=5, kv_holder=b.address,
+                                                      prompt_tokens=10**6)))
+    await _settle()
+    assert b.granted == 1 and not cont.done()
+    m = d.metrics
+    assert m.preemptions.labels("priority", "lo")._value.get() == 1
+    assert m.cut_tokens.labels("produced")._value.get() == 5
+    older.cancel()
+    cont.cancel()
+    await _settle()
+
+
+async def test_a_cut_the_worker_refuses_frees_the_waiter_to_look_again():
+    ds = Datastore(["10.0.0.1:80"])
+    worker = Worker(status=404)  # the chunk had already ended there
+    d = Dispatcher(HI_LO, ds, PickerMetrics(), cut=worker)
+    (ep,) = ds.endpoints()
+    lo = make_chunk("lo", "t", "lo", index=1)
+    await d.acquire(lo)
+    hi_chunk = make_chunk("hi", "t", "hi", index=1)
+    hi = asyncio.ensure_future(d.acquire(hi_chunk))
+    await _settle()
+    assert worker.cuts == [(ep.address, "lo", 1, "priority")] and lo.cut_failed and hi_chunk.cutting is None
+    assert d.metrics.cut_failures.labels("not_running")._value.get() == 1
+    d.release(lo, None)
+    assert await hi is ep
+
+
+async def test_a_non_preemptible_or_equal_class_is_never_cut():
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, priority_classes=[
+        PriorityClass(name="hi", priority=10), PriorityClass(name="rt", priority=5, preemptible=False)])
+    ds = Datastore(["10.0.0.1:80"])
+    worker = Worker()
+    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker)
+    rt = make_chunk("rt", "t", "rt", index=1)
+    await d.acquire(rt)
+    waiters = [asyncio.ensure_future(d.acquire(make_chunk(f"hi{i}", "u", "hi", index=1))) for i in range(2)]
+    await _settle()
+    assert worker.cuts == []
+    d.release(rt, None)
+    await _settle()
+    assert waiters[0].done() and not waiters[1].done()
+    waiters[1].cancel()
+    await _settle()

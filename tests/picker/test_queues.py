@@ -77,3 +77,29 @@ def test_policy_swap_keeps_queued_chunks_of_a_removed_class():
     q.push(make_chunk("y", "a", "lo", index=1), 0)
     q.set_policy(SchedulingPolicySpec(priority_classes=[PriorityClass(name="lo", priority=1)]))
     assert sorted(_order(q, 0)) == ["x", "y"] and len(q) == 2
+
+
+def test_within_a_tenant_older_requests_go_first():
+    q = queues()
+    young = make_chunk("young", "a", "hi", index=0)
+    young.born = 5.0
+    q.push(young, now=5.0)
+    old_cont = make_chunk("old", "a", "hi", index=3)
+    old_cont.born = 1.0  # its request was first granted long ago
+    q.push(old_cont, now=6.0)
+    mid_cont = make_chunk("mid", "a", "hi", index=1)
+    mid_cont.born = 3.0
+    q.push(mid_cont, now=7.0)
+    assert _order(q, 7.0) == ["old", "mid", "young"]
+
+
+def test_aging_still_finds_a_chunk_queued_behind_older_requests():
+    q = queues()
+    waited = make_chunk("waited", "a", "lo", index=1)
+    waited.born = 10.0
+    q.push(waited, now=0.0)
+    older = make_chunk("older", "a", "lo", index=1)
+    older.born = 1.0
+    q.push(older, now=4.9)  # goes ahead of it in the tenant's queue, but has not waited long
+    q.push(make_chunk("hi", "b", "hi", index=1), now=4.9)
+    assert _order(q, 5.1) == ["waited", "hi", "older"]  # waited > 5 s: aged to the top

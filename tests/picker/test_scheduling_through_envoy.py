@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from tokenslice.fairness import jain_index
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tests.picker.conftest import until
@@ -67,7 +69,7 @@ async def test_strict_priority_then_starvation_bound(gateway_stack, upstreams):
         slots_per_endpoint=1,
         priority_classes=[PriorityClass(name="high", priority=200),
                           PriorityClass(name="low", priority=100, starvation_seconds=60)])
-    stack = await gateway_stack(endpoints=[up.address], policy=policy)
+    stack = await gateway_stack(endpoints=[up.address], policy=policy, preemption=False)  # the pause path: order at slice ends
 
     def make_chunk(klass: str, rid: str) -> dict[str, str]:
         return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=1, kv_holder=up.address,
@@ -79,7 +81,7 @@ async def test_strict_priority_then_starvation_bound(gateway_stack, upstreams):
     up.unblock()
     await asyncio.gather(*tasks)
     assert [r.request_id for r in up.received[1:]] == ["H1", "H2", "L"]
-    assert stack.picker.metrics.preemptions.labels("low", "default")._value.get() == 1
+    assert stack.picker.metrics.pauses.labels("low", "default")._value.get() == 1
 
     # 2) starvation bound: once the low chunk waited past starvationSeconds it goes first
     stack.picker.set_policy(policy.model_copy(update={"priority_classes": [
@@ -130,7 +132,7 @@ async def test_policy_hot_reload_reorders_queued_work_without_dropping_it(gatewa
     path = tmp_path / "policy.yaml"
     path.write_text("slotsPerEndpoint: 1\npriorityClasses:\n"
                     "  - {name: alpha, priority: 200}\n  - {name: beta, priority: 100}\n")
-    stack = await gateway_stack(endpoints=[up.address], policy_path=path, policy_poll_s=0.05)
+    stack = await gateway_stack(endpoints=[up.address], policy_path=path, policy_poll_s=0.05, preemption=False)
 
     def make_chunk(klass: str, rid: str) -> dict[str, str]:
         return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=1, kv_holder=up.address,
@@ -159,7 +161,7 @@ async def test_reserved_slot_dispatches_a_non_preemptible_chunk_past_a_preemptib
         slots_per_endpoint=3, reserved_slots_per_endpoint=1,
         priority_classes=[PriorityClass(name="interactive", priority=200, preemptible=False),
                           PriorityClass(name="batch", priority=100)])
-    stack = await gateway_stack(endpoints=[up.address], policy=policy)
+    stack = await gateway_stack(endpoints=[up.address], policy=policy, preemption=False)  # the reserve alone
     d = stack.picker.dispatcher
 
     def make_chunk(klass: str, rid: str, index: int = 1) -> dict[str, str]:
@@ -187,3 +189,51 @@ async def test_reserved_slot_dispatches_a_non_preemptible_chunk_past_a_preemptib
     assert all(s == 200 for s, _, _ in await asyncio.gather(*tasks))
     assert granted == ["B0", "B1", "I", "I", "Q0", "Q1", "Q2"]
     assert sorted(r.request_id for r in up.received) == sorted(granted)
+
+
+@pytest.mark.parametrize("preemption", [True, False])
+async def test_a_queued_high_priority_chunk_cuts_one_chunk_on_the_right_worker_and_gets_its_slot(
+        gateway_stack, upstreams, preemption):
+    """Two workers, each slot held by a low chunk; a high chunk bound to B must cut B's chunk only.
+
+    The workers are recording upstreams that act on a signed cut as a worker sidecar does (end that
+    chunk's response at once): the picker's side of preemption is what is under test here.
+    """
+    a, b = await upstreams(2)
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, priority_classes=[
+        PriorityClass(name="high", priority=200), PriorityClass(name="low", priority=100)])
+    stack = await gateway_stack(endpoints=[a.address, b.address], policy=policy, preemption=preemption,
+                                prefill_tokens_per_second=1.0)  # recomputing a prefix elsewhere never pays
+    for up in (a, b):
+        up.key = stack.key
+        up.block()
+
+    def chunk(klass: str, rid: str, holder: str, index: int = 1) -> dict[str, str]:
+        return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=index, kv_holder=holder,
+                                   prompt_tokens=100, slice=8)
+
+    low = [asyncio.create_task(stack.post(headers=chunk("low", f"L{up.address}", up.address))) for up in (a, b)]
+    await until(lambda: len(a.received) == 1 and len(b.received) == 1, what="both slots held by low chunks")
+    high = asyncio.create_task(stack.post(headers=chunk("high", "H", b.address)))
+    if not preemption:  # without cuts the high chunk waits for B's slice end: this test's assertions fail
+        await until(lambda: len(stack.picker.dispatcher.queues) == 1, what="high chunk queued")
+        assert b.cuts == [] and len(b.received) == 1
+        b.unblock()
+        await until(lambda: [r.request_id for r in b.received] == [f"L{b.address}", "H"], what="high after low")
+        a.unblock()
+        await asyncio.gather(*low, high)
+        return
+    await until(lambda: [r.request_id for r in b.received] == [f"L{b.address}", "H"], what="high chunk on B")
+    assert [(c.request_id, c.chunk_index, c.reason) for c in b.cuts] == [(f"L{b.address}", 1, "priority")]
+    assert a.cuts == []
+    status, _, body = await low[1]
+    assert status == 200 and body.count(b"data: {") == 1  # the cut chunk ended cleanly with what it had
+    # the victim's continuation finds B's slot taken by the high chunk: it waits, no second cut
+    cont = asyncio.create_task(stack.post(headers=chunk("low", f"L{b.address}", b.address, index=2)))
+    await until(lambda: len(stack.picker.dispatcher.queues) == 1, what="continuation queued")
+    assert len(b.received) == 2 and len(b.cuts) == 1
+    assert stack.picker.metrics.preemptions.labels("priority", "low")._value.get() == 1
+    for up in (a, b):
+        up.unblock()
+    await asyncio.gather(*low, high, cont)
+    assert [r.request_id for r in b.received] == [f"L{b.address}", "H", f"L{b.address}"]

@@ -50,11 +50,23 @@ class Endpoint:
     mean_chunk_s: float = 1.0
     """EWMA of observed chunk durations; the migration cost model's unit of waiting."""
     chunks_done: int = 0
+    tokens_per_s: float = 0.0
+    """EWMA of one sequence's decode rate here (tokens a chunk produced / its duration); 0 = not yet seen."""
     labels: dict[str, str] = field(default_factory=dict)
 
     def observe_chunk(self, seconds: float, alpha: float = 0.2) -> None:
         self.chunks_done += 1
         self.mean_chunk_s = seconds if self.chunks_done == 1 else (1 - alpha) * self.mean_chunk_s + alpha * seconds
+
+    def observe_rate(self, tokens: int, seconds: float, alpha: float = 0.2) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = tokens / seconds
+        self.tokens_per_s = rate if not self.tokens_per_s else (1 - alpha) * self.tokens_per_s + alpha * rate
+
+    def seconds_for(self, tokens: int) -> float:
+        """How long one sequence takes to decode ``tokens`` here (the mean chunk time until a rate is known)."""
+        return tokens / self.tokens_per_s if self.tokens_per_s else self.mean_chunk_s
 
 
 class Datastore:

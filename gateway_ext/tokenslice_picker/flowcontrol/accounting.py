@@ -33,6 +33,24 @@ class _Entry:
     tenant: str
     generated: int
     charged_output: int
+    address: str = ""
+    born: float = 0.0
+    """When the request's first chunk was granted (a tenant's older requests go first)."""
+    seconds: float = 0.0
+    """Grant to end (0 while it runs)."""
+    cut: bool = False
+    settled: bool = False
+    """What it produced is known (the trailer came, or the next chunk did)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """A chunk's output became known: what it produced, where, in how long, and whether it was cut."""
+
+    address: str
+    produced: int
+    seconds: float
+    cut: bool
 
 
 class ServiceLedger:
@@ -71,24 +89,33 @@ class ServiceLedger:
         self.limits.spend(self.policy.tenant(chunk.tenant), input_tokens + chunk.slice, now)
         self.window.add(chunk.tenant, chunk.slice, now)
         self.metrics.tokens_served.inc((chunk.tenant,), chunk.slice)
-        self._entries[chunk.request_id] = _Entry(chunk.priority_class, chunk.tenant, chunk.generated, chunk.slice)
+        prev = self._entries.get(chunk.request_id)
+        born = prev.born if prev is not None else (chunk.born or now)
+        self._entries[chunk.request_id] = _Entry(chunk.priority_class, chunk.tenant, chunk.generated, chunk.slice,
+                                                 address, born)
         if len(self._entries) > self._ledger_size:
             self._entries.popitem(last=False)
 
-    def reconcile(self, chunk: Chunk) -> None:
+    def reconcile(self, chunk: Chunk) -> Settled | None:
         """A continuation arrived: its signed ``generated`` tells what the previous chunk produced."""
         if chunk.index == 0:
-            return
+            return None
         entry = self._entries.get(chunk.request_id)
         if entry is None:
-            return
+            return None
         produced = chunk.generated - entry.generated
-        if produced != entry.charged_output and produced >= 0:
+        if produced < 0:
+            return None
+        if produced != entry.charged_output:
             self._correct(entry.priority_class, entry.tenant, produced - entry.charged_output)
             entry.charged_output = produced
+        if entry.settled or not entry.seconds:
+            return None
+        entry.settled = True
+        return Settled(entry.address, produced, entry.seconds, entry.cut)
 
-    def charge_end(self, chunk: Chunk, produced: int | None, now: float) -> None:
-        """A chunk ended; ``produced`` is the worker's token count if it sent one."""
+    def charge_end(self, chunk: Chunk, produced: int | None, now: float, *, cut: bool = False) -> Settled | None:
+        """A chunk ended (``cut``: by a preemption); ``produced`` is the worker's token count if it sent one."""
         key = (chunk.priority_class, chunk.tenant)
         n = self._inflight.get(key, 1) - 1
         if n > 0:
@@ -96,12 +123,25 @@ class ServiceLedger:
         else:
             self._inflight.pop(key, None)
         self._last_active[key] = now
-        if produced is not None and produced != chunk.charged_output:
+        entry = self._entries.get(chunk.request_id)
+        if entry is not None:
+            entry.seconds = max(1e-9, now - chunk.dispatched_at)
+            entry.cut = cut
+        if produced is None:
+            return None
+        if produced != chunk.charged_output:
             self._correct(chunk.priority_class, chunk.tenant, produced - chunk.charged_output)
             chunk.charged_output = produced
-            entry = self._entries.get(chunk.request_id)
-            if entry is not None:
-                entry.charged_output = produced
+        if entry is None:
+            return None
+        entry.charged_output = produced
+        entry.settled = True
+        return Settled(entry.address, produced, entry.seconds, cut)
+
+    def born(self, request_id: str) -> float | None:
+        """When the request's first chunk was granted, if the ledger still knows the request."""
+        entry = self._entries.get(request_id)
+        return entry.born if entry is not None else None
 
     def forget(self, request_id: str) -> None:
         """The request is over: nothing will correct its charge any more."""

@@ -52,8 +52,12 @@ class Chunk:
     subset: frozenset[str] | None = None
     prefix_hashes: tuple[str, ...] = ()
     seq: int = 0
+    born: float = 0.0
+    """When the picker first saw its request (orders a tenant's queue: older requests first)."""
     enqueued_at: float = 0.0
     future: asyncio.Future[str] | None = field(default=None, repr=False)
+    cutting: Chunk | None = field(default=None, repr=False)
+    """While queued: the running chunk cut so that this one gets its slot."""
     # set when dispatched
     endpoint: str = ""
     granted_on: Endpoint | None = field(default=None, repr=False)
@@ -61,6 +65,11 @@ class Chunk:
     migrated: bool = False
     waited: bool = False
     charged_output: int = 0
+    cut_for: Chunk | None = field(default=None, repr=False)
+    """While running: the waiter its slot goes to when it ends (it was cut)."""
+    cut_reason: str = ""
+    cut_at: float = 0.0
+    cut_failed: bool = False
 
     def __post_init__(self) -> None:
         if not self.priority_class:

@@ -7,7 +7,8 @@ Order (the scheduling algorithm, see docs/picker.md):
    ``starvationSeconds`` (aging: served as if top priority);
 2. then classes by priority, highest first;
 3. inside a class, tenants by virtual token counter, smallest first (weighted fair share);
-4. inside a tenant, FIFO.
+4. inside a tenant, older requests first (when the picker first granted one of their chunks; a
+   first chunk is as old as its arrival), then FIFO.
 
 The dispatcher walks this order and grants the first chunk that its scheduler can place; a chunk
 whose KV holder is busy is skipped (it waits, or migrates), so the walk is work-conserving.
@@ -16,7 +17,7 @@ whose KV holder is busy is skipped (it waits, or migrates), so the walk is work-
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from tokenslice.policy import PriorityClass, SchedulingPolicySpec
 from tokenslice_picker.flowcontrol.accounting import ServiceLedger
@@ -30,6 +31,9 @@ class FlowQueues:
         self.policy = policy
         self.ledger = ledger
         self._queues: dict[str, dict[str, deque[Chunk]]] = {}
+        self._arrivals: dict[str, deque[Chunk]] = {}
+        """Per class, in push order (lazily pruned): the aged chunks are a prefix of it."""
+        self._members: set[Chunk] = set()
         self._urgent: deque[Chunk] = deque()
         self._per_tenant: dict[str, int] = {}
         self._seq = 0
@@ -51,11 +55,10 @@ class FlowQueues:
                 for chunk in q:
                     chunk.priority_class = lowest
                 self._queues.setdefault(lowest, {}).setdefault(tenant, deque()).extend(q)
+            self._arrivals.setdefault(lowest, deque()).extend(self._arrivals.pop(name, ()))
         for q in self._queues.get(lowest, {}).values():
-            if len(q) > 1:
-                ordered = sorted(q, key=lambda c: c.seq)
-                q.clear()
-                q.extend(ordered)
+            _resort(q, lambda c: (c.born, c.seq))
+        _resort(self._arrivals.get(lowest, deque()), lambda c: c.seq)
 
     def resolve_class(self, name: str) -> PriorityClass:
         """The class by name; an unknown (or since removed) class is the lowest one."""
@@ -87,12 +90,19 @@ class FlowQueues:
                 if chunk.tenant not in active:
                     self.ledger.counters.lift(pclass.name, chunk.tenant,
                                               [t for t, tq in tenants.items() if tq] + list(active))
-            q.append(chunk)
+            i = len(q)  # older requests first: a continuation of an old request overtakes younger ones
+            while i and (q[i - 1].born, q[i - 1].seq) > (chunk.born, chunk.seq):
+                i -= 1
+            q.insert(i, chunk)
+            self._arrivals.setdefault(pclass.name, deque()).append(chunk)
+        self._members.add(chunk)
         self.total += 1
         self._per_tenant[chunk.tenant] = self._per_tenant.get(chunk.tenant, 0) + 1
 
     def remove(self, chunk: Chunk) -> bool:
         """Take a chunk out (granted, shed, or its caller went away); False if it was not queued."""
+        if chunk not in self._members:
+            return False
         try:
             if chunk in self._urgent:
                 self._urgent.remove(chunk)
@@ -100,6 +110,7 @@ class FlowQueues:
                 self._queues[self.resolve_class(chunk.priority_class).name][chunk.tenant].remove(chunk)
         except (KeyError, ValueError):
             return False
+        self._members.discard(chunk)
         self.total -= 1
         n = self._per_tenant[chunk.tenant] - 1
         if n:
@@ -125,11 +136,17 @@ class FlowQueues:
         for pclass in self._class_order:
             if not pclass.preemptible or pclass.starvation_seconds is None:
                 continue
+            arrivals = self._arrivals.get(pclass.name)
+            if not arrivals:
+                continue
+            members = self._members
+            while arrivals and arrivals[0] not in members:
+                arrivals.popleft()
             cutoff = now - pclass.starvation_seconds
-            for q in self._queues.get(pclass.name, {}).values():
-                for chunk in q:  # FIFO: the aged chunks are a prefix of each queue
-                    if chunk.enqueued_at > cutoff:
-                        break
+            for chunk in arrivals:  # push order: the aged chunks are a prefix
+                if chunk.enqueued_at > cutoff:
+                    break
+                if chunk in members:
                     aged.append(chunk)
         if aged:
             aged.sort(key=lambda c: c.seq)
@@ -175,3 +192,10 @@ class FlowQueues:
 
     def __len__(self) -> int:
         return self.total
+
+
+def _resort(q: deque[Chunk], key: Callable[[Chunk], tuple[float, int] | int]) -> None:
+    if len(q) > 1:
+        ordered = sorted(q, key=key)
+        q.clear()
+        q.extend(ordered)

@@ -8,7 +8,11 @@ from tokenslice_picker.scheduling.profile import (
            SchedulerProfile,
            default_profile,
 )
-from tokenslice_picker.scheduling.victims import VictimSelector
+from tokenslice_picker.scheduling.victims import (
+           LowestClassFirst,
+           Preemption,
+           VictimSelector,
+)
 
-__all__ = ["CostModel", "Decision", "PickContext", "SchedulerProfile", "Verdict", "VictimSelector",
-           "default_profile", "holder_verdict"]
+__all__ = ["CostModel", "Decision", "LowestClassFirst", "PickContext", "Preemption", "SchedulerProfile", "Verdict",
+           "VictimSelector", "default_profile", "holder_verdict"]

@@ -13,7 +13,7 @@ from tokenslice_picker.flowcontrol.chunk import Chunk, ClientRequest
 from tokenslice_picker.scheduling import filters, scorers
 from tokenslice_picker.scheduling.context import PickContext
 from tokenslice_picker.scheduling.pickers import max_score_picker
-from tokenslice_picker.scheduling.victims import VictimSelector
+from tokenslice_picker.scheduling.victims import LowestClassFirst, VictimSelector
 
 Filter = Callable[[PickContext, list[Endpoint]], list[Endpoint]]
 """Narrows the candidates; an empty list means "wait", raising ``NoEndpoints`` means "never here"."""
@@ -81,4 +81,4 @@ def default_profile(*, load_weight: float = 1.0, prefix_weight: float = 2.0, kv_
         filters=[filters.subset_hint_filter, filters.kv_holder_filter, filters.free_slot_filter],
         scorers=[(scorers.least_load_scorer, load_weight), (prefix, prefix_weight),
                  (scorers.kv_cache_scorer, kv_cache_weight), (driver, driver_weight)],
-        plugins=[prefix, driver])
+        plugins=[prefix, driver], victim_selector=LowestClassFirst())
