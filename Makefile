@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export TOKENSLICE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: setup engine kube test test-fast demo bench-gpu lint clean
+.PHONY: setup engine kube test demo bench-gpu lint images clean
 
 setup: $(VENV)/.installed                ## project venv with tokenslice installed (editable)
 $(VENV)/.installed: pyproject.toml
@@ -26,6 +26,12 @@ test: setup engine kube                  ## the whole suite against real vLLM, E
 
 demo: setup engine                       ## the main job: head-of-line scenario, table + plots
 	$(BIN)/tokenslice bench demo
+
+lint: setup                              ## ruff (configured in pyproject.toml: line length 120)
+	$(BIN)/ruff check .
+
+images:                                  ## the three images the chart references (docker/README.md)
+	for c in operator picker sidecar; do docker build -f docker/$$c.Dockerfile -t ghcr.io/tokenslice/$$c:0.1.0 .; done
 
 bench-gpu:                               ## the head-of-line benchmark on a GPU host (see docs/benchmarks.md)
 	bash scripts/gpu/bench-gpu.sh

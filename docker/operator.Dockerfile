@@ -8,11 +8,13 @@ COPY tokenslice tokenslice
 COPY sidecar sidecar
 COPY gateway_ext gateway_ext
 COPY operator operator
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# the tokenslice wheel alone; its dependencies come from the group below
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 FROM python:3.11-slim
+# only this part's dependency group (pyproject.toml [project.optional-dependencies] operator)
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir /wheels/*.whl
+    sh -c 'pip install --no-cache-dir "$(ls /wheels/tokenslice-*.whl)[operator]"'
 # distroless-style nonroot uid; the chart runs with a read-only root filesystem
 USER 65532:65532
 ENV PYTHONUNBUFFERED=1

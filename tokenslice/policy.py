@@ -15,6 +15,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.alias_generators import to_camel
 
+from tokenslice import inferencepool
+
 API_GROUP = "tokenslice.io"
 API_VERSION = "v1alpha1"
 KIND = "SchedulingPolicy"
@@ -71,8 +73,8 @@ class QueueLimits(_Model):
 
 class PoolRef(_Model):
     name: Name
-    group: str = "inference.networking.k8s.io"
-    kind: str = "InferencePool"
+    group: str = inferencepool.API_GROUP
+    kind: str = inferencepool.KIND
 
 
 class SchedulingPolicySpec(_Model):

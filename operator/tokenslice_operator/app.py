@@ -22,7 +22,7 @@ from typing import Any
 
 import kopf
 
-from tokenslice import policy
+from tokenslice import inferencepool, policy
 from tokenslice_operator.config import MANAGED_BY, POOL_LABEL, OperatorConfig
 from tokenslice_operator.kube import KubeClient, connection_from_kubeconfig
 from tokenslice_operator.reconcile import Reconciler
@@ -53,7 +53,7 @@ def build_registry(reconciler: Reconciler, info: kopf.ConnectionInfo) -> kopf.Op
     def login(**_: Any) -> kopf.ConnectionInfo:
         return info
 
-    @kopf.on.event("inference.networking.k8s.io", "v1", "inferencepools", registry=registry)
+    @kopf.on.event(inferencepool.API_GROUP, inferencepool.API_VERSION, inferencepool.PLURAL, registry=registry)
     async def pool_event(namespace: str, name: str, **_: Any) -> None:
         await reconciler.sync_pool(namespace, name)
 

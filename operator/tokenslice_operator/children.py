@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from tokenslice import policy
+from tokenslice import inferencepool, policy
+from tokenslice.inferencepool import InferencePool
 from tokenslice_operator.config import (
     MANAGED_BY,
     POLICY_FILE,
@@ -30,45 +31,21 @@ from tokenslice_operator.config import (
 Manifest = dict[str, Any]
 
 
-class PickerRefError(ValueError):
-    """The pool's endpointPickerRef cannot name a tokenslice picker."""
-
-
-def picker_ref(pool: Manifest) -> tuple[str, int]:
-    """(Service name, service port) of the pool's endpoint picker; PickerRefError when unusable."""
-    spec = pool.get("spec") or {}
-    ref = spec.get("endpointPickerRef")
-    if not ref:
-        raise PickerRefError("spec.endpointPickerRef is not set; tokenslice needs it to name its picker Service")
-    if ref.get("group", "") != "" or ref.get("kind", "Service") != "Service":
-        raise PickerRefError(f"endpointPickerRef must be a core Service, not {ref.get('group')}/{ref.get('kind')}")
-    port = (ref.get("port") or {}).get("number")
-    if not port:
-        raise PickerRefError("endpointPickerRef.port is required when kind is 'Service'")
-    numbers = [p.get("number") for p in spec.get("targetPorts") or []]
-    if len(numbers) != len(set(numbers)):
-        raise PickerRefError("spec.targetPorts: port number must be unique")
-    return ref["name"], int(port)
-
-
-def _labels(pool: Manifest, component: str) -> dict[str, str]:
+def _labels(pool: InferencePool, component: str) -> dict[str, str]:
     return {**MANAGED_BY, "app.kubernetes.io/name": "tokenslice", "app.kubernetes.io/component": component,
-            POOL_LABEL: pool["metadata"]["name"]}
+            POOL_LABEL: pool.metadata.name}
 
 
-def _meta(pool: Manifest, name: str, component: str, **extra: Any) -> Manifest:
-    m = pool["metadata"]
-    owner = {"apiVersion": pool["apiVersion"], "kind": pool["kind"], "name": m["name"], "uid": m["uid"],
-             "controller": True, "blockOwnerDeletion": True}
-    return {"name": name, "namespace": m["namespace"], "labels": _labels(pool, component),
-            "ownerReferences": [owner], **extra}
+def _meta(pool: InferencePool, name: str, component: str, **extra: Any) -> Manifest:
+    return {"name": name, "namespace": pool.metadata.namespace, "labels": _labels(pool, component),
+            "ownerReferences": [pool.owner_reference()], **extra}
 
 
-def service_account(pool: Manifest, picker: str) -> Manifest:
+def service_account(pool: InferencePool, picker: str) -> Manifest:
     return {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(pool, picker, "endpoint-picker")}
 
 
-def role(pool: Manifest, picker: str) -> Manifest:
+def role(pool: InferencePool, picker: str) -> Manifest:
     """Least privilege for the picker: read its pods, its pool and its policies, nothing else."""
     read = ["get", "list", "watch"]
     return {
@@ -76,32 +53,32 @@ def role(pool: Manifest, picker: str) -> Manifest:
         "metadata": _meta(pool, picker, "endpoint-picker"),
         "rules": [
             {"apiGroups": [""], "resources": ["pods"], "verbs": read},
-            {"apiGroups": ["inference.networking.k8s.io"], "resources": ["inferencepools"], "verbs": read},
+            {"apiGroups": [inferencepool.API_GROUP], "resources": [inferencepool.PLURAL], "verbs": read},
             {"apiGroups": [policy.API_GROUP], "resources": [policy.PLURAL], "verbs": read},
         ],
     }
 
 
-def role_binding(pool: Manifest, picker: str) -> Manifest:
+def role_binding(pool: InferencePool, picker: str) -> Manifest:
     return {
         "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
         "metadata": _meta(pool, picker, "endpoint-picker"),
         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": picker},
-        "subjects": [{"kind": "ServiceAccount", "name": picker, "namespace": pool["metadata"]["namespace"]}],
+        "subjects": [{"kind": "ServiceAccount", "name": picker, "namespace": pool.metadata.namespace}],
     }
 
 
-def signing_secret(pool: Manifest) -> Manifest:
+def signing_secret(pool: InferencePool) -> Manifest:
     """A fresh random key; created once and never rewritten (rotating it would break in-flight chunks)."""
     key = secrets.token_hex(32).encode()
     return {
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-        "metadata": _meta(pool, signing_secret_name(pool["metadata"]["name"]), "signing-key"),
+        "metadata": _meta(pool, signing_secret_name(pool.metadata.name), "signing-key"),
         "data": {SIGNING_KEY_FILE: base64.b64encode(key).decode()},
     }
 
 
-def policy_configmap(pool: Manifest, picker: str, spec: policy.SchedulingPolicySpec,
+def policy_configmap(pool: InferencePool, picker: str, spec: policy.SchedulingPolicySpec,
                      source: Manifest | None) -> Manifest:
     """The policy file the picker reads (and hot-reloads); labelled with the SchedulingPolicy it came from."""
     body = spec.model_dump(by_alias=True, mode="json", exclude_none=True)
@@ -116,7 +93,7 @@ def policy_configmap(pool: Manifest, picker: str, spec: policy.SchedulingPolicyS
             "data": {POLICY_FILE: header + yaml.safe_dump(body, sort_keys=False)}}
 
 
-def service(pool: Manifest, picker: str, port: int, config: OperatorConfig) -> Manifest:
+def service(pool: InferencePool, picker: str, port: int, config: OperatorConfig) -> Manifest:
     labels = _labels(pool, "endpoint-picker")
     return {
         "apiVersion": "v1", "kind": "Service",
@@ -133,17 +110,17 @@ def service(pool: Manifest, picker: str, port: int, config: OperatorConfig) -> M
     }
 
 
-def deployment(pool: Manifest, picker: str, config: OperatorConfig) -> Manifest:
+def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Manifest:
     """One picker replica: it holds the pool's scheduling state (queues, fair-share counters)."""
-    m = pool["metadata"]
+    m = pool.metadata
     labels = _labels(pool, "endpoint-picker")
     selector = {k: labels[k] for k in ("app.kubernetes.io/component", POOL_LABEL)}
     args = ["gateway", "--grpc-port", str(config.picker_grpc_port), "--metrics-port", str(config.picker_metrics_port),
             "--policy", f"{POLICY_MOUNT}/{POLICY_FILE}", "--signing-key-file", f"{SIGNING_MOUNT}/{SIGNING_KEY_FILE}",
-            "--kube", "--pool", m["name"], "--namespace", m["namespace"]]
+            "--kube", "--pool", m.name, "--namespace", m.namespace]
     container = {
         "name": "picker",
-        "image": config.gateway_image,
+        "image": config.picker_image,
         "imagePullPolicy": config.image_pull_policy,
         "args": args,
         "ports": [{"name": "grpc-ext-proc", "containerPort": config.picker_grpc_port, "protocol": "TCP"},
@@ -171,7 +148,7 @@ def deployment(pool: Manifest, picker: str, config: OperatorConfig) -> Manifest:
                     "containers": [container],
                     "volumes": [
                         {"name": "policy", "configMap": {"name": policy_configmap_name(picker)}},
-                        {"name": "signing", "secret": {"secretName": signing_secret_name(m["name"])}},
+                        {"name": "signing", "secret": {"secretName": signing_secret_name(m.name)}},
                     ],
                 },
             },

@@ -17,7 +17,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="run: the operator + admission webhook (default); crds: regenerate crds/ and the chart's")
     parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
                         help="kubeconfig to use (default: $KUBECONFIG, else the pod's service account)")
-    parser.add_argument("--gateway-image", default=d.gateway_image, help="image of the endpoint picker")
+    parser.add_argument("--picker-image", default=d.picker_image, help="image of the picker (one per managed pool)")
     parser.add_argument("--sidecar-image", default=d.sidecar_image, help="image of the injected sidecar")
     parser.add_argument("--image-pull-policy", default=d.image_pull_policy)
     parser.add_argument("--chunk-url", default=d.chunk_url,
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig(
-        gateway_image=args.gateway_image, sidecar_image=args.sidecar_image,
+        picker_image=args.picker_image, sidecar_image=args.sidecar_image,
         image_pull_policy=args.image_pull_policy, chunk_url=args.chunk_url, gpu_resource=args.gpu_resource,
         webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
     )

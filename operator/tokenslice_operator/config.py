@@ -41,7 +41,7 @@ def policy_configmap_name(picker: str) -> str:
 class OperatorConfig(BaseModel):
     """Operator settings; every field has a ``tokenslice operator`` flag and a chart value."""
 
-    gateway_image: str = "ghcr.io/tokenslice/gateway:0.1.0"
+    picker_image: str = "ghcr.io/tokenslice/picker:0.1.0"
     sidecar_image: str = "ghcr.io/tokenslice/sidecar:0.1.0"
     image_pull_policy: str = "IfNotPresent"
     picker_grpc_port: int = Field(default=9002, ge=1, le=65535, description="container port of the picker")

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tokenslice import contract
+from tokenslice.inferencepool import InferencePool
 from tokenslice_operator.config import (
     INJECT_KEY,
     INJECTED_ANNOTATION,
@@ -35,13 +36,6 @@ class SidecarSpec:
     """initContainer with restartPolicy Always (Kubernetes >= 1.29) instead of a plain container."""
     pull_policy: str = "IfNotPresent"
     gpu_resource: str = "nvidia.com/gpu"
-
-
-def selects(pool: Manifest, pod: Manifest) -> bool:
-    """Does the pool's selector (matchLabels, same namespace) pick this pod?"""
-    wanted = ((pool.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
-    labels = pod.get("metadata", {}).get("labels") or {}
-    return bool(wanted) and all(labels.get(k) == v for k, v in wanted.items())
 
 
 def _requests_gpu(pod: Manifest, resource: str) -> bool:
@@ -126,11 +120,11 @@ def _rewire_probe(probe: Manifest | None, target: int, name: str | None, new: in
             handler["port"] = new
 
 
-def inject(pod: Manifest, pool: Manifest, sidecar: SidecarSpec) -> Manifest:
+def inject(pod: Manifest, pool: InferencePool, sidecar: SidecarSpec) -> Manifest:
     """The pod with the sidecar in front of vLLM (pod must already pass ``skip_reason``)."""
     pod = copy.deepcopy(pod)
-    pool_name = pool["metadata"]["name"]
-    target = int(pool["spec"]["targetPorts"][0]["number"])
+    pool_name = pool.metadata.name
+    target = pool.target_ports()[0]
     vllm = _vllm_container(pod, target, sidecar.gpu_resource)
     new_port = _free_port(pod, target)
 

@@ -22,6 +22,8 @@ import aiohttp
 import kopf
 import yaml
 
+from tokenslice import inferencepool, policy
+
 FIELD_MANAGER = "tokenslice-operator"
 
 # kind -> (api prefix, plural) for every kind the operator reads or writes.
@@ -34,8 +36,8 @@ RESOURCES: dict[str, tuple[str, str]] = {
     "Deployment": ("/apis/apps/v1", "deployments"),
     "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles"),
     "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings"),
-    "InferencePool": ("/apis/inference.networking.k8s.io/v1", "inferencepools"),
-    "SchedulingPolicy": ("/apis/tokenslice.io/v1alpha1", "schedulingpolicies"),
+    "InferencePool": (f"/apis/{inferencepool.API_GROUP}/{inferencepool.API_VERSION}", inferencepool.PLURAL),
+    "SchedulingPolicy": (f"/apis/{policy.API_GROUP}/{policy.API_VERSION}", policy.PLURAL),
 }
 
 

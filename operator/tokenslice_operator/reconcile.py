@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tokenslice import policy
+from tokenslice.inferencepool import InferencePool, PoolError
 from tokenslice_operator import children
 from tokenslice_operator.config import (
     CONTROLLER_NAME,
@@ -80,9 +81,10 @@ class Reconciler:
                                               f"InferencePool {name} lacks the label {MANAGED_LABEL}: \"true\"")
             return
         try:
-            picker, port = children.picker_ref(pool)
+            model = InferencePool.parse(pool)
+            picker, port = model.picker_ref()
             await self._check_not_foreign(namespace, picker)
-        except children.PickerRefError as exc:
+        except PoolError as exc:
             await self._set_pool_status(pool, resolved=(False, "InvalidExtensionRef", str(exc)),
                                         ready=(False, "InvalidExtensionRef", "no picker without a valid reference"))
             for p in policies:
@@ -90,17 +92,17 @@ class Reconciler:
             return
 
         winner, spec, keep_published = self._choose_policy(policies)
-        await self._ensure_secret(pool)
-        for obj in (children.service_account(pool, picker), children.role(pool, picker),
-                    children.role_binding(pool, picker)):
+        await self._ensure_secret(model)
+        for obj in (children.service_account(model, picker), children.role(model, picker),
+                    children.role_binding(model, picker)):
             await self.client.apply(obj)
         cm_path = path("ConfigMap", namespace, policy_configmap_name(picker))
         current_cm = await self.client.get(cm_path)
         if not (keep_published and current_cm is not None):
-            await self.client.apply(children.policy_configmap(pool, picker, spec, winner))
+            await self.client.apply(children.policy_configmap(model, picker, spec, winner))
             current_cm = await self.client.get(cm_path)
-        deployment = await self.client.apply(children.deployment(pool, picker, self.config))
-        await self.client.apply(children.service(pool, picker, port, self.config))
+        deployment = await self.client.apply(children.deployment(model, picker, self.config))
+        await self.client.apply(children.service(model, picker, port, self.config))
 
         available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
         ready = ((True, "PickerAvailable", f"Deployment {picker} has {available} available replica(s)")
@@ -125,9 +127,9 @@ class Reconciler:
         existing = await self.client.get(path("Service", namespace, picker))
         labels = (existing or {}).get("metadata", {}).get("labels") or {}
         if existing is not None and any(labels.get(k) != v for k, v in MANAGED_BY.items()):
-            raise children.PickerRefError(f"Service {picker} exists and is not managed by tokenslice")
+            raise PoolError(f"Service {picker} exists and is not managed by tokenslice")
 
-    async def _ensure_secret(self, pool: Manifest) -> None:
+    async def _ensure_secret(self, pool: InferencePool) -> None:
         secret = children.signing_secret(pool)
         m = secret["metadata"]
         if await self.client.get(path("Secret", m["namespace"], m["name"])) is not None:

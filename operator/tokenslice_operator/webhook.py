@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from aiohttp import web
 
-from tokenslice import policy
+from tokenslice import inferencepool, policy
 from tokenslice_operator.config import (
     CHUNK_URL_ANNOTATION,
     MANAGED_LABEL,
@@ -24,7 +24,7 @@ from tokenslice_operator.config import (
     OperatorConfig,
     policy_configmap_name,
 )
-from tokenslice_operator.inject import SidecarSpec, inject, json_patch, selects, skip_reason
+from tokenslice_operator.inject import SidecarSpec, inject, json_patch, skip_reason
 from tokenslice_operator.kube import KubeClient, path
 
 log = logging.getLogger("tokenslice.webhook")
@@ -45,26 +45,28 @@ class Webhook:
         if request.get("kind", {}).get("kind") != "Pod" or request.get("operation") != "CREATE":
             return allowed
         namespace = request.get("namespace") or pod.get("metadata", {}).get("namespace")
-        pools = await self.client.list(path("InferencePool", namespace), f"{MANAGED_LABEL}=true")
-        pool = next((p for p in sorted(pools, key=lambda p: p["metadata"]["name"]) if selects(p, pod)), None)
+        labels = pod.get("metadata", {}).get("labels") or {}
+        pools = _valid_pools(await self.client.list(path("InferencePool", namespace), f"{MANAGED_LABEL}=true"))
+        pool = next((p for p in pools if p.selects(labels)), None)
         if pool is None:
             return allowed
         name = pod.get("metadata", {}).get("name") or pod.get("metadata", {}).get("generateName", "?")
         reason = skip_reason(pod, self.config.gpu_resource)
         if reason:
-            log.info("pod %s/%s in pool %s: not injecting (%s)", namespace, name, pool["metadata"]["name"], reason)
+            log.info("pod %s/%s in pool %s: not injecting (%s)", namespace, name, pool.metadata.name, reason)
             return allowed
         mutated = inject(pod, pool, await self._sidecar(pool, namespace))
         patch = json_patch(pod, mutated)
-        log.info("pod %s/%s: injected the sidecar (pool %s)", namespace, name, pool["metadata"]["name"])
+        log.info("pod %s/%s: injected the sidecar (pool %s)", namespace, name, pool.metadata.name)
         return {**allowed, "patchType": "JSONPatch", "patch": base64.b64encode(json.dumps(patch).encode()).decode()}
 
-    async def _sidecar(self, pool: dict[str, Any], namespace: str) -> SidecarSpec:
-        pname = pool["metadata"]["name"]
-        chunk_url = ((pool["metadata"].get("annotations") or {}).get(CHUNK_URL_ANNOTATION)
+    async def _sidecar(self, pool: inferencepool.InferencePool, namespace: str) -> SidecarSpec:
+        pname = pool.metadata.name
+        chunk_url = (pool.metadata.annotations.get(CHUNK_URL_ANNOTATION)
                      or self.config.chunk_url.format(pool=pname, namespace=namespace))
         chunk_size = policy.SchedulingPolicySpec().chunk_size
-        picker = (pool["spec"].get("endpointPickerRef") or {}).get("name")
+        ref = pool.spec.endpoint_picker_ref
+        picker = ref.name if ref else None
         cm = await self.client.get(path("ConfigMap", namespace, policy_configmap_name(picker))) if picker else None
         if cm:  # the policy the picker runs decides the default slice size
             try:
@@ -94,6 +96,17 @@ class Webhook:
         app.router.add_post(MUTATE_PATH, self.handle)
         app.router.add_get("/healthz", _healthz)
         return app
+
+
+def _valid_pools(objs: list[dict[str, Any]]) -> list[inferencepool.InferencePool]:
+    """The pools by name, leaving out any the model refuses (its status already says why)."""
+    pools = []
+    for obj in objs:
+        try:
+            pools.append(inferencepool.InferencePool.parse(obj))
+        except inferencepool.PoolError as exc:
+            log.warning("ignoring pool: %s", exc)
+    return sorted(pools, key=lambda p: p.metadata.name)
 
 
 async def _healthz(_: web.Request) -> web.Response:

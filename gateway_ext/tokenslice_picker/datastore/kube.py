@@ -3,8 +3,8 @@
 A small aiohttp client (no kubernetes SDK): in-cluster service-account credentials or a
 kubeconfig (token, client certificate, CA).  Pods are *listed* then *watched* from the list's
 resourceVersion; a dropped or expired (410) watch re-lists.  An endpoint is ``podIP:targetPort``
-of every Ready, non-terminating pod matching the pool's ``spec.selector`` (``matchLabels`` in
-``inference.networking.k8s.io/v1``, a plain label map in ``v1alpha2``).
+of every Ready, non-terminating pod matching the pool's ``spec.selector``, for every target port; the
+pool is read through ``tokenslice.inferencepool`` (upstream ``inference.networking.k8s.io/v1``).
 """
 
 from __future__ import annotations
@@ -25,14 +25,13 @@ import aiohttp
 import yaml
 from pydantic import ValidationError
 
+from tokenslice import inferencepool
 from tokenslice import policy as policy_schema
 from tokenslice_picker.datastore.endpoints import Datastore
 
 log = logging.getLogger("tokenslice_picker.kube")
 
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
-POOL_GROUP = "inference.networking.k8s.io"
-POOL_VERSIONS = ("v1", "v1alpha2")
 
 
 class KubeError(RuntimeError):
@@ -135,18 +134,6 @@ def pod_ready(pod: dict[str, Any]) -> bool:
                for c in pod.get("status", {}).get("conditions", []))
 
 
-def pool_selector_and_ports(pool: dict[str, Any]) -> tuple[dict[str, str], list[int]]:
-    spec = pool.get("spec", {})
-    selector = spec.get("selector") or {}
-    labels = selector.get("matchLabels", selector) if isinstance(selector, dict) else {}
-    ports = [int(p["number"]) for p in spec.get("targetPorts") or [] if "number" in p]
-    if not ports and spec.get("targetPortNumber"):
-        ports = [int(spec["targetPortNumber"])]
-    if not labels or not ports:
-        raise KubeError(f"InferencePool {pool['metadata']['name']}: needs spec.selector and target ports")
-    return {str(k): str(v) for k, v in labels.items()}, ports
-
-
 class KubeSources:
     """Keeps the datastore equal to the pool's ready pods and (optionally) the policy equal to its CR."""
 
@@ -176,15 +163,12 @@ class KubeSources:
                 await t
         await self.client.close()
 
-    async def _pool(self) -> dict[str, Any]:
+    async def _pool(self) -> inferencepool.InferencePool:
         ns, name = self.settings.namespace, self.settings.pool
-        last: Exception | None = None
-        for version in POOL_VERSIONS:
-            try:
-                return await self.client.get(f"/apis/{POOL_GROUP}/{version}/namespaces/{ns}/inferencepools/{name}")
-            except KubeError as exc:
-                last = exc
-        raise KubeError(f"InferencePool {ns}/{name} not found: {last}")
+        try:
+            return inferencepool.InferencePool.parse(await self.client.get(inferencepool.path(ns, name)))
+        except inferencepool.PoolError as exc:
+            raise KubeError(str(exc)) from None
 
     def _publish(self, ports: list[int]) -> None:
         addrs, names = [], {}
@@ -200,8 +184,8 @@ class KubeSources:
         ns = self.settings.namespace
         while True:
             try:
-                labels, ports = pool_selector_and_ports(await self._pool())
-                selector = ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+                pool = await self._pool()
+                ports, selector = pool.target_ports(), pool.label_selector()
                 path = f"/api/v1/namespaces/{ns}/pods"
                 listing = await self.client.get(path, labelSelector=selector)
                 self._pods = {p["metadata"]["uid"]: p for p in listing.get("items", [])}

@@ -1,22 +1,18 @@
-"""The operator against a real kube-apiserver: children, status, policies, drift, restart, peering."""
+"""The operator's reconciler against a real kube-apiserver: children, status, policies, drift, deletion."""
 
 from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
-import urllib.request
 
 import pytest
 import yaml
 
-from tests.fixtures.kube import KubeCluster, free_port, wait_for
-from tests.k8s.conftest import (
+from tests.fixtures.kube import KubeCluster, wait_for
+from tests.operator.conftest import (
     OperatorThread,
     condition,
     dump,
-    operator_options,
     our_parent,
     policy_manifest,
     pool_manifest,
@@ -64,7 +60,7 @@ def test_managed_pool_gets_picker_objects_owned_by_the_pool(kube_cluster: KubeCl
 
     dep = kids["deployment"]["spec"]["template"]["spec"]
     args = dep["containers"][0]["args"]
-    assert dep["containers"][0]["image"] == "test/gateway:a"
+    assert dep["containers"][0]["image"] == "test/picker:a"
     assert args[:1] == ["gateway"] and "--kube" in args
     assert args[args.index("--pool") + 1] == "alpha" and args[args.index("--namespace") + 1] == namespace
     assert dep["serviceAccountName"] == "alpha-epp"
@@ -182,7 +178,7 @@ def test_drift_is_repaired_and_the_key_is_never_rotated(kube_cluster: KubeCluste
     wait_for(lambda: kube_cluster.get("service", "delta-epp", namespace), 30, "the Service to come back")
     wait_for(lambda: kube_cluster.get("role", "delta-epp", namespace), 30, "the Role to come back")
     wait_for(lambda: kube_cluster.get("deployment", "delta-epp", namespace)["spec"]["template"]["spec"]
-             ["containers"][0]["image"] == "test/gateway:a", 30, "the picker image to be restored")
+             ["containers"][0]["image"] == "test/picker:a", 30, "the picker image to be restored")
     wait_for(lambda: _policy_file(kube_cluster, namespace, "delta").get("chunkSize") == 32, 30,
              "the policy file to be restored")
     # fields the operator does not own are left to whoever set them
@@ -200,7 +196,8 @@ def test_foreign_status_parents_are_preserved(kube_cluster: KubeCluster, operato
     pool = kube_cluster.get("inferencepool", "eps", namespace)
     gateway_entry = {"parentRef": {"group": "gateway.networking.k8s.io", "kind": "Gateway", "name": "gw"},
                      "controllerName": "example.net/gateway-controller",
-                     "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "routes attached",
+                     "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                                     "message": "routes attached",
                                      "lastTransitionTime": "2025-01-01T00:00:00Z"}]}
     # a gateway controller writes its entry (replacing the whole atomic list, as such controllers do)
     kube_cluster.kubectl("patch", "inferencepool", "eps", "-n", namespace, "--subresource=status", "--type=merge",
@@ -233,91 +230,3 @@ def test_unlabelled_pool_is_released(kube_cluster: KubeCluster, operator: Operat
     wait_for(lambda: not any(_children(kube_cluster, namespace, "lambda").values()), 30, "children to be removed")
     wait_for(lambda: our_parent(kube_cluster.get("inferencepool", "lambda", namespace)) is None, 30,
              "our status entry to be removed")
-
-
-def test_restart_converges_changes_made_while_down(kube_cluster: KubeCluster, operator_kubeconfig, namespace: str,
-                                                   operator: OperatorThread) -> None:
-    """Stop a (second, standalone-peered) operator, change things, start a new one: it catches up."""
-    kube_cluster.apply(pool_manifest("eta", namespace))
-    kube_cluster.apply(policy_manifest("eta", namespace, "eta", chunkSize=10))
-    _wait_condition(kube_cluster, "schedulingpolicy", "eta", namespace, "Programmed", "True")
-
-    operator.stop()  # the session operator goes down ...
-    try:
-        kube_cluster.kubectl("delete", "configmap", "eta-epp-policy", "-n", namespace)
-        kube_cluster.kubectl("patch", "schedulingpolicy", "eta", "-n", namespace, "--type=merge",
-                             "-p", '{"spec": {"chunkSize": 20}}')
-        kube_cluster.apply(pool_manifest("theta", namespace))
-        assert kube_cluster.get("configmap", "eta-epp-policy", namespace) is None
-    finally:  # ... and a new one (same webhook port and identity) takes its place
-        _restart(operator)
-    wait_for(lambda: _policy_file(kube_cluster, namespace, "eta").get("chunkSize") == 20, 60,
-             "the policy changed while down to be published")
-    _wait_children(kube_cluster, namespace, "theta")
-
-
-def _restart(op: OperatorThread) -> None:
-    op.stop_flag.clear()
-    op.ready_flag.clear()
-    op.start()
-
-
-def test_two_replicas_do_not_fight(kube_cluster: KubeCluster, operator_kubeconfig, operator: OperatorThread,
-                                   namespace: str) -> None:
-    """A lower-priority replica (with a different picker image) stays paused while the leader lives,
-    and takes over when the leader goes away."""
-    standby = OperatorThread(operator_options(kube_cluster, operator_kubeconfig, webhook=False, priority=10,
-                                              gateway_image="test/gateway:standby"), name="standby").start()
-
-    def images() -> set[str]:
-        return {(kube_cluster.get("deployment", f"iota{i}-epp", namespace) or {}).get("spec", {})
-                .get("template", {}).get("spec", {}).get("containers", [{}])[0].get("image") for i in range(3)}
-
-    def nudge(value: str) -> None:
-        kube_cluster.kubectl("label", "inferencepool", "--all", "-n", namespace, f"nudge={value}", "--overwrite")
-
-    try:
-        for i in range(3):
-            kube_cluster.apply(pool_manifest(f"iota{i}", namespace))
-        for i in range(3):
-            _wait_children(kube_cluster, namespace, f"iota{i}")
-        nudge("1")
-        wait_for(lambda: all(our_parent(kube_cluster.get("inferencepool", f"iota{i}", namespace))
-                             for i in range(3)), 30, "status entries")
-        assert images() == {"test/gateway:a"}, "the paused standby replica acted"
-
-        operator.stop()  # the leader goes away: the standby resumes and serves the next events
-        try:
-            nudge("2")
-            wait_for(lambda: images() == {"test/gateway:standby"}, 60, "the standby to take over")
-        finally:
-            standby.stop()
-            _restart(operator)
-        wait_for(lambda: images() == {"test/gateway:a"}, 60, "the restarted leader to converge the pools")
-    finally:
-        if standby.thread and standby.thread.is_alive():
-            standby.stop()
-
-
-def test_cli_entrypoint_joins_the_peering_and_pauses(kube_cluster: KubeCluster, operator_kubeconfig,
-                                                     operator: OperatorThread, namespace: str) -> None:
-    """`tokenslice operator run` as the chart runs it: it starts, answers /healthz and yields to the leader."""
-    port = free_port()
-    log = kube_cluster.workdir / "cli-operator.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tokenslice.cli", "operator", "run", "--log-level=INFO",
-                                 f"--kubeconfig={operator_kubeconfig}", "--webhook-port=0", "--priority=1",
-                                 f"--health-port={port}", "--gateway-image=test/gateway:cli"],
-                                stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2).status == 200, 60,
-                 f"the CLI operator's /healthz (log: {log})")
-        peers = lambda: (kube_cluster.get("clusterkopfpeering", "tokenslice", None).get("status") or {})  # noqa
-        wait_for(lambda: any(p.get("priority") == 1 for p in peers().values()), 60,
-                 f"the CLI operator in the peering (log: {log})")
-        kube_cluster.apply(pool_manifest("kappa", namespace))
-        dep = _wait_children(kube_cluster, namespace, "kappa")["deployment"]
-        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "test/gateway:a", "the CLI one acted"
-    finally:
-        proc.terminate()
-        assert proc.wait(timeout=30) is not None

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from tests.fixtures.kube import KubeCluster, wait_for
-from tests.k8s.conftest import CHART, OperatorThread, condition
+from tests.operator.conftest import CHART, OperatorThread, condition
 from tokenslice.envoy import Address, ExtProc, bootstrap_config, envoy_binary
 
 pytestmark = pytest.mark.k8s

@@ -1,4 +1,4 @@
-"""Sidecar injection through the real API server's MutatingAdmissionWebhook, plus the pure rewiring rules."""
+"""Sidecar injection through the real API server's MutatingAdmissionWebhook (tokenslice_operator.webhook)."""
 
 from __future__ import annotations
 
@@ -7,26 +7,9 @@ from typing import Any
 import pytest
 
 from tests.fixtures.kube import KubeCluster, wait_for
-from tests.k8s.conftest import OperatorThread, pool_manifest
-from tokenslice_operator.inject import SidecarSpec, inject, json_patch, skip_reason
+from tests.operator.conftest import OperatorThread, pool_manifest, vllm_pod
 
 pytestmark = pytest.mark.k8s
-GPU = {"limits": {"nvidia.com/gpu": "1"}}
-
-
-def vllm_pod(name: str, ns: str, labels: dict[str, str], *, resources: dict | None = None,
-             annotations: dict[str, str] | None = None, args: list[str] | None = None) -> dict[str, Any]:
-    return {
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": annotations or {}},
-        "spec": {"containers": [{
-            "name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
-            "args": args if args is not None else ["--model", "m", "--port", "8000"],
-            "ports": [{"name": "http", "containerPort": 8000}],
-            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
-            "resources": resources if resources is not None else GPU,
-        }]},
-    }
 
 
 @pytest.fixture(scope="module")
@@ -104,40 +87,3 @@ def test_policy_chunk_size_reaches_the_sidecar(kube_cluster: KubeCluster, operat
              .get("data", {}).get("policy.yaml", ""), 30, "the published policy")
     args = _create(kube_cluster, vllm_pod("sized-0", ns, {"app": "sized"}))["spec"]["containers"][1]["args"]
     assert args[args.index("--chunk-size") + 1] == "48"
-
-
-# --- the pure rules (no API server needed) -----------------------------------------------------------
-POOL = {"metadata": {"name": "p"}, "spec": {"targetPorts": [{"number": 8000}]}}
-SPEC = SidecarSpec(image="s:1", chunk_url="http://gw", chunk_size=32, native=False)
-
-
-def test_native_sidecar_on_new_servers_and_idempotence() -> None:
-    pod = vllm_pod("x", "ns", {"app": "llm"})
-    native = inject(pod, POOL, SidecarSpec(image="s:1", chunk_url="http://gw", chunk_size=32, native=True))
-    assert [c["name"] for c in native["spec"]["initContainers"]] == ["tokenslice-sidecar"]
-    assert native["spec"]["initContainers"][0]["restartPolicy"] == "Always"
-    assert [c["name"] for c in native["spec"]["containers"]] == ["vllm"]
-    assert skip_reason(native, "nvidia.com/gpu") == "already injected"
-    plain = inject(pod, POOL, SPEC)
-    assert skip_reason(plain, "nvidia.com/gpu") == "already injected"
-    assert pod["spec"]["containers"][0]["args"][-1] == "8000", "inject must not mutate its input"
-
-
-def test_port_rewrites_in_shell_commands_and_equals_form() -> None:
-    pod = vllm_pod("x", "ns", {}, args=["--port=8000", "--host", "0.0.0.0"])
-    assert inject(pod, POOL, SPEC)["spec"]["containers"][0]["args"] == ["--port=8001", "--host", "0.0.0.0"]
-    pod = vllm_pod("x", "ns", {}, args=[])
-    pod["spec"]["containers"][0]["command"] = ["sh", "-c", "exec vllm serve m --port 8000 --dtype auto"]
-    out = inject(pod, POOL, SPEC)["spec"]["containers"][0]
-    assert out["command"][-1] == "exec vllm serve m --port 8001 --dtype auto" and not out.get("args")
-    # a port already taken in the pod is skipped
-    pod = vllm_pod("x", "ns", {})
-    pod["spec"]["containers"][0]["ports"].append({"name": "metrics", "containerPort": 8001})
-    assert inject(pod, POOL, SPEC)["spec"]["containers"][1]["args"][4] == "http://127.0.0.1:8002"
-
-
-def test_json_patch_only_touches_what_injection_changes() -> None:
-    pod = vllm_pod("x", "ns", {})
-    ops = json_patch(pod, inject(pod, POOL, SPEC))
-    assert sorted(op["path"] for op in ops) == ["/metadata/annotations", "/spec/containers", "/spec/volumes"]
-    assert {op["op"] for op in ops if op["path"] == "/spec/volumes"} == {"add"}

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from tests.fixtures.kube import KubeCluster
-from tests.k8s.conftest import CHART, CRDS, policy_manifest, pool_manifest
+from tests.operator.conftest import CHART, CRDS, policy_manifest, pool_manifest
 from tokenslice import policy
 from tokenslice_operator import crdgen
 

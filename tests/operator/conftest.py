@@ -98,9 +98,9 @@ def operator_kubeconfig(crds: KubeCluster) -> Path:
 
 
 def operator_options(cluster: KubeCluster, kubeconfig: Path, *, webhook: bool = True, priority: int = 100,
-                     gateway_image: str = "test/gateway:a") -> RunOptions:
+                     picker_image: str = "test/picker:a") -> RunOptions:
     cert, key = cluster.ca.issue("webhook", ["127.0.0.1"])
-    config = OperatorConfig(gateway_image=gateway_image, sidecar_image="test/sidecar:1",
+    config = OperatorConfig(picker_image=picker_image, sidecar_image="test/sidecar:1",
                             chunk_url="http://{pool}-gateway.{namespace}.svc:8080",
                             webhook_port=free_port() if webhook else 0,
                             webhook_cert=str(cert), webhook_key=str(key))
@@ -134,6 +134,24 @@ def namespace(kube_cluster: KubeCluster) -> Iterator[str]:
     name = f"t-{uuid.uuid4().hex[:8]}"
     kube_cluster.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})
     yield name
+
+
+GPU = {"limits": {"nvidia.com/gpu": "1"}}
+
+
+def vllm_pod(name: str, ns: str, labels: dict[str, str], *, resources: dict | None = None,
+             annotations: dict[str, str] | None = None, args: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels, "annotations": annotations or {}},
+        "spec": {"containers": [{
+            "name": "vllm", "image": "vllm/vllm-openai:v0.11.0",
+            "args": args if args is not None else ["--model", "m", "--port", "8000"],
+            "ports": [{"name": "http", "containerPort": 8000}],
+            "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
+            "resources": resources if resources is not None else GPU,
+        }]},
+    }
 
 
 def pool_manifest(name: str, namespace: str, *, managed: bool = True, target_port: int = 8000,

@@ -1,0 +1,57 @@
+"""Sidecar injection as a pure function (tokenslice_operator.inject): no API server needed."""
+
+from __future__ import annotations
+
+from tests.operator.conftest import vllm_pod
+from tests.operator.test_children import POOL as LLAMA
+from tokenslice.cli import build_parser
+from tokenslice.inferencepool import InferencePool
+from tokenslice_operator.inject import SidecarSpec, inject, json_patch, skip_reason
+
+POOL = InferencePool.parse({"metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"app": "llm"}},
+                                                                "targetPorts": [{"number": 8000}]}})
+SPEC = SidecarSpec(image="s:1", chunk_url="http://gw", chunk_size=32, native=False)
+
+
+def test_native_sidecar_on_new_servers_and_idempotence() -> None:
+    pod = vllm_pod("x", "ns", {"app": "llm"})
+    native = inject(pod, POOL, SidecarSpec(image="s:1", chunk_url="http://gw", chunk_size=32, native=True))
+    assert [c["name"] for c in native["spec"]["initContainers"]] == ["tokenslice-sidecar"]
+    assert native["spec"]["initContainers"][0]["restartPolicy"] == "Always"
+    assert [c["name"] for c in native["spec"]["containers"]] == ["vllm"]
+    assert skip_reason(native, "nvidia.com/gpu") == "already injected"
+    plain = inject(pod, POOL, SPEC)
+    assert skip_reason(plain, "nvidia.com/gpu") == "already injected"
+    assert pod["spec"]["containers"][0]["args"][-1] == "8000", "inject must not mutate its input"
+
+
+def test_port_rewrites_in_shell_commands_and_equals_form() -> None:
+    pod = vllm_pod("x", "ns", {}, args=["--port=8000", "--host", "0.0.0.0"])
+    assert inject(pod, POOL, SPEC)["spec"]["containers"][0]["args"] == ["--port=8001", "--host", "0.0.0.0"]
+    pod = vllm_pod("x", "ns", {}, args=[])
+    pod["spec"]["containers"][0]["command"] = ["sh", "-c", "exec vllm serve m --port 8000 --dtype auto"]
+    out = inject(pod, POOL, SPEC)["spec"]["containers"][0]
+    assert out["command"][-1] == "exec vllm serve m --port 8001 --dtype auto" and not out.get("args")
+    # a port already taken in the pod is skipped
+    pod = vllm_pod("x", "ns", {})
+    pod["spec"]["containers"][0]["ports"].append({"name": "metrics", "containerPort": 8001})
+    assert inject(pod, POOL, SPEC)["spec"]["containers"][1]["args"][4] == "http://127.0.0.1:8002"
+
+
+def test_json_patch_only_touches_what_injection_changes() -> None:
+    pod = vllm_pod("x", "ns", {})
+    ops = json_patch(pod, inject(pod, POOL, SPEC))
+    assert sorted(op["path"] for op in ops) == ["/metadata/annotations", "/spec/containers", "/spec/volumes"]
+    assert {op["op"] for op in ops if op["path"] == "/spec/volumes"} == {"add"}
+
+
+def test_sidecar_args_parse_with_the_sidecar_cli() -> None:
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "vllm", "image": "v", "args": ["--port", "8000"],
+                                                                "ports": [{"containerPort": 8000}]}]}}
+    spec = SidecarSpec(image="s", chunk_url="http://gw:8080", chunk_size=48, native=False)
+    sidecar = inject(pod, LLAMA, spec)["spec"]["containers"][1]
+    argv = [a.replace("$(POD_IP)", "10.0.0.7") for a in sidecar["args"]]  # what the kubelet expands
+    args = build_parser().parse_args(argv)
+    assert args.command == "sidecar" and args.port == 8000 and args.vllm_url == "http://127.0.0.1:8001"
+    assert args.chunk_url == "http://gw:8080" and args.chunk_size == 48 and args.advertise == "10.0.0.7:8000"
+    assert str(args.signing_key_file) == "/var/run/tokenslice/signing/key"

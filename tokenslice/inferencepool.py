@@ -1,0 +1,130 @@
+"""The InferencePool (upstream ``inference.networking.k8s.io/v1``): one model for everything that reads a pool.
+
+The operator (children, injection, webhook, reconcile) and the picker's Kubernetes datastore read pools
+only through this model, so all of them accept and refuse the same objects.  It mirrors the upstream
+Go types (``api/v1/inferencepool_types.go`` of kubernetes-sigs/gateway-api-inference-extension) with
+their defaults; unknown fields are kept (a newer upstream release may add some) and never rejected.
+The two CEL rules of the upstream CRD ("port number must be unique", "port is required when kind is
+'Service'") are checked here too, so an API server that does not enforce them still gets them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+API_GROUP = "inference.networking.k8s.io"
+API_VERSION = "v1"
+KIND = "InferencePool"
+PLURAL = "inferencepools"
+GROUP_VERSION = f"{API_GROUP}/{API_VERSION}"
+H2C = "kubernetes.io/h2c"
+
+
+class PoolError(ValueError):
+    """The pool cannot be used as tokenslice needs it (the message says why, for the pool's status)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+
+class ObjectMeta(_Model):
+    name: str
+    namespace: str = "default"
+    uid: str = ""
+    generation: int = 0
+    resource_version: str = Field(default="", alias="resourceVersion")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    deletion_timestamp: str | None = Field(default=None, alias="deletionTimestamp")
+
+
+class LabelSelector(_Model):
+    match_labels: dict[str, str] = Field(alias="matchLabels", min_length=1)
+
+
+class Port(_Model):
+    number: int = Field(ge=1, le=65535)
+
+
+class EndpointPickerRef(_Model):
+    group: str = ""
+    kind: str = "Service"
+    name: str = Field(min_length=1)
+    port: Port | None = None
+    failure_mode: Literal["FailOpen", "FailClose"] = Field(default="FailClose", alias="failureMode")
+
+
+class InferencePoolSpec(_Model):
+    selector: LabelSelector
+    target_ports: list[Port] = Field(alias="targetPorts", min_length=1, max_length=8)
+    app_protocol: Literal["http", "kubernetes.io/h2c"] = Field(default="http", alias="appProtocol")
+    endpoint_picker_ref: EndpointPickerRef | None = Field(default=None, alias="endpointPickerRef")
+
+
+class InferencePool(_Model):
+    """A whole InferencePool object as the API server returns it (``status`` kept as plain data)."""
+
+    api_version: str = Field(default=GROUP_VERSION, alias="apiVersion")
+    kind: str = KIND
+    metadata: ObjectMeta
+    spec: InferencePoolSpec
+    status: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, obj: dict[str, Any]) -> InferencePool:
+        """The model of a pool object; PoolError (not pydantic's error) when it is not a valid v1 pool."""
+        try:
+            return cls.model_validate(obj)
+        except ValueError as exc:
+            name = ((obj or {}).get("metadata") or {}).get("name", "?")
+            raise PoolError(f"InferencePool {name} is not a valid {GROUP_VERSION} pool: {exc}") from None
+
+    def selector(self) -> dict[str, str]:
+        """The labels a pod must all carry (same namespace) to be a member."""
+        return dict(self.spec.selector.match_labels)
+
+    def selects(self, labels: dict[str, str] | None) -> bool:
+        """Whether a pod with these labels is a member of the pool."""
+        labels = labels or {}
+        return all(labels.get(k) == v for k, v in self.spec.selector.match_labels.items())
+
+    def label_selector(self) -> str:
+        """The selector as a Kubernetes ``labelSelector`` query string."""
+        return ",".join(f"{k}={v}" for k, v in sorted(self.spec.selector.match_labels.items()))
+
+    def target_ports(self) -> list[int]:
+        """Every target port, in order; each is a distinct endpoint ``podIP:port`` (upstream CEL: unique)."""
+        ports = [p.number for p in self.spec.target_ports]
+        if len(ports) != len(set(ports)):
+            raise PoolError("spec.targetPorts: port number must be unique")
+        return ports
+
+    def picker_ref(self) -> tuple[str, int]:
+        """(Service name, service port) of the pool's endpoint picker; PoolError when it names none usable."""
+        ref = self.spec.endpoint_picker_ref
+        if ref is None:
+            raise PoolError("spec.endpointPickerRef is not set; tokenslice needs it to name its picker Service")
+        if ref.group != "" or ref.kind != "Service":
+            raise PoolError(f"endpointPickerRef must be a core Service, not {ref.group}/{ref.kind}")
+        if ref.port is None:
+            raise PoolError("endpointPickerRef.port is required when kind is 'Service'")
+        self.target_ports()
+        return ref.name, ref.port.number
+
+    def owner_reference(self) -> dict[str, Any]:
+        """The ownerReference that makes an object the pool's child (garbage-collected with it)."""
+        return {"apiVersion": self.api_version, "kind": self.kind, "name": self.metadata.name,
+                "uid": self.metadata.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:
+    """REST path of the pools of a namespace, or of one pool (and a subresource such as ``status``)."""
+    out = f"/apis/{API_GROUP}/{API_VERSION}/namespaces/{namespace}/{PLURAL}"
+    if name:
+        out += f"/{name}"
+    if subresource:
+        out += f"/{subresource}"
+    return out
