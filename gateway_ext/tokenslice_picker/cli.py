@@ -67,17 +67,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="auto = uvloop when installed (measured: lower per-chunk cost), else asyncio")
     parser.add_argument("--print-envoy-config", action="store_true",
-                        help="print the Envoy bootstrap for this picker and exit (used by the chart)")
+                        help="print the Envoy bootstrap for this picker and exit (each pool's gateway)")
     parser.add_argument("--envoy-listen-port", type=int, default=8081)
+    parser.add_argument("--envoy-listen-address", default="0.0.0.0")
     parser.add_argument("--envoy-admin-port", type=int, default=19000)
+    parser.add_argument("--envoy-admin-address", default="127.0.0.1")
     parser.add_argument("--envoy-ext-proc-host", default="127.0.0.1",
                         help="address Envoy uses to reach this picker (a Service name is not allowed: STATIC)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.print_envoy_config:
-        sys.stdout.write(render_bootstrap(listen=Address("0.0.0.0", args.envoy_listen_port),
-                                          admin=Address("127.0.0.1", args.envoy_admin_port),
+        sys.stdout.write(render_bootstrap(listen=Address(args.envoy_listen_address, args.envoy_listen_port),
+                                          admin=Address(args.envoy_admin_address, args.envoy_admin_port),
                                           upstream=ExtProc(args.envoy_ext_proc_host, args.grpc_port)))
         return 0
     setup_logging(args.log_level)

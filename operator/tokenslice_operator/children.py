@@ -15,6 +15,7 @@ import yaml
 from tokenslice import inferencepool, policy
 from tokenslice.inferencepool import InferencePool
 from tokenslice_operator.config import (
+    GATEWAY_MOUNT,
     MANAGED_BY,
     POLICY_FILE,
     POLICY_GENERATION_ANNOTATION,
@@ -29,6 +30,8 @@ from tokenslice_operator.config import (
 )
 
 Manifest = dict[str, Any]
+PICKER_COMMAND = "gateway"  # -> "picker" once `tokenslice picker` lands (the picker engineer renames it)
+ENVOY_UID = 101  # the envoy user of the upstream envoyproxy/envoy image
 
 
 def _labels(pool: InferencePool, component: str) -> dict[str, str]:
@@ -110,12 +113,40 @@ def service(pool: InferencePool, picker: str, port: int, config: OperatorConfig)
     }
 
 
+RESTRICTED = {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+              "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+"""A container securityContext that passes Pod Security ``restricted``."""
+
+
+def gateway_service(pool: InferencePool, picker: str, config: OperatorConfig) -> Manifest:
+    """The pool's gateway: Envoy beside its picker, where clients and the pool's sidecars (chunks) send requests.
+
+    Named after the pool (``config.gateway_service``), so the sidecars' default chunk URL always names it,
+    whatever the picker is called; one per pool, so each pool's chunks meet its own picker and key.
+    """
+    labels = _labels(pool, "endpoint-picker")
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(pool, config.gateway_service_name(pool.metadata.name), "gateway"),
+        "spec": {
+            "selector": {k: labels[k] for k in ("app.kubernetes.io/component", POOL_LABEL)},
+            "ports": [{"name": "http", "port": config.gateway_port, "targetPort": "gateway", "protocol": "TCP"}],
+        },
+    }
+
+
 def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Manifest:
-    """One picker replica: it holds the pool's scheduling state (queues, fair-share counters)."""
+    """One pod of the pool's picker and its gateway (Envoy -> ext_proc on the pod's loopback).
+
+    One replica: the picker holds the pool's scheduling state (queues, fair-share counters).  The
+    gateway's Envoy bootstrap is written by the picker image itself (``--print-envoy-config``) into an
+    emptyDir, so the running proxy is the one the picker's own tests exercise.
+    """
     m = pool.metadata
     labels = _labels(pool, "endpoint-picker")
     selector = {k: labels[k] for k in ("app.kubernetes.io/component", POOL_LABEL)}
-    args = ["gateway", "--grpc-port", str(config.picker_grpc_port), "--metrics-port", str(config.picker_metrics_port),
+    args = [PICKER_COMMAND, "--grpc-host", "0.0.0.0", "--grpc-port", str(config.picker_grpc_port),
+            "--metrics-host", "0.0.0.0", "--metrics-port", str(config.picker_metrics_port),
             "--policy", f"{POLICY_MOUNT}/{POLICY_FILE}", "--signing-key-file", f"{SIGNING_MOUNT}/{SIGNING_KEY_FILE}",
             "--kube", "--pool", m.name, "--namespace", m.namespace]
     container = {
@@ -129,10 +160,35 @@ def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Mani
         "livenessProbe": {"tcpSocket": {"port": config.picker_grpc_port}, "periodSeconds": 10,
                           "failureThreshold": 6},
         "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
-        "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+        "securityContext": RESTRICTED,
         "volumeMounts": [{"name": "policy", "mountPath": POLICY_MOUNT, "readOnly": True},
                          {"name": "signing", "mountPath": SIGNING_MOUNT, "readOnly": True}],
+    }
+    envoy_file = f"{GATEWAY_MOUNT}/envoy.yaml"
+    render = [PICKER_COMMAND, "--print-envoy-config", "--grpc-port", str(config.picker_grpc_port),
+              "--envoy-listen-address", "0.0.0.0", "--envoy-listen-port", str(config.gateway_port),
+              "--envoy-admin-address", "127.0.0.1", "--envoy-admin-port", str(config.gateway_admin_port),
+              "--envoy-ext-proc-host", "127.0.0.1"]
+    gateway_config = {
+        "name": "gateway-config",
+        "image": config.picker_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["sh", "-c", f'exec tokenslice "$@" > {envoy_file}', "render-envoy-config"],
+        "args": render,
+        "securityContext": RESTRICTED,
+        "volumeMounts": [{"name": "gateway", "mountPath": GATEWAY_MOUNT}],
+    }
+    gateway = {
+        "name": "gateway",
+        "image": config.gateway_image,
+        "imagePullPolicy": config.image_pull_policy,
+        "command": ["envoy"],
+        "args": ["-c", envoy_file, "--log-level", "warn", "--disable-hot-restart"],
+        "ports": [{"name": "gateway", "containerPort": config.gateway_port, "protocol": "TCP"}],
+        "readinessProbe": {"tcpSocket": {"port": config.gateway_port}, "periodSeconds": 5},
+        "resources": {"requests": {"cpu": "200m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+        "securityContext": {**RESTRICTED, "runAsUser": ENVOY_UID},
+        "volumeMounts": [{"name": "gateway", "mountPath": GATEWAY_MOUNT, "readOnly": True}],
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -145,10 +201,13 @@ def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Mani
                 "metadata": {"labels": labels},
                 "spec": {
                     "serviceAccountName": picker,
-                    "containers": [container],
+                    "securityContext": {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}},
+                    "initContainers": [gateway_config],
+                    "containers": [container, gateway],
                     "volumes": [
                         {"name": "policy", "configMap": {"name": policy_configmap_name(picker)}},
                         {"name": "signing", "secret": {"secretName": signing_secret_name(m.name)}},
+                        {"name": "gateway", "emptyDir": {}},
                     ],
                 },
             },

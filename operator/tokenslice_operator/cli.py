@@ -20,8 +20,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--picker-image", default=d.picker_image, help="image of the picker (one per managed pool)")
     parser.add_argument("--sidecar-image", default=d.sidecar_image, help="image of the injected sidecar")
     parser.add_argument("--image-pull-policy", default=d.image_pull_policy)
+    parser.add_argument("--gateway-image", default=d.gateway_image, help="Envoy image of each pool's gateway")
+    parser.add_argument("--gateway-port", type=int, default=d.gateway_port, help="port of each pool's gateway")
+    parser.add_argument("--gateway-service", default=d.gateway_service,
+                        help="Service name of each pool's gateway ({pool} is filled in)")
     parser.add_argument("--chunk-url", default=d.chunk_url,
-                        help="gateway URL injected sidecars send chunks to ({pool}, {namespace} are filled in)")
+                        help="URL injected sidecars send chunks to ({pool}, {namespace} are filled in; "
+                             "default: the pool's gateway Service)")
     parser.add_argument("--gpu-resource", default=d.gpu_resource)
     parser.add_argument("--webhook-port", type=int, default=d.webhook_port,
                         help="HTTPS port of the admission webhook (0: no webhook)")
@@ -43,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig(
-        picker_image=args.picker_image, sidecar_image=args.sidecar_image,
+        picker_image=args.picker_image, sidecar_image=args.sidecar_image, gateway_image=args.gateway_image,
+        gateway_port=args.gateway_port, gateway_service=args.gateway_service,
         image_pull_policy=args.image_pull_policy, chunk_url=args.chunk_url, gpu_resource=args.gpu_resource,
         webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
     )

@@ -28,6 +28,7 @@ POLICY_FILE = "policy.yaml"
 SIGNING_KEY_FILE = "key"
 POLICY_MOUNT = "/etc/tokenslice/policy"
 SIGNING_MOUNT = "/var/run/tokenslice/signing"
+GATEWAY_MOUNT = "/etc/tokenslice/gateway"
 
 
 def signing_secret_name(pool: str) -> str:
@@ -43,13 +44,27 @@ class OperatorConfig(BaseModel):
 
     picker_image: str = "ghcr.io/tokenslice/picker:0.1.0"
     sidecar_image: str = "ghcr.io/tokenslice/sidecar:0.1.0"
+    gateway_image: str = Field(default="docker.io/envoyproxy/envoy:v1.40.0",
+                               description="Envoy of each pool's gateway (the version the tests run)")
     image_pull_policy: str = "IfNotPresent"
     picker_grpc_port: int = Field(default=9002, ge=1, le=65535, description="container port of the picker")
     picker_metrics_port: int = Field(default=9090, ge=1, le=65535)
-    chunk_url: str = Field(
-        default="http://{pool}-gateway.{namespace}.svc:8080",
-        description="Gateway URL injected sidecars send chunks to; {pool} and {namespace} are filled in. "
-        f"A pool's annotation {CHUNK_URL_ANNOTATION} overrides it.")
+    gateway_service: str = Field(default="{pool}-gateway", description="Service of each pool's gateway")
+    gateway_port: int = Field(default=8080, ge=1, le=65535, description="port of each pool's gateway")
+    gateway_admin_port: int = Field(default=9901, ge=1, le=65535, description="Envoy admin, pod loopback only")
+    chunk_url: str | None = Field(
+        default=None,
+        description="URL injected sidecars send chunks to; {pool} and {namespace} are filled in. Default: the "
+        f"pool's own gateway Service. A pool's annotation {CHUNK_URL_ANNOTATION} overrides it.")
+
+    def gateway_service_name(self, pool: str) -> str:
+        return self.gateway_service.format(pool=pool)
+
+    def chunk_url_of(self, pool: str, namespace: str) -> str:
+        """Where the sidecars of a pool send chunks: its gateway Service unless configured otherwise."""
+        if self.chunk_url:
+            return self.chunk_url.format(pool=pool, namespace=namespace)
+        return f"http://{self.gateway_service_name(pool)}.{namespace}.svc:{self.gateway_port}"
     gpu_resource: str = "nvidia.com/gpu"
     webhook_port: int = Field(default=9443, ge=0, le=65535)
     webhook_cert: str | None = None

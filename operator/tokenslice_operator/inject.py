@@ -64,53 +64,53 @@ def skip_reason(pod: Manifest, gpu_resource: str) -> str | None:
 _PORT_ARG = re.compile(r"(--port(?:=|\s+))(\d+)")
 
 
-def _port_in_args(args: list[str]) -> int | None:
+def _ports_in_args(args: list[str]) -> list[int]:
+    """Every ``--port N`` / ``--port=N`` in a command line (also inside shell strings)."""
+    out = []
     for i, a in enumerate(args):
         if a == "--port" and i + 1 < len(args) and args[i + 1].isdigit():
-            return int(args[i + 1])
-        m = _PORT_ARG.search(a)
-        if m:
-            return int(m.group(2))
-    return None
+            out.append(int(args[i + 1]))
+        out += [int(m.group(2)) for m in _PORT_ARG.finditer(a)]
+    return out
 
 
-def _rewrite_port_args(args: list[str], new: int) -> tuple[list[str], bool]:
+def _rewrite_port_args(args: list[str], old: int, new: int) -> tuple[list[str], bool]:
+    """The command line with ``--port old`` (every spelling) turned into ``--port new``; other ports kept."""
     out, changed, skip = [], False, False
     for i, a in enumerate(args):
         if skip:
             skip = False
             continue
-        if a == "--port" and i + 1 < len(args):
+        if a == "--port" and i + 1 < len(args) and args[i + 1] == str(old):
             out += ["--port", str(new)]
             changed = skip = True
-        elif _PORT_ARG.search(a):
-            out.append(_PORT_ARG.sub(lambda m: f"{m.group(1)}{new}", a))
-            changed = True
-        else:
-            out.append(a)
+            continue
+        rewritten = _PORT_ARG.sub(lambda m: f"{m.group(1)}{new}" if m.group(2) == str(old) else m.group(0), a)
+        changed = changed or rewritten != a
+        out.append(rewritten)
     return out, changed
 
 
-def _vllm_container(pod: Manifest, target: int, gpu_resource: str) -> Manifest:
+def _command(c: Manifest) -> list[str]:
+    return (c.get("command") or []) + (c.get("args") or [])
+
+
+def _vllm_container(pod: Manifest, target: int, gpu_resource: str, first: bool) -> Manifest | None:
+    """The container serving ``target``: by containerPort, else by ``--port``; for the first target port
+    only, else the GPU container or the first one (vLLM's default port 8000 is then implied)."""
     containers = pod["spec"]["containers"]
     for c in containers:
         if any(p.get("containerPort") == target for p in c.get("ports") or []):
             return c
     for c in containers:
-        if _port_in_args((c.get("command") or []) + (c.get("args") or [])) == target:
+        if target in _ports_in_args(_command(c)):
             return c
+    if not first:
+        return None
     for c in containers:
         if _requests_gpu({"spec": {"containers": [c]}}, gpu_resource):
             return c
     return containers[0]
-
-
-def _free_port(pod: Manifest, avoid: int) -> int:
-    used = {avoid} | {p.get("containerPort") for c in pod["spec"]["containers"] for p in c.get("ports") or []}
-    port = avoid + 1
-    while port in used:
-        port += 1
-    return port if port <= 65535 else 18000
 
 
 def _rewire_probe(probe: Manifest | None, target: int, name: str | None, new: int) -> None:
@@ -120,36 +120,34 @@ def _rewire_probe(probe: Manifest | None, target: int, name: str | None, new: in
             handler["port"] = new
 
 
-def inject(pod: Manifest, pool: InferencePool, sidecar: SidecarSpec) -> Manifest:
-    """The pod with the sidecar in front of vLLM (pod must already pass ``skip_reason``)."""
-    pod = copy.deepcopy(pod)
-    pool_name = pool.metadata.name
-    target = pool.target_ports()[0]
-    vllm = _vllm_container(pod, target, sidecar.gpu_resource)
-    new_port = _free_port(pod, target)
-
-    # vLLM moves behind the sidecar: its --port (explicit or vLLM's default 8000) and containerPort.
+def _move_vllm(vllm: Manifest, target: int, new_port: int, vllm_port_name: str) -> str | None:
+    """Move the vLLM serving ``target`` to ``new_port`` (its --port, containerPort, probes); the port's old name."""
     port_name = None
     for p in vllm.get("ports") or []:
         if p.get("containerPort") == target:
             port_name = p.pop("name", None)
             p["containerPort"] = new_port
-            p["name"] = "vllm"
+            p["name"] = vllm_port_name
     changed = False
     for key in ("args", "command"):
         if vllm.get(key):
-            vllm[key], hit = _rewrite_port_args(vllm[key], new_port)
+            vllm[key], hit = _rewrite_port_args(vllm[key], target, new_port)
             changed = changed or hit
     if not changed:
         vllm["args"] = list(vllm.get("args") or []) + ["--port", str(new_port)]
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         _rewire_probe(vllm.get(probe), target, port_name, new_port)
+    return port_name
 
-    container: Manifest = {
-        "name": SIDECAR_NAME,
+
+def _sidecar_container(name: str, target: int, vllm_port: int, port_name: str | None,
+                       sidecar: SidecarSpec) -> Manifest:
+    return {
+        "name": name,
         "image": sidecar.image,
         "imagePullPolicy": sidecar.pull_policy,
-        "args": ["sidecar", "--port", str(target), "--vllm-url", f"http://127.0.0.1:{new_port}",
+        "args": ["sidecar", "--host", "0.0.0.0", "--port", str(target),
+                 "--vllm-url", f"http://127.0.0.1:{vllm_port}",
                  "--chunk-url", sidecar.chunk_url, "--chunk-size", str(sidecar.chunk_size),
                  "--advertise", f"$(POD_IP):{target}",
                  "--signing-key-file", f"{SIGNING_MOUNT}/{SIGNING_KEY_FILE}"],
@@ -158,23 +156,51 @@ def inject(pod: Manifest, pool: InferencePool, sidecar: SidecarSpec) -> Manifest
             {"name": "TOKENSLICE_CHUNK_URL", "value": sidecar.chunk_url},
             {"name": contract.KEY_FILE_ENV, "value": f"{SIGNING_MOUNT}/{SIGNING_KEY_FILE}"},
         ],
-        "ports": [{"name": port_name or "http", "containerPort": target, "protocol": "TCP"}],
+        "ports": [{"name": port_name or ("http" if name == SIDECAR_NAME else f"http-{target}"),
+                   "containerPort": target, "protocol": "TCP"}],
         "readinessProbe": {"tcpSocket": {"port": target}, "periodSeconds": 5},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
+        # Pod Security "restricted": no escalation, non-root, all capabilities dropped, RuntimeDefault seccomp
         "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
-                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}},
+                            "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]},
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "volumeMounts": [{"name": SIGNING_VOLUME, "mountPath": SIGNING_MOUNT, "readOnly": True}],
     }
+
+
+def inject(pod: Manifest, pool: InferencePool, sidecar: SidecarSpec) -> Manifest:
+    """The pod with a sidecar in front of the vLLM of every target port (pod must pass ``skip_reason``).
+
+    Each target port is a distinct endpoint (``podIP:port``), so each gets its own sidecar, named
+    ``tokenslice-sidecar`` for the first port and ``tokenslice-sidecar-<port>`` for the others.  A further
+    port that no container declares (containerPort or ``--port``) is left as it is.
+    """
+    pod = copy.deepcopy(pod)
+    targets = pool.target_ports()
+    used = set(targets) | {p.get("containerPort") for c in pod["spec"]["containers"] for p in c.get("ports") or []}
+    used |= {port for c in pod["spec"]["containers"] for port in _ports_in_args(_command(c))}
+    added: list[Manifest] = []
+    for i, target in enumerate(targets):
+        vllm = _vllm_container(pod, target, sidecar.gpu_resource, first=i == 0)
+        if vllm is None:
+            continue
+        new_port = next(p for p in range(target + 1, 65536) if p not in used)
+        used.add(new_port)
+        port_name = _move_vllm(vllm, target, new_port, "vllm" if i == 0 else f"vllm-{target}")
+        name = SIDECAR_NAME if i == 0 else f"{SIDECAR_NAME}-{target}"
+        added.append(_sidecar_container(name, target, new_port, port_name, sidecar))
+
     spec = pod["spec"]
     if sidecar.native:
-        container["restartPolicy"] = "Always"
-        spec["initContainers"] = [container] + list(spec.get("initContainers") or [])
+        for container in added:
+            container["restartPolicy"] = "Always"
+        spec["initContainers"] = added + list(spec.get("initContainers") or [])
     else:
-        spec["containers"].append(container)
+        spec["containers"] += added
     spec["volumes"] = list(spec.get("volumes") or []) + [
-        {"name": SIGNING_VOLUME, "secret": {"secretName": signing_secret_name(pool_name)}}]
+        {"name": SIGNING_VOLUME, "secret": {"secretName": signing_secret_name(pool.metadata.name)}}]
     meta = pod.setdefault("metadata", {})
-    meta["annotations"] = {**(meta.get("annotations") or {}), INJECTED_ANNOTATION: pool_name}
+    meta["annotations"] = {**(meta.get("annotations") or {}), INJECTED_ANNOTATION: pool.metadata.name}
     return pod
 
 

@@ -84,6 +84,7 @@ class Reconciler:
             model = InferencePool.parse(pool)
             picker, port = model.picker_ref()
             await self._check_not_foreign(namespace, picker)
+            await self._check_not_foreign(namespace, self.config.gateway_service_name(name))
         except PoolError as exc:
             await self._set_pool_status(pool, resolved=(False, "InvalidExtensionRef", str(exc)),
                                         ready=(False, "InvalidExtensionRef", "no picker without a valid reference"))
@@ -103,6 +104,7 @@ class Reconciler:
             current_cm = await self.client.get(cm_path)
         deployment = await self.client.apply(children.deployment(model, picker, self.config))
         await self.client.apply(children.service(model, picker, port, self.config))
+        await self.client.apply(children.gateway_service(model, picker, self.config))
 
         available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
         ready = ((True, "PickerAvailable", f"Deployment {picker} has {available} available replica(s)")

@@ -63,7 +63,7 @@ class Webhook:
     async def _sidecar(self, pool: inferencepool.InferencePool, namespace: str) -> SidecarSpec:
         pname = pool.metadata.name
         chunk_url = (pool.metadata.annotations.get(CHUNK_URL_ANNOTATION)
-                     or self.config.chunk_url.format(pool=pname, namespace=namespace))
+                     or self.config.chunk_url_of(pname, namespace))
         chunk_size = policy.SchedulingPolicySpec().chunk_size
         ref = pool.spec.endpoint_picker_ref
         picker = ref.name if ref else None

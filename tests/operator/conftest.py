@@ -101,7 +101,6 @@ def operator_options(cluster: KubeCluster, kubeconfig: Path, *, webhook: bool = 
                      picker_image: str = "test/picker:a") -> RunOptions:
     cert, key = cluster.ca.issue("webhook", ["127.0.0.1"])
     config = OperatorConfig(picker_image=picker_image, sidecar_image="test/sidecar:1",
-                            chunk_url="http://{pool}-gateway.{namespace}.svc:8080",
                             webhook_port=free_port() if webhook else 0,
                             webhook_cert=str(cert), webhook_key=str(key))
     return RunOptions(kubeconfig=str(kubeconfig), config=config, webhook_host="127.0.0.1", priority=priority)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
 from typing import Any
 
 import kubernetes_validate
@@ -13,11 +12,9 @@ import yaml
 
 from tests.fixtures.kube import KubeCluster, wait_for
 from tests.operator.conftest import CHART, OperatorThread, condition
-from tokenslice.envoy import Address, ExtProc, bootstrap_config, envoy_binary
 
 pytestmark = pytest.mark.k8s
-FULL = ["--set", "example.enabled=true", "--set", "gateway.enabled=true", "--set", "gateway.pool=example-pool",
-        "--set", "operator.replicas=2"]
+FULL = ["--set", "example.enabled=true", "--set", "gateway.port=80", "--set", "operator.replicas=2"]
 CUSTOM_KINDS = {"InferencePool", "SchedulingPolicy", "ClusterKopfPeering"}
 # a current Kubernetes release whose OpenAPI schemas ship offline in kubernetes-validate
 K8S_VERSION = kubernetes_validate.utils.latest_version()
@@ -38,7 +35,9 @@ def test_values_schema_rejects_bad_values(kube_cluster: KubeCluster) -> None:
     proc = kube_cluster.helm("template", "ts", str(CHART), "--set", "webhook.failurePolicy=Sometimes", check=False)
     assert proc.returncode != 0 and "failurePolicy" in proc.stderr
     proc = kube_cluster.helm("template", "ts", str(CHART), "--set", "gateway.enabled=true", check=False)
-    assert proc.returncode != 0 and "gateway.pool" in proc.stderr
+    assert proc.returncode != 0 and "enabled" in proc.stderr, "the chart deploys no Envoy of its own any more"
+    proc = kube_cluster.helm("template", "ts", str(CHART), "--set", "gateway.port=0", check=False)
+    assert proc.returncode != 0 and "gateway.port" in proc.stderr
 
 
 @pytest.mark.parametrize("args", [[], FULL], ids=["defaults", "everything"])
@@ -65,19 +64,15 @@ def test_custom_resources_in_the_chart_pass_server_side_validation(crds: KubeClu
     assert "inferencepool.inference.networking.k8s.io/example-pool created (server dry run)" in out
 
 
-def test_embedded_envoy_config_matches_the_tested_renderer(kube_cluster: KubeCluster, tmp_path) -> None:
-    """The chart's Envoy bootstrap is tokenslice.envoy's, with the picker resolved by DNS; Envoy accepts it."""
-    cm = next(d for d in _template(kube_cluster, *FULL) if d["kind"] == "ConfigMap" and "envoy.yaml" in d["data"])
-    chart = yaml.safe_load(cm["data"]["envoy.yaml"])
-    expected = bootstrap_config(listen=Address("0.0.0.0", 8080), admin=Address("0.0.0.0", 9901),
-                                upstream=ExtProc("example-pool-epp.tokenslice-system.svc", 9002, dns=True))
-    assert json.loads(json.dumps(chart)) == json.loads(json.dumps(expected))
-    path = tmp_path / "envoy.yaml"
-    # validate mode resolves nothing, so the in-cluster DNS name is fine here
-    path.write_text(cm["data"]["envoy.yaml"])
-    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0 and "OK" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+def test_operator_args_name_the_gateway_settings(kube_cluster: KubeCluster) -> None:
+    """gateway.* reaches the operator, which gives every pool its gateway; no chunk URL unless one is set."""
+    op = next(d for d in _template(kube_cluster, *FULL) if d["kind"] == "Deployment")
+    args = op["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--gateway-image=docker.io/envoyproxy/envoy:v1.40.0" in args and "--gateway-port=80" in args
+    assert "--gateway-service={pool}-gateway" in args and not any(a.startswith("--chunk-url") for a in args)
+    op = next(d for d in _template(kube_cluster, "--set", "operator.chunkURL=http://gw.x.svc:81")
+              if d["kind"] == "Deployment")
+    assert "--chunk-url=http://gw.x.svc:81" in op["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
 def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread) -> None:

@@ -6,13 +6,20 @@ loader -- so a renamed flag on either side fails here instead of in a cluster.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
 
 from tokenslice import policy
 from tokenslice.cli import build_parser
 from tokenslice.inferencepool import InferencePool
 from tokenslice_operator import children
 from tokenslice_operator.config import OperatorConfig
+from tokenslice_picker.envoy import envoy_binary
 
 pytestmark = pytest.mark.k8s
 POOL = InferencePool.parse({
@@ -22,10 +29,11 @@ POOL = InferencePool.parse({
              "endpointPickerRef": {"name": "llama-epp", "port": {"number": 9002}}}})
 
 
-def test_picker_args_parse_with_the_gateway_cli() -> None:
+def test_picker_args_parse_with_the_picker_cli() -> None:
     container = children.deployment(POOL, "llama-epp", OperatorConfig())["spec"]["template"]["spec"]["containers"][0]
     args = build_parser().parse_args(container["args"])
-    assert args.command == "gateway" and args.kube and args.pool == "llama" and args.namespace == "serving"
+    assert args.command == children.PICKER_COMMAND and args.kube
+    assert args.pool == "llama" and args.namespace == "serving"
     assert args.grpc_port == 9002 and str(args.policy) == "/etc/tokenslice/policy/policy.yaml"
     assert str(args.signing_key_file) == "/var/run/tokenslice/signing/key"
 
@@ -40,3 +48,58 @@ def test_published_policy_file_loads_in_the_gateway(tmp_path) -> None:
     (tmp_path / "policy.yaml").write_text(cm["data"]["policy.yaml"])
     assert policy.load_policy(tmp_path / "policy.yaml") == spec
     assert cm["metadata"]["annotations"]["tokenslice.io/policy-generation"] == "3"
+
+
+def _pod(config: OperatorConfig | None = None) -> dict:
+    return children.deployment(POOL, "llama-epp", config or OperatorConfig())["spec"]["template"]["spec"]
+
+
+def test_the_pools_gateway_is_envoy_beside_the_picker_with_a_config_the_picker_renders(tmp_path) -> None:
+    """The init container's command line renders the bootstrap with the real CLI; Envoy reads that file."""
+    pod = _pod()
+    init, = pod["initContainers"]
+    assert init["command"][:2] == ["sh", "-c"] and init["command"][2].endswith("> /etc/tokenslice/gateway/envoy.yaml")
+    args = build_parser().parse_args(init["args"])
+    assert args.print_envoy_config and args.envoy_listen_port == 8080 and args.grpc_port == 9002
+    assert args.envoy_ext_proc_host == "127.0.0.1", "Envoy reaches the picker on the pod's loopback"
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    assert gateway["image"] == OperatorConfig().gateway_image and gateway["command"] == ["envoy"]
+    assert gateway["args"][:2] == ["-c", "/etc/tokenslice/gateway/envoy.yaml"]
+    assert {"name": "gateway", "containerPort": 8080, "protocol": "TCP"} in gateway["ports"]
+    assert {"name": "gateway", "emptyDir": {}} in pod["volumes"]
+
+
+def test_the_gateway_service_is_named_for_the_pool_and_is_what_sidecars_are_told() -> None:
+    config = OperatorConfig()
+    svc = children.gateway_service(POOL, "llama-epp", config)
+    assert svc["metadata"]["name"] == "llama-gateway"
+    assert svc["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "gateway", "protocol": "TCP"}]
+    assert svc["spec"]["selector"] == children.deployment(POOL, "llama-epp", config)["spec"]["selector"]["matchLabels"]
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == "u-1"
+    assert config.chunk_url_of("llama", "serving") == "http://llama-gateway.serving.svc:8080"
+    custom = OperatorConfig(gateway_service="{pool}-gw", gateway_port=80)
+    assert custom.chunk_url_of("llama", "serving") == "http://llama-gw.serving.svc:80"
+    assert OperatorConfig(chunk_url="http://x/{pool}").chunk_url_of("llama", "serving") == "http://x/llama"
+
+
+def test_picker_pod_passes_pod_security_restricted() -> None:
+    pod = _pod()
+    assert pod["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    for c in pod["initContainers"] + pod["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["capabilities"] == {"drop": ["ALL"]}, c["name"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"} and sc["runAsNonRoot"], c["name"]
+
+
+def test_the_rendered_gateway_config_is_accepted_by_envoy(tmp_path) -> None:
+    """Run the init container's own command (its mount mapped to a temp dir); Envoy validates the file."""
+    init, = _pod()["initContainers"]
+    script = init["command"][2].replace("/etc/tokenslice/gateway", str(tmp_path))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run([*init["command"][:2], script, *init["command"][3:], *init["args"]], check=True, env=env,
+                   timeout=60)
+    config = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
+    assert config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 8080
+    proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "OK" in proc.stdout + proc.stderr, proc.stdout + proc.stderr

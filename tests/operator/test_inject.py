@@ -10,6 +10,9 @@ from tokenslice_operator.inject import SidecarSpec, inject, json_patch, skip_rea
 
 POOL = InferencePool.parse({"metadata": {"name": "p"}, "spec": {"selector": {"matchLabels": {"app": "llm"}},
                                                                 "targetPorts": [{"number": 8000}]}})
+TWO_PORTS = InferencePool.parse({"metadata": {"name": "p"},
+                                 "spec": {"selector": {"matchLabels": {"app": "llm"}},
+                                          "targetPorts": [{"number": 8000}, {"number": 8001}]}})
 SPEC = SidecarSpec(image="s:1", chunk_url="http://gw", chunk_size=32, native=False)
 
 
@@ -35,7 +38,8 @@ def test_port_rewrites_in_shell_commands_and_equals_form() -> None:
     # a port already taken in the pod is skipped
     pod = vllm_pod("x", "ns", {})
     pod["spec"]["containers"][0]["ports"].append({"name": "metrics", "containerPort": 8001})
-    assert inject(pod, POOL, SPEC)["spec"]["containers"][1]["args"][4] == "http://127.0.0.1:8002"
+    args = inject(pod, POOL, SPEC)["spec"]["containers"][1]["args"]
+    assert args[args.index("--vllm-url") + 1] == "http://127.0.0.1:8002"
 
 
 def test_json_patch_only_touches_what_injection_changes() -> None:
@@ -55,3 +59,50 @@ def test_sidecar_args_parse_with_the_sidecar_cli() -> None:
     assert args.command == "sidecar" and args.port == 8000 and args.vllm_url == "http://127.0.0.1:8001"
     assert args.chunk_url == "http://gw:8080" and args.chunk_size == 48 and args.advertise == "10.0.0.7:8000"
     assert str(args.signing_key_file) == "/var/run/tokenslice/signing/key"
+
+
+def test_injected_sidecar_passes_pod_security_restricted() -> None:
+    """restricted: no privilege escalation, non-root, ALL capabilities dropped, seccomp RuntimeDefault."""
+    for native in (False, True):
+        spec = SidecarSpec(image="s:1", chunk_url="http://gw", chunk_size=32, native=native)
+        pod = inject(vllm_pod("x", "ns", {}), POOL, spec)["spec"]
+        sidecar = next(c for c in pod.get("initContainers", []) + pod["containers"]
+                       if c["name"] == "tokenslice-sidecar")
+        sc = sidecar["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and sc["runAsNonRoot"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"] and "add" not in sc["capabilities"]
+        assert sc["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert not any(v.get("hostPath") for v in pod["volumes"])
+
+
+def test_every_target_port_of_a_multi_port_pool_gets_a_sidecar() -> None:
+    """Two vLLMs in one pod (one per GPU), each its own endpoint: each gets its own sidecar; ports stay apart."""
+    pool = TWO_PORTS
+    pod = vllm_pod("x", "ns", {})
+    second = {**pod["spec"]["containers"][0], "name": "vllm-b", "args": ["--model", "m", "--port", "8001"],
+              "ports": [{"name": "http-b", "containerPort": 8001}],
+              "readinessProbe": {"httpGet": {"path": "/health", "port": "http-b"}}}
+    pod["spec"]["containers"].append(second)
+    out = inject(pod, pool, SPEC)["spec"]["containers"]
+    assert [c["name"] for c in out] == ["vllm", "vllm-b", "tokenslice-sidecar", "tokenslice-sidecar-8001"]
+    a, b, side_a, side_b = out
+    moved = {c["name"]: c["args"][c["args"].index("--port") + 1] for c in (a, b)}
+    assert moved == {"vllm": "8002", "vllm-b": "8003"}, "each vLLM moves to its own free port"
+    assert b["readinessProbe"]["httpGet"]["port"] == 8003
+    for sidecar, target, vllm_port in ((side_a, "8000", "8002"), (side_b, "8001", "8003")):
+        args = sidecar["args"]
+        assert args[args.index("--port") + 1] == target
+        assert args[args.index("--vllm-url") + 1] == f"http://127.0.0.1:{vllm_port}"
+        assert args[args.index("--advertise") + 1] == f"$(POD_IP):{target}"
+    names = [p["name"] for c in out for p in c.get("ports", [])]
+    assert len(names) == len(set(names)), names
+
+
+def test_a_shell_command_serving_two_ports_moves_each_port_alone() -> None:
+    pool = TWO_PORTS
+    pod = vllm_pod("x", "ns", {}, args=[])
+    pod["spec"]["containers"][0]["ports"] = []
+    pod["spec"]["containers"][0]["command"] = ["sh", "-c", "vllm serve a --port 8000 & vllm serve b --port=8001"]
+    out = inject(pod, pool, SPEC)["spec"]["containers"]
+    assert out[0]["command"][-1] == "vllm serve a --port 8002 & vllm serve b --port=8003"
+    assert [c["name"] for c in out[1:]] == ["tokenslice-sidecar", "tokenslice-sidecar-8001"]

@@ -17,6 +17,7 @@ from tests.operator.conftest import (
     policy_manifest,
     pool_manifest,
 )
+from tokenslice_operator.children import PICKER_COMMAND
 
 pytestmark = pytest.mark.k8s
 CHILDREN = [("deployment", "{p}-epp"), ("service", "{p}-epp"), ("configmap", "{p}-epp-policy"),
@@ -61,7 +62,7 @@ def test_managed_pool_gets_picker_objects_owned_by_the_pool(kube_cluster: KubeCl
     dep = kids["deployment"]["spec"]["template"]["spec"]
     args = dep["containers"][0]["args"]
     assert dep["containers"][0]["image"] == "test/picker:a"
-    assert args[:1] == ["gateway"] and "--kube" in args
+    assert args[:1] == [PICKER_COMMAND] and "--kube" in args
     assert args[args.index("--pool") + 1] == "alpha" and args[args.index("--namespace") + 1] == namespace
     assert dep["serviceAccountName"] == "alpha-epp"
     volumes = {v["name"]: v for v in dep["volumes"]}
@@ -70,6 +71,12 @@ def test_managed_pool_gets_picker_objects_owned_by_the_pool(kube_cluster: KubeCl
 
     ports = {p["name"]: p for p in kids["service"]["spec"]["ports"]}
     assert ports["grpc-ext-proc"]["port"] == 9002 and ports["grpc-ext-proc"]["targetPort"] == 9002
+    # the pool's gateway: the Service its sidecars' chunk URL names, selecting the picker pod's Envoy
+    gateway = wait_for(lambda: kube_cluster.get("service", "alpha-gateway", namespace), 30, "the gateway Service")
+    assert gateway["spec"]["ports"][0]["port"] == 8080 and gateway["spec"]["ports"][0]["targetPort"] == "gateway"
+    assert gateway["spec"]["selector"] == kids["deployment"]["spec"]["selector"]["matchLabels"]
+    assert gateway["metadata"]["ownerReferences"][0]["uid"] == pool["metadata"]["uid"]
+    assert [c["name"] for c in dep["containers"]] == ["picker", "gateway"]
     rules = kids["role"]["rules"]
     assert all(set(r["verbs"]) == {"get", "list", "watch"} for r in rules), "picker Role must be read-only"
     assert sorted(r for rule in rules for r in rule["resources"]) == ["inferencepools", "pods",
@@ -170,12 +177,13 @@ def test_drift_is_repaired_and_the_key_is_never_rotated(kube_cluster: KubeCluste
     kids = _wait_children(kube_cluster, namespace, "delta")
     key = kids["secret"]["data"]["key"]
 
-    kube_cluster.kubectl("delete", "service", "delta-epp", "-n", namespace)
+    kube_cluster.kubectl("delete", "service", "delta-epp", "delta-gateway", "-n", namespace)
     kube_cluster.kubectl("set", "image", "deployment/delta-epp", "picker=evil/image:1", "-n", namespace)
     kube_cluster.kubectl("patch", "configmap", "delta-epp-policy", "-n", namespace, "--type=merge",
                          "-p", '{"data": {"policy.yaml": "chunkSize: 4096\\n"}}')
     kube_cluster.kubectl("delete", "role", "delta-epp", "-n", namespace)
     wait_for(lambda: kube_cluster.get("service", "delta-epp", namespace), 30, "the Service to come back")
+    wait_for(lambda: kube_cluster.get("service", "delta-gateway", namespace), 30, "the gateway to come back")
     wait_for(lambda: kube_cluster.get("role", "delta-epp", namespace), 30, "the Role to come back")
     wait_for(lambda: kube_cluster.get("deployment", "delta-epp", namespace)["spec"]["template"]["spec"]
              ["containers"][0]["image"] == "test/picker:a", 30, "the picker image to be restored")
@@ -219,6 +227,7 @@ def test_pool_deletion_removes_children(kube_cluster: KubeCluster, operator: Ope
     _wait_condition(kube_cluster, "schedulingpolicy", "zeta", namespace, "Programmed", "True")
     kube_cluster.kubectl("delete", "inferencepool", "zeta", "-n", namespace)
     wait_for(lambda: not any(_children(kube_cluster, namespace, "zeta").values()), 30, "children to be removed")
+    wait_for(lambda: kube_cluster.get("service", "zeta-gateway", namespace) is None, 30, "the gateway to go")
     _wait_condition(kube_cluster, "schedulingpolicy", "zeta", namespace, "Accepted", "False", "PoolNotFound")
 
 

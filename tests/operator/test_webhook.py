@@ -43,6 +43,7 @@ def test_gpu_vllm_pod_in_a_managed_pool_gets_the_sidecar(kube_cluster: KubeClust
     assert args[args.index("--port") + 1] == "8000"
     assert args[args.index("--vllm-url") + 1] == "http://127.0.0.1:8001"
     assert args[args.index("--chunk-url") + 1] == f"http://llm-gateway.{gpu_pool}.svc:8080"
+    assert kube_cluster.get("service", "llm-gateway", gpu_pool), "the chunk URL names a Service that exists"
     assert args[args.index("--chunk-size") + 1] == "32"
     assert args[args.index("--advertise") + 1] == "$(POD_IP):8000"
     assert args[args.index("--signing-key-file") + 1] == "/var/run/tokenslice/signing/key"

@@ -27,17 +27,3 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "tokenslice.webhookService" -}}
 {{- printf "%s-webhook" (include "tokenslice.fullname" .) -}}
 {{- end -}}
-
-{{- define "tokenslice.gatewayName" -}}
-{{- printf "%s-gateway" (include "tokenslice.fullname" .) -}}
-{{- end -}}
-
-{{- define "tokenslice.chunkURL" -}}
-{{- if .Values.operator.chunkURL -}}
-{{- .Values.operator.chunkURL -}}
-{{- else if .Values.gateway.enabled -}}
-{{- printf "http://%s.%s.svc:%d" (include "tokenslice.gatewayName" .) .Release.Namespace (int .Values.gateway.port) -}}
-{{- else -}}
-http://{pool}-gateway.{namespace}.svc:8080
-{{- end -}}
-{{- end -}}
