@@ -3,6 +3,7 @@
 The docs are the first thing a user copies; an example the gateway or the API server would reject is a bug.
 """
 
+import argparse
 import re
 from pathlib import Path
 
@@ -101,6 +102,8 @@ def _check_command(words: list[str]) -> str | None:
         if words[i] not in subs:
             return f"no command {words[i]!r} (have {sorted(subs)})"
         parser, i = subs[words[i]], i + 1
+    if any(a.nargs == argparse.REMAINDER for a in parser._actions):
+        return None  # the rest is another parser's (e.g. `bench micro <part> ...`), known only at run time
     flags = {s for a in parser._actions for s in a.option_strings}
     for word in words[i:]:
         flag = word.split("=", 1)[0]

@@ -30,9 +30,12 @@ NOT_IN_IMAGES = {
     # `tokenslice operator crds` rewrites files of a source checkout (crds/, the chart): a dev-only tool
     REPO_ROOT / "operator" / "tokenslice_operator" / "crdgen.py",
 }
+CORE_MODULES = ("__init__", "__main__", "cli", "contract", "errors", "inferencepool", "paths", "policy", "sse")
 PARTS = {
     # part: (its files, the extras it installs)
-    "core": (sorted((REPO_ROOT / "tokenslice").glob("*.py")), []),
+    # the contracts every part imports; tokenslice/{envoy,procs,promtext,fairness}.py are shared helpers,
+    # checked through the parts that import them
+    "core": ([REPO_ROOT / "tokenslice" / f"{m}.py" for m in CORE_MODULES], []),
     "sidecar": (sorted((REPO_ROOT / "sidecar" / "tokenslice_sidecar").rglob("*.py")), ["sidecar"]),
     "picker": (sorted((REPO_ROOT / "gateway_ext" / "tokenslice_picker").rglob("*.py")), ["picker"]),
     "operator": (sorted((REPO_ROOT / "operator" / "tokenslice_operator").rglob("*.py")), ["operator"]),

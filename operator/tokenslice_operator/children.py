@@ -30,7 +30,7 @@ from tokenslice_operator.config import (
 )
 
 Manifest = dict[str, Any]
-PICKER_COMMAND = "gateway"  # -> "picker" once `tokenslice picker` lands (the picker engineer renames it)
+PICKER_COMMAND = "picker"
 ENVOY_UID = 101  # the envoy user of the upstream envoyproxy/envoy image
 
 

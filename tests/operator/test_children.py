@@ -19,7 +19,7 @@ from tokenslice.cli import build_parser
 from tokenslice.inferencepool import InferencePool
 from tokenslice_operator import children
 from tokenslice_operator.config import OperatorConfig
-from tokenslice_picker.envoy import envoy_binary
+from tokenslice.envoy import envoy_binary
 
 pytestmark = pytest.mark.k8s
 POOL = InferencePool.parse({
