@@ -51,7 +51,10 @@ def test_bootstrap_has_the_protocol_pieces() -> None:
     assert ext["metadata_options"]["receiving_namespaces"]["untyped"] == ["envoy.lb"]
     picker = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == EXT_PROC_CLUSTER)
     assert picker["type"] == "STATIC"
-    assert _hcm(cfg)["stream_idle_timeout"] == "0s"  # off unless asked for
+    # bounded unless turned off: nothing may hold a stream forever
+    assert (_hcm(cfg)["stream_idle_timeout"], _hcm(cfg)["request_timeout"], _hcm(cfg)["request_headers_timeout"]) \
+        == ("300s", "300s", "10s")
+    assert _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["idle_timeout"] == "300s"
 
 
 def test_options_are_rendered_not_patched(tmp_path: Path) -> None:

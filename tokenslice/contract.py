@@ -53,6 +53,10 @@ KV_HOLDER = "x-tokenslice-kv-holder"
 EXPIRES = "x-tokenslice-expires"
 """Unix time (integer seconds) after which the signature is void."""
 SIGNATURE = "x-tokenslice-signature"
+MAX_TOKENS = "x-tokenslice-max-tokens"
+"""On admit headers: the policy's ceiling on max_tokens (0 = none)."""
+MAX_N = "x-tokenslice-max-n"
+"""On admit headers: the policy's ceiling on n / best_of (0 = none)."""
 ROLE = "x-tokenslice-role"
 """``chunk`` (driver -> worker) or ``admit`` (gateway -> driver, client request)."""
 BODY_DIGEST = "x-tokenslice-body-digest"
@@ -95,7 +99,7 @@ MAX_PREFIX_HASHES = 64
 # Headers covered by the signature for each role, in signing order.
 CHUNK_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, TENANT, PRIORITY_CLASS, GENERATED,
                 PROMPT_TOKENS, SLICE, KV_HOLDER, BODY_DIGEST, EXPIRES)
-ADMIT_SIGNED = (ROLE, REQUEST_ID, TENANT, PRIORITY_CLASS, SLICE, EXPIRES)
+ADMIT_SIGNED = (ROLE, REQUEST_ID, TENANT, PRIORITY_CLASS, SLICE, MAX_TOKENS, MAX_N, EXPIRES)
 CUT_SIGNED = (ROLE, REQUEST_ID, CHUNK_INDEX, CUT_REASON, EXPIRES)
 
 CUT_TTL_S = 10
@@ -259,6 +263,10 @@ class AdmitHeaders:
     priority_class: str
     expires: int = field(default_factory=lambda: int(time.time()) + DEFAULT_TTL_S)
     chunk_size: int = 0
+    max_tokens: int = 0
+    """The policy's ceiling on the request's max_tokens (``RequestLimits.max_tokens``); 0: none."""
+    max_n: int = 0
+    """The policy's ceiling on n / best_of; 0: none."""
 
     def sign(self, key: bytes) -> dict[str, str]:
         values = {
@@ -267,6 +275,8 @@ class AdmitHeaders:
             TENANT: self.tenant,
             PRIORITY_CLASS: self.priority_class,
             SLICE: str(self.chunk_size),
+            MAX_TOKENS: str(self.max_tokens),
+            MAX_N: str(self.max_n),
             EXPIRES: str(self.expires),
         }
         values[SIGNATURE] = _mac(key, [values[h] for h in ADMIT_SIGNED])
@@ -276,13 +286,13 @@ class AdmitHeaders:
     def verify(cls, headers: Mapping[str, str], key: bytes, now: float | None = None) -> AdmitHeaders:
         values = _checked(headers, key, ADMIT_SIGNED, ROLE_ADMIT, now)
         try:
-            chunk_size = int(values[SLICE])
+            chunk_size, max_tokens, max_n = int(values[SLICE]), int(values[MAX_TOKENS]), int(values[MAX_N])
         except ValueError:
-            raise ContractError("malformed admit header: chunk size is not an integer") from None
-        if chunk_size < 0:
-            raise ContractError("malformed admit header: negative chunk size")
+            raise ContractError("malformed admit header: chunk size or ceiling is not an integer") from None
+        if min(chunk_size, max_tokens, max_n) < 0:
+            raise ContractError("malformed admit header: negative chunk size or ceiling")
         return cls(values[REQUEST_ID], values[TENANT], values[PRIORITY_CLASS], int(values[EXPIRES]),
-                   chunk_size=chunk_size)
+                   chunk_size=chunk_size, max_tokens=max_tokens, max_n=max_n)
 
 
 @dataclass(slots=True)
@@ -320,12 +330,12 @@ def _checked(headers: Mapping[str, str], key: bytes, names: tuple[str, ...], rol
     signature = headers.get(SIGNATURE)
     if not signature:
         raise ContractError("unsigned tokenslice headers")
+    if headers.get(ROLE) != role:
+        raise ContractError(f"role {headers.get(ROLE)!r} where {role!r} was expected")
     missing = [h for h in names if h not in headers]
     if missing:
         raise ContractError(f"missing signed header(s): {', '.join(missing)}")
     values = {h: headers[h] for h in names}
-    if values[ROLE] != role:
-        raise ContractError(f"role {values[ROLE]!r} where {role!r} was expected")
     if not hmac.compare_digest(_mac(key, [values[h] for h in names]), signature):
         raise ContractError("bad signature on tokenslice headers")
     try:

@@ -95,14 +95,19 @@ class Static:
 class Timeouts:
     """The connection manager's and the route's timeouts in seconds; 0 turns one off.
 
-    All off by default: a chunk may wait in the picker's queue for as long as its class allows,
-    and a streamed answer lives as long as its generation.
+    Bounded by default, so a stuck client, upstream or picker cannot hold a stream forever: a stream
+    silent for 300 s is ended (a queued chunk waits silently inside the ext_proc call, so this must
+    exceed the policy's queue TTL, 120 s by default; the sidecar's --read-timeout is also 300 s), as is a
+    request not fully received and sent upstream within 300 s (the queue wait counts) or whose headers
+    take over 10 s (slow-loris). The whole response is not bounded (``route_s``): a long generation is
+    bounded by the policy's max_tokens instead, and a silent one by ``route_idle_s``.
     """
 
-    stream_idle_s: float = 0
-    request_s: float = 0
+    stream_idle_s: float = 300
+    request_s: float = 300
+    request_headers_s: float = 10
     route_s: float = 0
-    route_idle_s: float = 0
+    route_idle_s: float = 300
 
 
 Upstream = ExtProc | Static
@@ -206,6 +211,7 @@ def bootstrap_config(*, listen: Address, admin: Address, upstream: Upstream, tim
         "codec_type": "AUTO",
         "stream_idle_timeout": _secs(timeouts.stream_idle_s),
         "request_timeout": _secs(timeouts.request_s),
+        "request_headers_timeout": _secs(timeouts.request_headers_s),
         "route_config": {
             "name": "tokenslice",
             "virtual_hosts": [{

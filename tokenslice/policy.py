@@ -69,6 +69,17 @@ class QueueLimits(_Model):
     max_queued_per_tenant: int = Field(default=2_000, ge=1)
     queue_ttl_seconds: float = Field(default=120.0, gt=0,
                                      description="A first chunk queued longer than this is shed (429).")
+    max_open_requests: int = Field(default=10_000, ge=1,
+                                   description="Client requests admitted and not yet answered, all tenants together; "
+                                               "beyond this, new requests are shed (429).")
+
+
+class RequestLimits(_Model):
+    """Ceilings on what one client request may ask for; beyond them it is refused (400) before it runs."""
+
+    max_tokens: int | None = Field(default=None, ge=1, description="Largest max_tokens; also the budget of a "
+                                   "request that names none (else: up to the context length).")
+    max_n: int = Field(default=16, ge=1, le=1024, description="Largest n (and best_of): sequences per request.")
 
 
 class PoolRef(_Model):
@@ -100,6 +111,7 @@ class SchedulingPolicySpec(_Model):
     tenants: list[Tenant] = Field(default_factory=list)
     fairness: FairnessWeights = Field(default_factory=FairnessWeights)
     queue: QueueLimits = Field(default_factory=QueueLimits)
+    limits: RequestLimits = Field(default_factory=RequestLimits)
 
     @model_validator(mode="after")
     def _consistent(self) -> SchedulingPolicySpec:

@@ -41,6 +41,9 @@ class Admission:
         bound = policy.queue.max_queued_chunks
         if len(self.queues) >= bound:
             raise Shed("queue_full", f"the picker queue is full ({bound} chunks)")
+        cap = policy.queue.max_open_requests
+        if self.limits.total_open >= cap:
+            raise Shed("overloaded", f"the picker has {cap} open requests")
         why = self.limits.check(policy, request.tenant)
         if why:
             raise Shed("tenant_limit", why)

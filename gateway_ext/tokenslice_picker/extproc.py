@@ -227,7 +227,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         try:
             self.metrics.admissions.labels(pclass.name, tenant).inc()
             admit = contract.AdmitHeaders(request_id=request_id, tenant=tenant, priority_class=pclass.name,
-                                          chunk_size=self.admission.slice_tokens(pclass)).sign(self.key)
+                                          chunk_size=self.admission.slice_tokens(pclass),
+                                          max_tokens=policy.limits.max_tokens or 0,
+                                          max_n=policy.limits.max_n).sign(self.key)
             extra = [_hv(k, v) for k, v in admit.items()]
             # the signed set overwrites; strip only the client's internal headers it does not cover
             remove = [h for h in strip if h not in admit and h != _DEST]

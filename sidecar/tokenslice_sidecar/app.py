@@ -37,7 +37,7 @@ from .driver import Generation
 from .metrics import SidecarMetrics
 from .openai_stream import ResponseBuilder, sse
 from .proxy import forward, forward_headers
-from .requests import Endpoint, Plan, RequestError, plan
+from .requests import Endpoint, Plan, RequestError, apply_ceilings, plan
 from .vllm import CHUNK_PATH, UpstreamError, VllmClient
 from .worker import CHUNK_PATHS, check_chunk
 
@@ -56,6 +56,8 @@ class SidecarConfig:
     """Base URL of the gateway (Envoy); None sends chunks straight to the local vLLM."""
     chunk_size: int = 32
     """Decode tokens per chunk for requests whose admit headers name no size (or were not admitted)."""
+    max_body_bytes: int = 16 * 1024 * 1024
+    """Largest request body read (a bigger one is a 413 JSON error): bounds memory per request."""
     advertise: str = ""
     """``host:port`` this pod is reached at (the KV holder name); empty: the bound address."""
     key: bytes = field(default=b"", repr=False)
@@ -115,7 +117,7 @@ def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None,
     key = check_key(config.key)  # no fallback: a random key would refuse every peer's chunk
     state = _State(config, key, metrics or SidecarMetrics(), advertise=config.advertise,
                    client_factory=client_factory)
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app = web.Application(client_max_size=config.max_body_bytes)
     app[STATE] = state
 
     async def session_ctx(_: web.Application):
@@ -147,6 +149,15 @@ def _error(message: str, status: int, err_type: str = "BadRequestError", param: 
 
 
 async def _dispatch(request: web.Request) -> web.StreamResponse:
+    try:
+        return await _route(request)
+    except web.HTTPRequestEntityTooLarge:
+        _state(request).metrics.rejected.labels("too_large").inc()
+        return _error(f"request body exceeds {_state(request).config.max_body_bytes} bytes", 413,
+                      "RequestTooLargeError")
+
+
+async def _route(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     lower = {k.lower(): v for k, v in request.headers.items()}
     if contract.role_of(lower) == contract.ROLE_CHUNK:
@@ -220,6 +231,12 @@ async def _driver(request: web.Request, st: _State, endpoint: Endpoint,
         except ContractError as exc:
             st.metrics.rejected.labels("bad_admit_headers").inc()
             log.warning("ignoring untrusted admit headers from %s: %s", request.remote, exc)
+        else:
+            try:
+                apply_ceilings(p, admit.max_tokens, admit.max_n)
+            except RequestError as exc:
+                st.metrics.rejected.labels("over_limit").inc()
+                return _error(str(exc), 400, param=exc.param)
     if p.passthrough:
         st.metrics.requests.labels(endpoint, "passthrough").inc()
         st.metrics.passthrough.labels(p.passthrough).inc()

@@ -40,6 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         f"${KEY_FILE_ENV} or ${KEY_ENV}); required")
     parser.add_argument("--default-tenant", default="default", help="tenant of requests the gateway did not admit")
     parser.add_argument("--default-class", default="standard", help="class of requests the gateway did not admit")
+    parser.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024,
+                        help="largest request body accepted; a bigger one is a 413 (default %(default)s)")
     parser.add_argument("--read-timeout", type=float, default=300.0,
                         help="longest silence tolerated on an upstream stream, seconds (default %(default)s)")
     parser.add_argument("--log-level", default="INFO")
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     config = SidecarConfig(vllm_url=args.vllm_url, chunk_url=args.chunk_url, chunk_size=args.chunk_size,
                            advertise=args.advertise or f"127.0.0.1:{args.port}", key=key,
                            default_tenant=args.default_tenant, default_class=args.default_class,
-                           read_timeout_s=args.read_timeout)
+                           read_timeout_s=args.read_timeout, max_body_bytes=args.max_body_bytes)
     logging.getLogger("tokenslice.sidecar").info(
         "sidecar on %s:%d -> vLLM %s, chunks of %d via %s", args.host, args.port, args.vllm_url, args.chunk_size,
         args.chunk_url or "local vLLM")

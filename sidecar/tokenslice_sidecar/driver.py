@@ -63,7 +63,7 @@ class Generation:
                 "messages" if self.plan.endpoint == "chat" else "prompt")
         wanted = self.plan.max_tokens
         if wanted is None:
-            return room
+            return min(room, self.plan.max_tokens_ceiling or room)
         if wanted > room:
             raise RequestError(
                 f"This model's maximum context length is {self.max_model_len} tokens. However, you "

@@ -101,6 +101,8 @@ class Plan:
     continuous_usage: bool = False
     max_tokens: int | None = None
     """Completion tokens asked for; None means 'up to the context length'."""
+    max_tokens_ceiling: int | None = None
+    """The policy's ceiling (admit headers): the budget of a request that names no max_tokens."""
     fanout: int = 1
     """Sequences generated at once (``n``, ``best_of``): an unchunked request's slice is max_tokens x fanout."""
     stops: list[str] = field(default_factory=list)
@@ -220,6 +222,16 @@ def plan(endpoint: Endpoint, body: Any) -> Plan:
         raise RequestError("max_tokens must be at least 1", "max_tokens")
     p.chunk_params = {k: body[k] for k in CHUNK_PASS_KEYS if k in body and body[k] is not None}
     return p
+
+
+def apply_ceilings(p: Plan, max_tokens: int, max_n: int) -> None:
+    """Refuse (400) what the policy's RequestLimits do not allow; 0 means no ceiling."""
+    if max_n and p.fanout > max_n:
+        raise RequestError(f"n (and best_of) must be at most {max_n}", "n")
+    if max_tokens:
+        if p.max_tokens is not None and p.max_tokens > max_tokens:
+            raise RequestError(f"max_tokens must be at most {max_tokens}", "max_tokens")
+        p.max_tokens_ceiling = max_tokens
 
 
 def chunk_seed(seed: int, generated: int) -> int:

@@ -175,6 +175,22 @@ async def test_queue_bound_ttl_and_tenant_concurrency_shed_with_429(gateway_stac
     assert (await stack.post(headers={"x-tenant-id": "acme"}))[0] == 200
 
 
+async def test_open_requests_are_bounded_in_total(gateway_stack, upstreams):
+    """No tenant limit set: the policy's maxOpenRequests still bounds what the picker holds open (429)."""
+    (a,) = await upstreams(1)
+    policy = POLICY.model_copy(update={"queue": QueueLimits(max_open_requests=2)})
+    stack = await gateway_stack(endpoints=[a.address], policy=policy)
+    a.block()
+    held = [asyncio.create_task(stack.post()) for _ in range(2)]
+    await until(lambda: len(a.received) == 2, what="two requests open")
+    status, headers, body = await stack.post()
+    assert status == 429 and json.loads(body)["error"]["code"] == "overloaded" and headers["retry-after"] == "1"
+    a.unblock()
+    assert [r[0] for r in await asyncio.gather(*held)] == [200, 200]
+    await until(lambda: stack.picker.admission.limits.total_open == 0, what="open requests released")
+    assert (await stack.post())[0] == 200
+
+
 async def test_live_load_scrape_and_metrics_endpoint(gateway_stack, upstreams):
     import aiohttp
     from tokenslice_picker.datastore.scraper import MetricsScraper

@@ -147,6 +147,38 @@ async def test_unchunkable_requests_are_scheduled_as_one_chunk(http, vllm, gatew
         await runner.cleanup()
 
 
+async def test_policy_ceilings_on_max_tokens_n_and_body_size(http, vllm, gateway_stack):
+    """The policy's limits reach the driver in the signed admission: beyond them a 400, never a run.
+
+    Before, one request with ``"n": 10000`` held the engine for over a minute, and a request naming no
+    max_tokens generated up to the context length.
+    """
+    from tokenslice_sidecar.app import SidecarConfig, start
+    from tokenslice.policy import PriorityClass, RequestLimits, SchedulingPolicySpec
+
+    policy = SchedulingPolicySpec(priority_classes=[PriorityClass(name="std", priority=1)],
+                                  limits=RequestLimits(max_tokens=6, max_n=2))
+    stack = await gateway_stack(endpoints=[], policy=policy)
+    runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=stack.url, chunk_size=4, key=stack.key,
+                                             max_body_bytes=64 * 1024))
+    try:
+        stack.picker.datastore.set_endpoints([f"127.0.0.1:{port}"])
+        base = {"model": vllm.model, "prompt": PROMPTS[0]}
+        for extra, param in (({"max_tokens": 7}, "max_tokens"), ({"max_tokens": 4, "n": 3}, "n"),
+                             ({"max_tokens": 4, "n": 10000}, "n"), ({"max_tokens": 2, "best_of": 3}, "n")):
+            err = await post_json(http, f"{stack.url}/v1/completions", base | extra, 400)
+            assert err["error"]["param"] == param, extra
+        got = await post_json(http, f"{stack.url}/v1/chat/completions",
+                              {"model": vllm.model, "messages": CHAT[0], "ignore_eos": True})
+        assert got["usage"]["completion_tokens"] == 6  # no max_tokens: the ceiling is its budget
+        assert len((await post_json(http, f"{stack.url}/v1/completions", base | {"max_tokens": 3, "n": 2}))
+                   ["choices"]) == 2
+        err = await post_json(http, f"{stack.url}/v1/completions", base | {"prompt": "x" * 70_000}, 413)
+        assert err["error"]["type"] == "RequestTooLargeError"
+    finally:
+        await runner.cleanup()
+
+
 async def test_forged_admitted_chunk_size_is_ignored(http, vllm, sidecars):
     sc = await sidecars(16)
     body = {"model": vllm.model, "prompt": PROMPTS[1], "max_tokens": 10, "ignore_eos": True}

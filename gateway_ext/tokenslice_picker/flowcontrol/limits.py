@@ -12,6 +12,8 @@ class TenantLimits:
 
     def __init__(self) -> None:
         self.open_requests: dict[str, int] = {}
+        self.total_open = 0
+        """Client requests admitted and not yet answered, all tenants (the policy's maxOpenRequests bound)."""
         self._buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill)
 
     def check(self, policy: SchedulingPolicySpec, tenant: str, now: float | None = None) -> str | None:
@@ -27,8 +29,10 @@ class TenantLimits:
 
     def opened(self, tenant: str) -> None:
         self.open_requests[tenant] = self.open_requests.get(tenant, 0) + 1
+        self.total_open += 1
 
     def closed(self, tenant: str) -> None:
+        self.total_open = max(0, self.total_open - 1)
         n = self.open_requests.get(tenant, 0) - 1
         if n > 0:
             self.open_requests[tenant] = n
