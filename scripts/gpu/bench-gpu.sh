@@ -8,6 +8,11 @@
 #                                          $FOLLOW_S seconds (for hosts whose commands are time-boxed)
 #   bash scripts/gpu/bench-gpu.sh wait     follow a detached run for $FOLLOW_S seconds; once it has
 #                                          ended, copy its results to $OUT (exit 0), else exit 3
+#   bash scripts/gpu/bench-gpu.sh collect  copy what $RES holds now to $OUT (results, plots, logs; no keys)
+#
+# A detached run works from a snapshot of this tree in $RES/src, never from this folder: on the lent
+# machine each call gets a fresh copy of the tree and the previous one is removed, which used to pull
+# the code (and the working directory) out from under a running benchmark.
 #
 # Prepare = install the staged wheels from /root/stage (scripts/gpu/stage-*.sh) unless vLLM already
 # imports, generate the checkpoint (scripts/gpu/make_model.py), and point the engine helpers
@@ -58,7 +63,15 @@ EOF
 }
 
 bench_cmd() {  # the benchmark writes its per-chunk breakdown (chunk_breakdown.*) itself
-  echo python3 -m tokenslice bench run "$SCENARIO" --model "$MODEL" --out "$RES" --keep-logs ${BENCH_ARGS:-}
+  # BENCH_CMD replaces it only in tests/gpu (no GPU there to run the real one)
+  echo "${BENCH_CMD:-python3 -m tokenslice bench run $SCENARIO --model $MODEL --out $RES --keep-logs ${BENCH_ARGS:-}}"
+}
+
+snapshot() {  # this tree's code and the scenario, copied where the next call's fresh tree cannot remove them
+  rm -rf "$RES/src"; mkdir -p "$RES/src"
+  tar cf - --exclude=.git --exclude=.whl --exclude=.venv --exclude=.cache --exclude=results . | tar xf - -C "$RES/src"
+  case "$SCENARIO" in /*) ;; *) SCENARIO=$RES/src/$SCENARIO ;; esac
+  export PYTHONPATH=$RES/src:$RES/src/sidecar:$RES/src/gateway_ext:$RES/src/operator${PYTHONPATH:+:$PYTHONPATH}
 }
 
 collect() {  # at most 8 files come back from a device call: pack plots and logs
@@ -66,8 +79,9 @@ collect() {  # at most 8 files come back from a device call: pack plots and logs
   cp "$RES"/results.md "$RES"/results.json "$RES"/chunk_breakdown.md "$RES"/chunk_breakdown.json "$OUT"/ 2>/dev/null || true
   (cd "$RES" && ls ./*.png >/dev/null 2>&1 && tar cf "$OUT/plots.tar" ./*.png) || true
   runs=$(ls -d "$TOKENSLICE_CACHE"/local/run-* 2>/dev/null || true)
-  [ -z "$runs" ] || tar czf "$OUT/logs.tar.gz" -C "$TOKENSLICE_CACHE/local" $(for r in $runs; do basename "$r"; done) \
-    --exclude='*.key' 2>/dev/null || true
+  # GNU tar applies --exclude only to names that come after it: keep it first, or the signing key ships
+  [ -z "$runs" ] || tar czf "$OUT/logs.tar.gz" --exclude='*.key' -C "$TOKENSLICE_CACHE/local" \
+    $(for r in $runs; do basename "$r"; done) 2>/dev/null || true
   ls -la "$OUT"
 }
 
@@ -93,17 +107,22 @@ case "$MODE" in
   all)
     prepare 2>&1 | tee -a "$RES/prepare.log"
     [ -d /root/site ] && export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
-    set +e; $(bench_cmd) 2>&1 | tee -a "$RES/bench.log"; echo "${PIPESTATUS[0]}" > "$RES/rc"; set -e
+    set +e; bash -c "$(bench_cmd)" 2>&1 | tee -a "$RES/bench.log"; echo "${PIPESTATUS[0]}" > "$RES/rc"; set -e
     collect ;;
   start)
     rm -f "$RES/rc" "$RES/bench.log"
     prepare 2>&1 | tee -a "$RES/prepare.log"
     [ -d /root/site ] && export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
-    # its own session, so it outlives this command (the machine stays while calls keep coming)
-    setsid bash -c "$(bench_cmd) >> '$RES/bench.log' 2>&1; echo \$? > '$RES/rc'" < /dev/null > /dev/null 2>&1 &
-    say "started detached (pid $!); following for ${FOLLOW_S}s"
+    snapshot
+    # its own session, so it outlives this command (the machine stays while calls keep coming); it runs
+    # in the snapshot, so the next call replacing this folder changes nothing under it
+    (cd "$RES/src" && exec setsid bash -c "$(bench_cmd) >> '$RES/bench.log' 2>&1; echo \$? > '$RES/rc'") \
+      < /dev/null > /dev/null 2>&1 &
+    say "started detached from $RES/src; following for ${FOLLOW_S}s"
     follow ;;
   wait)
     follow ;;
-  *) echo "usage: $0 [all|start|wait]" >&2; exit 2 ;;
+  collect)
+    collect ;;
+  *) echo "usage: $0 [all|start|wait|collect]" >&2; exit 2 ;;
 esac

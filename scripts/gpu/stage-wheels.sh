@@ -8,10 +8,22 @@
 #
 #   bash scripts/gpu/stage-wheels.sh            # download (cached in .whl/all) + cut into parts
 #   PART_MIB=50 bash scripts/gpu/stage-wheels.sh
+#
+# Needs the tiny offline tokenizer (make_model.py puts it on the random 8B checkpoint): `make engine`
+# builds it (with the engine venv that can build it again), or point TINY at a folder holding one.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
+CACHE=${TOKENSLICE_CACHE:-$ROOT/.cache}
 WHL=$ROOT/.whl
+TINY=${TINY:-$CACHE/models/tiny-llama}
+ENGINE_PY=$CACHE/engine-venv/bin/python
+# checked first: the download takes minutes, and the tokenizer used to be found missing only at the end
+if [ ! -f "$TINY/tokenizer.json" ] && [ ! -f "$WHL/tiny-llama/tokenizer.json" ] && [ ! -x "$ENGINE_PY" ]; then
+  echo "stage-wheels.sh: no tiny tokenizer at $TINY and no engine venv to build one: run \`make engine\`" \
+       "first, or set TINY=DIR (a folder with tokenizer.json)" >&2
+  exit 2
+fi
 ALL=$WHL/all
 PART_MIB=${PART_MIB:-58}
 EXTRAS=${EXTRAS:-$ROOT/../shared/gpu/vllm-0.26.0-extra-wheels.txt}
@@ -94,10 +106,9 @@ last=$(printf '%s/p%02d' "$WHL" "$n")
 cp "$WHL/MANIFEST.sha256" "$last/"
 # The offline tiny tokenizer (make_model.py puts it on the random 8B checkpoint): the engine's
 # cached model if `make engine` built it, else built here by the same deterministic recipe.
-TINY=${TINY:-$ROOT/.cache/models/tiny-llama}
 if [ ! -f "$TINY/tokenizer.json" ]; then
   TINY=$WHL/tiny-llama
-  [ -f "$TINY/tokenizer.json" ] || "$ROOT/.cache/engine-venv/bin/python" tokenslice/engine/build_model.py "$TINY" >/dev/null
+  [ -f "$TINY/tokenizer.json" ] || "$ENGINE_PY" tokenslice/engine/build_model.py "$TINY" >/dev/null
 fi
 mkdir -p "$last/tokenizer"
 for f in config.json tokenizer.json tokenizer_config.json special_tokens_map.json generation_config.json; do

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import random
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -227,6 +228,17 @@ def test_plan_and_sweep_policy() -> None:
     assert all(c.chunk_size is None for c in pol.priority_classes)
     a, b = salted(build_trace(sc), "x"), salted(build_trace(sc), "y")
     assert a[0].prompt != b[0].prompt and a[0].at == b[0].at
+
+
+def test_the_policys_own_reserve_is_kept_unless_swept() -> None:
+    """headline-gpu.yaml sets reservedSlotsPerEndpoint: 2; the run must use it without --reserved."""
+    gpu = resolve_scenario(str(Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "headline-gpu.yaml"))
+    assert gpu.policy.reserved_slots_per_endpoint == 2
+    plans = [p for p in plan_systems(gpu) if p.kind == "tokenslice" and not p.unloaded]
+    assert plans and all(p.reserved == 2 and p.label.endswith("-r2") for p in plans)
+    assert sweep_policy(gpu, 32, plans[0].reserved).reserved_slots_per_endpoint == 2
+    swept = type(gpu).model_validate({**gpu.model_dump(), "reserved_slots": [0]})
+    assert [p.reserved for p in plan_systems(swept) if p.kind == "tokenslice" and not p.unloaded] == [0, 0, 0]
 
 
 def _system(label: str, kind: str, hi_ttft: float, tokens_a: int, tokens_b: int, *, unloaded: bool = False,

@@ -84,8 +84,10 @@ def plan_systems(scenario: Scenario) -> list[Plan]:
     default = scenario.policy.chunk_size
     plans: list[Plan] = []
     if "tokenslice" in scenario.systems:
+        # the policy's own reserve unless the scenario (or --reserved) sweeps it: never silently 0
+        reserves = scenario.reserved_slots or [scenario.policy.reserved_slots_per_endpoint]
         plans += [Plan(f"tokenslice-c{n}" + (f"-r{r}" if r else ""), SYSTEMS["tokenslice"], n, reserved=r)
-                  for n in scenario.chunk_sizes for r in scenario.reserved_slots]
+                  for n in scenario.chunk_sizes for r in reserves]
     if "chunked" in scenario.systems:
         plans.append(Plan(f"chunked-c{default}", SYSTEMS["chunked"], default))
     if scenario.no_affinity:

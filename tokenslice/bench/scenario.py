@@ -126,10 +126,11 @@ class Scenario(_Model):
     systems: list[SystemName] = Field(
         default_factory=lambda: ["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"])
     chunk_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
-    reserved_slots: list[int] = Field(
-        default_factory=lambda: [0],
+    reserved_slots: list[int] | None = Field(
+        default=None,
         description="tokenslice runs once per value: slots of the engine kept for non-preemptible classes "
-        "(the policy's reservedSlotsPerEndpoint; batch then uses max_num_seqs minus it)")
+        "(overriding the policy's reservedSlotsPerEndpoint; batch then uses max_num_seqs minus it). "
+        "Unset: one run with the policy's own value")
     unloaded_stream: str | None = Field(
         default=None, description="also run this stream alone through tokenslice: the unloaded reference")
     no_affinity: bool = Field(
@@ -147,7 +148,7 @@ class Scenario(_Model):
                 raise ValueError(f"stream {s.name!r}: class {s.priority_class!r} is not in the policy")
         if self.unloaded_stream is not None and self.unloaded_stream not in names:
             raise ValueError(f"unloaded_stream {self.unloaded_stream!r} is not a stream")
-        if any(r < 0 or r >= self.max_num_seqs for r in self.reserved_slots):
+        if any(r < 0 or r >= self.max_num_seqs for r in self.reserved_slots or ()):
             raise ValueError("reserved_slots must be in [0, max_num_seqs)")
         if self.warmup_s >= self.window_s:
             raise ValueError("warmup_s must be shorter than window_s")
