@@ -31,8 +31,9 @@ from tokenslice_operator.webhook import Webhook, serve
 log = logging.getLogger("tokenslice.operator")
 PEERING_NAME = "tokenslice"
 SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+# no secrets: the operator may not read any Secret (its signing Secret is only ever created or deleted)
 CHILD_RESOURCES = (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "configmaps"),
-                   ("", "v1", "secrets"), ("", "v1", "serviceaccounts"),
+                   ("", "v1", "serviceaccounts"),
                    ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"))
 
 

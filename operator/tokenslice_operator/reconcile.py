@@ -33,7 +33,8 @@ from tokenslice_operator.kube import ApiError, KubeClient, path
 
 log = logging.getLogger("tokenslice.operator")
 Manifest = dict[str, Any]
-CHILD_KINDS = ("Deployment", "Service", "ConfigMap", "RoleBinding", "Role", "ServiceAccount", "Secret")
+CHILD_KINDS = ("Deployment", "Service", "ConfigMap", "RoleBinding", "Role", "ServiceAccount")
+"""Listed and deleted by label on pool deletion; the signing Secret is deleted by name (never listed or read)."""
 
 
 @dataclass
@@ -132,15 +133,14 @@ class Reconciler:
             raise PoolError(f"Service {picker} exists and is not managed by tokenslice")
 
     async def _ensure_secret(self, pool: InferencePool) -> None:
+        # create-only: the operator's RBAC lets it read no Secret at all, its own included
         secret = children.signing_secret(pool)
         m = secret["metadata"]
-        if await self.client.get(path("Secret", m["namespace"], m["name"])) is not None:
-            return
         try:
             await self.client.create(path("Secret", m["namespace"]), secret)
             log.info("created signing secret %s/%s", m["namespace"], m["name"])
         except ApiError as exc:
-            if exc.status != 409:  # another writer won the race: its key stands
+            if exc.status != 409:  # it exists (or another writer won the race): its key stands
                 raise
 
     async def _remove_children(self, namespace: str, pool: str) -> None:
@@ -150,6 +150,9 @@ class Reconciler:
             for obj in await self.client.list(path(kind, namespace), selector):
                 if await self.client.delete(path(kind, namespace, obj["metadata"]["name"])):
                     log.info("deleted %s %s/%s (pool %s is gone)", kind, namespace, obj["metadata"]["name"], pool)
+        secret = children.signing_secret_name(pool)
+        if await self.client.delete(path("Secret", namespace, secret)):
+            log.info("deleted Secret %s/%s (pool %s is gone)", namespace, secret, pool)
 
     # --- status -----------------------------------------------------------------------------------
     async def _set_pool_status(self, pool: Manifest, resolved: tuple[bool, str, str],

@@ -239,3 +239,20 @@ def test_unlabelled_pool_is_released(kube_cluster: KubeCluster, operator: Operat
     wait_for(lambda: not any(_children(kube_cluster, namespace, "lambda").values()), 30, "children to be removed")
     wait_for(lambda: our_parent(kube_cluster.get("inferencepool", "lambda", namespace)) is None, 30,
              "our status entry to be removed")
+
+
+def test_the_operator_reads_no_secret(kube_cluster: KubeCluster, operator: OperatorThread,
+                                      operator_kubeconfig, namespace: str) -> None:
+    """The chart's ClusterRole once let the operator read (and delete) every Secret in the cluster.
+
+    Now it may create its pools' signing Secrets and delete them with their pool, and read none --
+    not even its own -- while everything above still works with exactly that role.
+    """
+    kube_cluster.apply(pool_manifest("omega", namespace))
+    _wait_children(kube_cluster, namespace, "omega")
+    as_operator = ["--kubeconfig", str(operator_kubeconfig)]
+    for verb in ("get", "list", "watch"):
+        out = kube_cluster.kubectl("auth", "can-i", verb, "secrets", "-n", namespace, *as_operator, check=False)
+        assert out.stdout.strip() == "no", verb
+    assert kube_cluster.kubectl("auth", "can-i", "create", "secrets", "-n", namespace, *as_operator,
+                                check=False).stdout.strip() == "yes"
