@@ -78,6 +78,34 @@ def flatten(samples: Iterable[Sample], by_label: str | None = None) -> dict[str,
     return out
 
 
+def histogram_quantile(samples: Iterable[Sample], name: str, q: float, **match: str) -> float | None:
+    """The ``q`` quantile (0..1) of histogram ``name`` (buckets summed over the label sets matching ``match``),
+    interpolated linearly inside the bucket as Prometheus does; None with no observations. The answer is
+    only as fine as the buckets: a value in the first bucket is reported inside [0, its bound]."""
+    buckets: dict[float, float] = {}
+    for s in samples:
+        if s.name != f"{name}_bucket" or any(s.labels.get(k) != v for k, v in match.items()):
+            continue
+        bound = float(s.labels["le"])
+        buckets[bound] = buckets.get(bound, 0.0) + s.value
+    if not buckets:
+        return None
+    bounds = sorted(buckets)
+    total = buckets[bounds[-1]]
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = buckets[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return lower  # beyond the last finite bound: say the bound, the most we know
+            return lower + (bound - lower) * (rank - below) / (count - below) if count > below else bound
+        lower, below = bound, count
+    return lower
+
+
 def label(samples: Iterable[Sample], name: str, key: str) -> str | None:
     for s in samples:
         if s.name == name and key in s.labels:

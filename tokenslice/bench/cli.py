@@ -49,6 +49,10 @@ def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
                    help="comma list of reserved slots for non-preemptible classes, one tokenslice run each "
                    "(e.g. 0,1; default: the scenario's)")
     p.add_argument("--window", type=float, default=None, help="arrival window, seconds")
+    p.add_argument("--multiple", type=float, default=None,
+                   help="calibrate: offer this multiple of the measured vLLM FCFS capacity (e.g. 1.3); "
+                   "turns calibration on for a scenario without it")
+    p.add_argument("--no-calibrate", action="store_true", help="replay the scenario's rates as written")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--model", type=Path, default=None, help="local model directory (default: the tiny model)")
     p.add_argument("--keep-logs", action="store_true", help="keep the run directory with every component's log")
@@ -86,6 +90,11 @@ def run(args: argparse.Namespace) -> int:
                 update["reserved_slots"] = [int(x) for x in args.reserved.split(",") if x.strip()]
             if args.window:
                 update["window_s"] = args.window
+            if args.no_calibrate:
+                update["calibrate"] = None
+            elif args.multiple:
+                update["calibrate"] = {**(scenario.calibrate.model_dump() if scenario.calibrate else {}),
+                                       "multiple": args.multiple}
         if update:
             scenario = type(scenario).model_validate({**scenario.model_dump(), **update})
     except (ValueError, OSError) as exc:
@@ -114,6 +123,9 @@ def _print_trace(scenario) -> int:  # type: ignore[no-untyped-def]
 
     trace = build_trace(scenario)
     print(f"{scenario.name}: {len(trace)} requests in {scenario.window_s:g}s (seed {scenario.seed})")
+    if scenario.calibrate:
+        print(f"  (rates as written: a run scales the background to {scenario.calibrate.multiple:g}x the measured "
+              "vLLM FCFS capacity first)")
     for s in scenario.streams:
         rows = [r for r in trace if r.stream == s.name]
         if rows:
@@ -133,18 +145,24 @@ async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: i
     meta = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "host": platform.node(), "python": platform.python_version(), "cpus": _cpus()}
     done: list[SystemResult] = []
+    calibrated: list = []  # the scaled scenario and its Calibrated, once measured
 
     def write(final: bool) -> str:
-        summaries = [report.summarize(r, scenario) for r in done]
-        table = report.markdown(summaries, scenario, command)
+        sc = calibrated[0] if calibrated else scenario
+        summaries = [report.summarize(r, sc) for r in done]
+        table = report.markdown(summaries, sc, command)
+        if calibrated:
+            table = table.replace("\n", f"\n\nLoad calibrated in this run: {calibrated[1].describe()}.\n", 1)
+            meta["calibration"] = calibrated[1].as_json()
+        table += report.preemption_markdown(done, summaries, sc)
         (out / "results.md").write_text(table)
-        report.write_json(out / "results.json", scenario, done, summaries, {**meta, "complete": final})
+        report.write_json(out / "results.json", sc, done, summaries, {**meta, "complete": final})
         rows = [breakdown.breakdown(r.plan.label, r.observation) for r in done]
         (out / "chunk_breakdown.json").write_text(json.dumps(
             {"rows": rows, "raw": [{"label": r.plan.label, **r.observation.as_json()} for r in done]}, indent=1))
         (out / "chunk_breakdown.md").write_text(breakdown.markdown(rows))
         if final:
-            for path in plots.write_all(done, summaries, scenario, out):
+            for path in plots.write_all(done, summaries, sc, out):
                 print(f"wrote {path}", file=sys.stderr)
         return table
 
@@ -152,9 +170,13 @@ async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: i
         done.append(result)
         write(final=False)
 
+    def on_calibrated(scaled, cal) -> None:  # type: ignore[no-untyped-def]
+        calibrated[:] = [scaled, cal]
+
     started = time.monotonic()
     try:
-        await run_benchmark(scenario, model_dir=args.model, on_result=on_result, keep_run_dir=args.keep_logs)
+        await run_benchmark(scenario, model_dir=args.model, on_result=on_result, keep_run_dir=args.keep_logs,
+                            on_calibrated=on_calibrated)
     except Exception as exc:  # keep what was measured; say what broke
         print(f"tokenslice bench: run failed after {len(done)} system(s): {type(exc).__name__}: {exc}",
               file=sys.stderr)

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from tokenslice import promtext
+from tokenslice.bench import preemption
 from tokenslice.bench.breakdown import Observation
+from tokenslice.bench.calibrate import Calibrated, measure_capacity, scale_to
 from tokenslice.bench.loadgen import Target, replay
 from tokenslice.bench.scenario import SYSTEMS, Scenario, System
 from tokenslice.bench.stats import RequestResult
@@ -77,6 +79,8 @@ class SystemResult:
     block_size: int = 0
     observation: Observation = field(default_factory=Observation)
     """What the data plane's own metrics said, scraped before it was torn down (the per-chunk breakdown)."""
+    preemption: dict[str, float | None] = field(default_factory=dict)
+    """The picker's preemption numbers (tokenslice.bench.preemption.summarize); empty without a picker."""
 
 
 def plan_systems(scenario: Scenario) -> list[Plan]:
@@ -240,6 +244,10 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
                           engine_counters=_delta(_engine_counters(after[:n]), _engine_counters(before[:n])),
                           gateway_counters=_delta(_gateway_counters(after[n]), _gateway_counters(before[n]))
                           if gw_urls else {}, block_size=block, observation=last)
+    if gw_urls:
+        waiter = next((s.priority_class for s in scenario.streams
+                       if s.name == scenario.unloaded_stream or s.drain), None)
+        result.preemption = preemption.summarize(after[n], last.seconds, waiter)
     for r, count in zip(results, prompt_counts):
         r.prompt_tokens = r.prompt_tokens or count
     if plan.chunk_size and plan.kind != "vllm-fcfs" and block:
@@ -251,16 +259,39 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
     return result
 
 
-async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, model_dir=None,
-                        on_result: Callable[[SystemResult], None] | None = None,
-                        keep_run_dir: bool = False) -> list[SystemResult]:
-    """Run every planned system; ``on_result`` sees each result as soon as it exists (partial reports)."""
-    trace = build_trace(scenario)
-    unloaded = build_trace(scenario, [scenario.unloaded_stream]) if scenario.unloaded_stream else []
-    plans = plan_systems(scenario)
+def _announce(scenario: Scenario, trace: list[TraceRequest], plans: list[Plan], progress: Progress) -> None:
     progress(f"scenario {scenario.name}: {len(trace)} requests over {scenario.window_s:.0f}s "
              f"({', '.join(f'{s.name}: {sum(r.stream == s.name for r in trace)}' for s in scenario.streams)}); "
              f"systems: {', '.join(p.label for p in plans)}")
+
+
+async def calibrate_on(engines: list[Engine], scenario: Scenario, progress: Progress) -> tuple[Scenario, Calibrated]:
+    """Measure the engines' FCFS capacity closed-loop, then scale the scenario's background load to it."""
+    targets = [Target(f"calibrate-{e.name}", e.url, e.model) for e in engines]
+    capacity = await measure_capacity(targets, scenario, progress=progress)
+    scaled, calibrated = scale_to(scenario, capacity)
+    progress(f"calibration: {calibrated.describe()}")
+    await wait_idle(engines)
+    return scaled, calibrated
+
+
+async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, model_dir=None,
+                        on_result: Callable[[SystemResult], None] | None = None,
+                        keep_run_dir: bool = False,
+                        on_calibrated: Callable[[Scenario, Calibrated], None] | None = None) -> list[SystemResult]:
+    """Run every planned system; ``on_result`` sees each result as soon as it exists (partial reports).
+
+    With ``scenario.calibrate`` the first engines (FCFS unless only vLLM priority runs) first measure
+    their capacity and every system then replays the trace of the scaled scenario (``on_calibrated``).
+    """
+    plans = plan_systems(scenario)
+    trace = build_trace(scenario)
+    unloaded = build_trace(scenario, [scenario.unloaded_stream]) if scenario.unloaded_stream else []
+    if scenario.calibrate is None:
+        _announce(scenario, trace, plans, progress)
+    else:
+        progress(f"scenario {scenario.name}: calibrating the load first; systems: {', '.join(p.label for p in plans)}")
+    calibrated: Calibrated | None = None
     out: list[SystemResult] = []
     run_dir = RunDir(keep=keep_run_dir)
     try:
@@ -272,6 +303,13 @@ async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, mod
                                   max_num_seqs=scenario.max_num_seqs, scheduling_policy=engine_policy,
                                   vllm_args=scenario.vllm_args, progress=progress,
                                   tag=f"engine-{engine_policy}") as engines:
+                if scenario.calibrate is not None and calibrated is None:
+                    scenario, calibrated = await calibrate_on(engines, scenario, progress)
+                    trace = build_trace(scenario)
+                    unloaded = build_trace(scenario, [scenario.unloaded_stream]) if scenario.unloaded_stream else []
+                    _announce(scenario, trace, plans, progress)
+                    if on_calibrated:
+                        on_calibrated(scenario, calibrated)
                 for plan in group:
                     progress(f"== {plan.label} ({len(out) + 1}/{len(plans)})")
                     try:

@@ -110,6 +110,17 @@ class Stream(_Model):
         "instead of cancelling them -- for the latency-critical stream whose tail we report")
 
 
+class Calibration(_Model):
+    """Offer a multiple of what this machine's vLLM (FCFS) can serve, measured in the same run first."""
+
+    multiple: float = Field(default=1.3, gt=0, description="offered output tokens/s over the measured capacity")
+    seconds: float = Field(default=20.0, gt=0, description="how long the capacity is measured (after warm-up)")
+    warmup_s: float = Field(default=5.0, ge=0, description="closed-loop ramp-up not counted")
+    streams: list[str] | None = Field(
+        default=None, description="streams whose arrival rates are scaled; default all but the latency probe "
+        "(the unloaded stream and draining streams keep their rates)")
+
+
 class Scenario(_Model):
     """A whole benchmark: traffic, engine shape, the systems to compare and the policy tokenslice runs."""
 
@@ -136,6 +147,8 @@ class Scenario(_Model):
     no_affinity: bool = Field(
         default=False, description="also run tokenslice chunking through a plain round-robin Envoy (no KV "
         "affinity) to show the prefix-cache drop; meaningful with engines >= 2")
+    calibrate: Calibration | None = Field(
+        default=None, description="scale the background load to this machine (tokenslice.bench.calibrate)")
     policy: SchedulingPolicySpec
 
     @model_validator(mode="after")
@@ -143,6 +156,8 @@ class Scenario(_Model):
         names = [s.name for s in self.streams]
         if len(set(names)) != len(names):
             raise ValueError("stream names must be unique")
+        if self.calibrate and self.calibrate.streams and not set(self.calibrate.streams) <= set(names):
+            raise ValueError(f"calibrate.streams {self.calibrate.streams} are not all streams")
         for s in self.streams:
             if self.policy.klass(s.priority_class) is None:
                 raise ValueError(f"stream {s.name!r}: class {s.priority_class!r} is not in the policy")
