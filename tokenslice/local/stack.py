@@ -69,6 +69,7 @@ class LocalConfig(BaseModel):
     max_num_seqs: int | None = Field(default=None, ge=1,
                                      description="vLLM --max-num-seqs; default the policy's slotsPerEndpoint")
     vllm_args: list[str] = Field(default_factory=list)
+    picker_args: list[str] = Field(default_factory=list, description="extra `tokenslice picker` flags")
     scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     mode: Mode = "tokenslice"
     engine_timeout_s: float = 900.0
@@ -213,6 +214,8 @@ class DataPlane:
     log_level: str = "INFO"
     name: str = ""
     """Prefix of this data plane's log names (the benchmark runs several over one run directory)."""
+    picker_args: list[str] = field(default_factory=list)
+    """Extra ``tokenslice picker`` flags (e.g. ``--max-slice-tokens``, ``--no-preemption``)."""
     processes: list[ManagedProcess] = field(default_factory=list)
     sidecar_addresses: list[str] = field(default_factory=list)
     url: str = ""
@@ -286,7 +289,7 @@ class DataPlane:
                 "--policy", str(policy_path), "--endpoints", ",".join(self.sidecar_addresses),
                 "--signing-key-file", str(key_file),
                 # loopback only, one user: the bench and demos name tenants with the policy's header
-                "--trust-tenant-header"), self.run_dir.log(f"{self.name}picker"))
+                "--trust-tenant-header", *self.picker_args), self.run_dir.log(f"{self.name}picker"))
             self.processes.append(picker)
             self.picker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             await self._envoy("envoy", ExtProc("127.0.0.1", grpc_port), envoy_port)
@@ -367,7 +370,7 @@ class LocalStack:
             keep_file = cfg.policy is None and cfg.chunk_size is None and cfg.policy_file is not None
             self.plane = DataPlane(self.pool.engines, self.policy, self.run_dir, mode=cfg.mode, port=cfg.port,
                                    policy_path=cfg.policy_file.resolve() if keep_file and cfg.policy_file
-                                   else None, progress=self.progress)
+                                   else None, progress=self.progress, picker_args=cfg.picker_args)
             await self.plane.start()
         except BaseException:
             await self.stop()
