@@ -230,3 +230,18 @@ async def test_a_non_preemptible_or_equal_class_is_never_cut():
     assert waiters[0].done() and not waiters[1].done()
     waiters[1].cancel()
     await _settle()
+
+
+async def test_a_long_slice_is_charged_one_quantum_until_it_reports():
+    ds = Datastore(["10.0.0.1:80"])
+    policy = SchedulingPolicySpec(chunk_size=32, priority_classes=[PriorityClass(name="std", priority=1)])
+    d = Dispatcher(policy, ds, PickerMetrics(), max_slice_tokens=4096)
+    long = make_chunk("r", "t", "std", index=1, slice=4096)
+    await d.acquire(long)
+    assert long.slice == 32 and d.ledger.counters.get("std", "t") == pytest.approx(2 * 32)
+    assert d.metrics.slices_capped.labels("std")._value.get() == 0  # a long slice is not a capped one
+    d.release(long, 700)  # the worker's count: charged what it produced
+    assert d.ledger.counters.get("std", "t") == pytest.approx(2 * 700)
+    beyond = make_chunk("r2", "t", "std", index=1, slice=5000)
+    await d.acquire(beyond)
+    assert d.metrics.slices_capped.labels("std")._value.get() == 1

@@ -30,9 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     aff.add_argument("--tokens", type=int, default=320, help="output tokens per request")
     aff.add_argument("--requests", type=int, default=3)
     aff.add_argument("--model", type=Path, default=None)
-    micro = sub.add_parser("micro", help="micro-benchmarks of one part: picker (its cost per chunk) or "
-                           "sidecar (chunking cost); `tokenslice bench micro picker --help`")
-    micro.add_argument("part", choices=("picker", "sidecar"))
+    micro = sub.add_parser("micro", help="micro-benchmarks of one part: picker (its cost per chunk), "
+                           "sidecar (chunking cost) or slices (slice ends and cuts on real vLLM); "
+                           "`tokenslice bench micro picker --help`")
+    micro.add_argument("part", choices=("picker", "sidecar", "slices"))
     micro.add_argument("args", nargs=argparse.REMAINDER, help="the part's own flags")
     sub.add_parser("list", help="list the built-in scenarios")
     trace = sub.add_parser("trace", help="print a scenario's arrival trace summary (no engines needed)")
@@ -69,9 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.bench_command == "affinity":
         return _affinity(args)
     if args.bench_command == "micro":
-        from tokenslice.bench.micro import picker, sidecar
+        from tokenslice.bench.micro import picker, sidecar, slices
 
-        return {"picker": picker.main, "sidecar": sidecar.main}[args.part](args.args)
+        return {"picker": picker.main, "sidecar": sidecar.main, "slices": slices.main}[args.part](args.args)
     if args.bench_command not in ("demo", "run", "trace"):
         print("usage: tokenslice bench {demo,run,affinity,micro,list,trace} ...  (see --help)", file=sys.stderr)
         return 2
