@@ -111,7 +111,7 @@ def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None,
               client_factory: ClientFactory | None = None) -> web.Application:
     """The sidecar app; serve it with ``handler_cancellation=True`` so disconnects cancel upstream work.
 
-    ``client_factory`` swaps the driver's vLLM client (``benchmarks/bench_sidecar.py`` uses it to compare
+    ``client_factory`` swaps the driver's vLLM client (``tokenslice bench micro sidecar`` uses it to compare
     HTTP libraries); by default the aiohttp ``VllmClient``.
     """
     key = check_key(config.key)  # no fallback: a random key would refuse every peer's chunk
