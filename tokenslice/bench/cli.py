@@ -54,6 +54,8 @@ def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
                    help="calibrate: offer this multiple of the measured vLLM FCFS capacity (e.g. 1.3); "
                    "turns calibration on for a scenario without it")
     p.add_argument("--no-calibrate", action="store_true", help="replay the scenario's rates as written")
+    p.add_argument("--picker-args", default=None,
+                   help="extra picker flags for the tokenslice systems, one string, e.g. '--max-slice-tokens 4096'")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--model", type=Path, default=None, help="local model directory (default: the tiny model)")
     p.add_argument("--keep-logs", action="store_true", help="keep the run directory with every component's log")
@@ -91,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
                 update["reserved_slots"] = [int(x) for x in args.reserved.split(",") if x.strip()]
             if args.window:
                 update["window_s"] = args.window
+            if args.picker_args is not None:
+                update["picker_args"] = shlex.split(args.picker_args)
             if args.no_calibrate:
                 update["calibrate"] = None
             elif args.multiple:

@@ -224,7 +224,7 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
     await wait_idle(engines)
     draining = {s.name for s in scenario.streams if s.drain}
     async with DataPlane(engines, policy, run_dir, mode=plan.mode, progress=progress, log_level="WARNING",
-                         name=f"{plan.label}-") as plane:
+                         name=f"{plan.label}-", picker_args=list(scenario.picker_args)) as plane:
         gw_urls = [plane.picker_metrics_url] if plane.picker_metrics_url else []
         before, first = await observe(plane, engines)
         block = int(promtext.label(before[0], promtext.CACHE_CONFIG, "block_size") or 0)

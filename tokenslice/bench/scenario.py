@@ -134,6 +134,9 @@ class Scenario(_Model):
     engines: int = Field(default=1, ge=1, le=8)
     max_num_seqs: int = Field(default=4, ge=1)
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM flags for every engine")
+    picker_args: list[str] = Field(default_factory=list,
+                                   description="extra `tokenslice picker` flags for the tokenslice systems, "
+                                   "e.g. [--max-slice-tokens, '4096'] (long slices, cut on demand)")
     systems: list[SystemName] = Field(
         default_factory=lambda: ["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"])
     chunk_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
