@@ -38,6 +38,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="ClusterKopfPeering the replicas coordinate through (the chart creates it)")
     parser.add_argument("--priority", type=int, help="peering priority (default: random, so replicas never tie)")
     parser.add_argument("--health-port", type=int, default=0, help="serve kopf's liveness /healthz here (0: off)")
+    parser.add_argument("--health-host", default="0.0.0.0", help="address of the liveness endpoint")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -55,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     )
     opts = RunOptions(kubeconfig=args.kubeconfig, config=config, webhook_host=args.webhook_host,
                       standalone=args.standalone, priority=args.priority, peering_name=args.peering_name,
-                      liveness_endpoint=f"http://0.0.0.0:{args.health_port}/healthz" if args.health_port else None)
+                      liveness_endpoint=(f"http://{args.health_host}:{args.health_port}/healthz"
+                                         if args.health_port else None))
     try:
         asyncio.run(run_operator(opts))
     except KeyboardInterrupt:
