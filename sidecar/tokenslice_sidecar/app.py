@@ -28,12 +28,14 @@ from tokenslice.contract import (
     AdmitHeaders,
     ChunkHeaders,
     ContractError,
+    CutHeaders,
     SeenSignatures,
     check_key,
 )
 from tokenslice.errors import openai_error
 
 from .driver import Generation
+from .execution import RunningChunks, cuttable, run_chunk
 from .metrics import SidecarMetrics
 from .openai_stream import ResponseBuilder, sse
 from .proxy import forward, forward_headers
@@ -81,6 +83,8 @@ class _State:
     advertise: str = ""
     seen: SeenSignatures = field(default_factory=SeenSignatures)
     """Chunk signatures this worker already ran (replays are refused)."""
+    running: RunningChunks = field(default_factory=RunningChunks)
+    """Chunks this worker runs now, for the picker's cut orders."""
     session: aiohttp.ClientSession | None = None
     max_model_len: int | None = None
     """Learnt from the first /tokenize answer."""
@@ -160,6 +164,8 @@ async def _dispatch(request: web.Request) -> web.StreamResponse:
 async def _route(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     lower = {k.lower(): v for k, v in request.headers.items()}
+    if request.path == contract.CUT_PATH:
+        return await _cut(request, st, lower)
     if contract.role_of(lower) == contract.ROLE_CHUNK:
         try:
             chunk = ChunkHeaders.verify(lower, st.key, granted=True)
@@ -176,7 +182,7 @@ async def _route(request: web.Request) -> web.StreamResponse:
             st.metrics.rejected.labels("bad_chunk").inc()
             log.warning("refused chunk %s/%d from %s: %s", chunk.request_id, chunk.chunk_index, request.remote, exc)
             return _error(f"untrusted chunk: {exc}", 403, "PermissionDeniedError")
-        return await _worker(request, st, body)
+        return await _worker(request, st, chunk, body)
     endpoint = DRIVER_PATHS.get(request.path)
     if endpoint is not None and request.method == "POST":
         return await _driver(request, st, endpoint, lower)
@@ -196,16 +202,41 @@ def _session(st: _State) -> aiohttp.ClientSession:
     return st.session
 
 
-async def _worker(request: web.Request, st: _State, body: bytes) -> web.StreamResponse:
-    """Run exactly one checked chunk on the local vLLM; the body is forwarded as is."""
+async def _worker(request: web.Request, st: _State, chunk: ChunkHeaders, body: bytes) -> web.StreamResponse:
+    """Run exactly one checked chunk on the local vLLM; the body is forwarded as is.
+
+    A driver's continuation chunk runs revocably (``execution.run_chunk``); anything else (an
+    unchunkable request run as one chunk) is a plain stream copy.
+    """
     st.metrics.worker_chunks.inc()
     st.metrics.inflight.inc()
+    url = st.config.vllm_url.rstrip("/") + request.path
     try:
-        return await forward(request, _session(st), st.config.vllm_url.rstrip("/") + request.path, body,
-                             st.timeout, {"Content-Type": "application/json"},
+        if cuttable(request.path, body):
+            return await run_chunk(request, _session(st), url, body, st.timeout, st.advertise,
+                                   (chunk.request_id, chunk.chunk_index), st.running, st.metrics)
+        return await forward(request, _session(st), url, body, st.timeout, {"Content-Type": "application/json"},
                              {contract.SERVED_BY: st.advertise})
     finally:
         st.metrics.inflight.dec()
+
+
+async def _cut(request: web.Request, st: _State, lower: dict[str, str]) -> web.Response:
+    """The picker's signed order to end a running chunk now: 200 cut, 404 not running here, 403 untrusted."""
+    if request.method != "POST":
+        return _error(f"{contract.CUT_PATH} takes POST", 405, "MethodNotAllowedError")
+    try:
+        order = CutHeaders.verify(lower, st.key)
+    except ContractError as exc:
+        st.metrics.rejected.labels("bad_cut_headers").inc()
+        log.warning("refused cut order from %s: %s", request.remote, exc)
+        return _error(f"untrusted cut order: {exc}", 403, "PermissionDeniedError")
+    running = st.running.cut((order.request_id, order.chunk_index), order.reason)
+    if running is None:
+        return _error(f"chunk {order.chunk_index} of request {order.request_id} is not running here", 404,
+                      "NotFoundError")
+    return web.json_response({"request_id": order.request_id, "chunk_index": order.chunk_index,
+                              "reason": order.reason, "tokens": running.tokens})
 
 
 async def _driver(request: web.Request, st: _State, endpoint: Endpoint,

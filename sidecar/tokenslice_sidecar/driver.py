@@ -77,8 +77,8 @@ class Generation:
         body.update(prompt=self.prompt_ids + self.generated, max_tokens=max_tokens, stream=True,
                     return_token_ids=True, request_id=f"{self.request_id}-{self.chunks}")
         left = plan.min_tokens - len(self.generated)
-        if left > 0:
-            body["min_tokens"] = left
+        if left > 0:  # what is still owed, within this chunk's slice (vLLM refuses min_tokens > max_tokens)
+            body["min_tokens"] = min(left, max_tokens)
         if plan.seed is not None:
             body["seed"] = chunk_seed(plan.seed, len(self.generated))
         if plan.logprobs is not None:
@@ -175,8 +175,13 @@ class Generation:
                 if finish is None:
                     if text or ids:
                         yield Delta(text, ids, lp)
-                elif finish == "length" and produced == slice_ and len(self.generated) < budget:
-                    yield Delta(text, ids, lp)  # the slice is used up: a chunk boundary, not an end
+                elif finish == "length" and len(self.generated) < budget:
+                    # a chunk boundary, not an end: the slice is used up, or the picker cut it short (a
+                    # "length" before the slice and the budget end has no other cause)
+                    if produced < slice_:
+                        self.metrics.slices_cut.inc()
+                    if text or ids or lp:
+                        yield Delta(text, ids, lp)
                 elif finish in ("stop", "length"):
                     self.finished = True
                     yield Delta(text + scanner.flush(), ids, lp, finish, choice.get("stop_reason"))

@@ -40,6 +40,12 @@ class SidecarMetrics:
                                buckets=_LATENCY_BUCKETS, registry=r)
         self.worker_chunks = Counter("tokenslice_sidecar_worker_chunks",
                                      "Chunks executed by the worker role.", registry=r)
+        self.cuts = Counter("tokenslice_sidecar_cuts", "Running chunks this worker cut on the picker's order, "
+                            "by reason.", ["reason"], registry=r)
+        self.cut_tokens = Histogram("tokenslice_sidecar_cut_tokens", "Tokens a cut chunk had produced when cut.",
+                                    buckets=_TOKEN_BUCKETS, registry=r)
+        self.slices_cut = Counter("tokenslice_sidecar_slices_cut", "Driver chunks that ended before their slice "
+                                  "was used up (cut by the picker) and were continued.", registry=r)
         self.rejected = Counter("tokenslice_sidecar_rejected",
                                 "Requests refused, by reason.", ["reason"], registry=r)
         self.errors = Counter("tokenslice_sidecar_errors", "Upstream/driver failures, by stage.",

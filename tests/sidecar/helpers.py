@@ -43,11 +43,12 @@ class Streamed:
     logprobs: list[Any] = field(default_factory=list)
 
 
-async def post_stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> Streamed:
+async def post_stream(http: aiohttp.ClientSession, url: str, body: dict[str, Any],
+                      headers: dict[str, str] | None = None) -> Streamed:
     """Collect an SSE response; checks framing (``[DONE]`` exactly once, last)."""
     out = Streamed()
     chat = url.endswith("/chat/completions")
-    async with http.post(url, json={**body, "stream": True}) as resp:
+    async with http.post(url, json={**body, "stream": True}, headers=headers) as resp:
         assert resp.status == 200, (resp.status, await resp.text())
         assert resp.headers["Content-Type"].startswith("text/event-stream")
         raw = (await resp.read()).decode()
