@@ -40,8 +40,8 @@ class Cutter:
     worker: str
     request_id: str
     rng: random.Random
-    max_cuts: int = 8
-    pause_s: tuple[float, float] = (0.02, 0.25)
+    max_cuts: int = 12
+    pause_s: tuple[float, float] = (0.01, 0.12)
     cut_tokens: list[int] = field(default_factory=list)
 
     async def run(self) -> None:
@@ -119,10 +119,10 @@ async def test_cut_chunks_continue_token_for_token(http, vllm, sidecars, endpoin
     before = sample(worker, "tokenslice_sidecar_cuts_total", reason="priority")
     cut_counts = []
     for i, (path, body) in enumerate([
-        ("/v1/completions", greedy(prompt=PROMPTS[1], max_tokens=60, ignore_eos=True)),
+        ("/v1/completions", greedy(prompt=PROMPTS[1], max_tokens=160, ignore_eos=True)),
         ("/v1/completions", greedy(prompt=PROMPTS[2], max_tokens=60)),
     ] if endpoint == "completions" else [
-        ("/v1/chat/completions", greedy(messages=CHAT[0], max_tokens=60, ignore_eos=True)),
+        ("/v1/chat/completions", greedy(messages=CHAT[0], max_tokens=160, ignore_eos=True)),
         ("/v1/chat/completions", greedy(messages=CHAT[1], max_tokens=60)),
     ]):
         body = {"model": vllm.model, **body}
@@ -167,18 +167,18 @@ async def test_stop_string_spanning_a_cut(http, vllm, sidecars):
     spanned = 0
     for i, prompt in enumerate(PROMPTS[:4]):
         ref0 = await reference(http, vllm, "/v1/completions",
-                               greedy(prompt=prompt, max_tokens=40, ignore_eos=True, logprobs=0))
+                               greedy(prompt=prompt, max_tokens=48, ignore_eos=True, logprobs=0))
         texts = ref0["choices"][0]["logprobs"]["tokens"]
-        start, end = 6, 16  # a stop string made of tokens 6..15 of the uninterrupted output
+        start, end = 12, 28  # a stop string made of tokens 12..27 of the uninterrupted output
         stop = "".join(texts[start:end])
         full = "".join(texts)
         if full.find(stop) != len("".join(texts[:start])) or not stop.strip():
             continue
-        body = {"model": vllm.model, **greedy(prompt=prompt, max_tokens=40, ignore_eos=True, stop=[stop])}
+        body = {"model": vllm.model, **greedy(prompt=prompt, max_tokens=48, ignore_eos=True, stop=[stop])}
         ref = await reference(http, vllm, "/v1/completions", body)
         for stream in (False, True):
             got, cut = await _cut_run(http, driver, worker, "/v1/completions", body, stream, seed=300 + i,
-                                      pause_s=(0.01, 0.08))
+                                      pause_s=(0.01, 0.06))
             _assert_equal(got, ref)
             spanned += any(start < at < end for at in cut.boundaries())
     assert spanned >= 1, "no cut landed inside a stop string"
@@ -186,7 +186,7 @@ async def test_stop_string_spanning_a_cut(http, vllm, sidecars):
 
 async def test_cut_with_logprobs(http, vllm, sidecars):
     worker, driver = await _pair(sidecars)
-    body = {"model": vllm.model, **greedy(prompt=PROMPTS[3], max_tokens=40, ignore_eos=True, logprobs=2)}
+    body = {"model": vllm.model, **greedy(prompt=PROMPTS[3], max_tokens=120, ignore_eos=True, logprobs=2)}
     ref = await reference(http, vllm, "/v1/completions", body)
     got, cut = await _cut_run(http, driver, worker, "/v1/completions", body, False, seed=400)
     _assert_equal(got, ref)
@@ -195,7 +195,7 @@ async def test_cut_with_logprobs(http, vllm, sidecars):
     assert got["logprobs"]["token_logprobs"] == pytest.approx(r["token_logprobs"], abs=1e-3)
     assert any(cut.cut_tokens)
 
-    chat = {"model": vllm.model, **greedy(messages=CHAT[2], max_tokens=40, ignore_eos=True, logprobs=True,
+    chat = {"model": vllm.model, **greedy(messages=CHAT[2], max_tokens=120, ignore_eos=True, logprobs=True,
                                           top_logprobs=2)}
     ref = await reference(http, vllm, "/v1/chat/completions", chat)
     got, cut = await _cut_run(http, driver, worker, "/v1/chat/completions", chat, True, seed=401)
