@@ -268,9 +268,10 @@ def preemption_markdown(results: list[SystemResult], summaries: list[SystemSumma
         return ""
     lines = ["", "Preemption (revocable slices; the picker's metrics -- histogram quantiles are as coarse as its "
              "buckets -- plus the focus stream's client-side TTFT):", "",
-             "| system | preemptions | per s | cut -> slot free p50 / p99 ms | waiter queued -> slot p50 / p99 ms "
-             "| waiter first token p50 / p99 ms | tokens recomputed per preemption | throughput lost per preemption "
-             "(tokens, vs FCFS) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| system | preemptions | per s | cuts not acted on | cut -> slot free p50 / p99 ms "
+             "| waiter queued -> slot p50 / p99 ms | waiter first token p50 / p99 ms "
+             "| tokens recomputed per preemption | throughput lost per preemption (tokens, vs FCFS) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r, s in rows:
         p = r.preemption
         n = p.get("preemptions") or 0
@@ -281,6 +282,7 @@ def preemption_markdown(results: list[SystemResult], summaries: list[SystemSumma
             seconds = r.observation.seconds or 0.0
             lost = (fcfs.throughput_tps - s.throughput_tps) * seconds / n
         lines.append(f"| {s.label} | {n:.0f} | {_f(p.get('preemptions_per_s'), digits=2)} | "
+                     f"{_f(p.get('cut_failures'), digits=0)} | "
                      f"{_ms(p.get('cut_to_free_p50_s'))} / {_ms(p.get('cut_to_free_p99_s'))} | "
                      f"{_ms(p.get('waiter_queue_p50_s'))} / {_ms(p.get('waiter_queue_p99_s'))} | "
                      f"{_ms(ttft.p50 if ttft else None)} / {_ms(ttft.p99 if ttft else None)} | "
