@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from tokenslice.local import cli
@@ -24,6 +25,11 @@ def test_run_dir_is_removed_on_close() -> None:
     (rd.path / "signing.key").write_text("x")
     rd.close()
     assert not rd.path.exists()
+    kept = RunDir(keep=True)
+    (kept.path / "signing.key").write_text("x")
+    kept.close()  # logs and configs stay for a post-mortem; the key never does
+    assert kept.path.exists() and not (kept.path / "signing.key").exists()
+    shutil.rmtree(kept.path)
 
 
 def test_local_up_cli_passes_vllm_args_and_rejects_bad_policy(tmp_path: Path) -> None:

@@ -97,8 +97,11 @@ class RunDir:
         return self.path / "logs" / f"{name}.log"
 
     def close(self) -> None:
+        """Delete the directory; a kept one (its logs and configs) still loses the signing key."""
         if not self.keep:
             shutil.rmtree(self.path, ignore_errors=True)
+        else:
+            (self.path / "signing.key").unlink(missing_ok=True)
 
 
 # --- engines -----------------------------------------------------------------------------------------
