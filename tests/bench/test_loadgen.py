@@ -283,6 +283,13 @@ def test_checks_and_markdown_report_the_targets() -> None:
     assert "| 7 | 0.35 | - | 3 / 5 | 4 / 40 |" in row and "| 15.0 |" in row
 
 
+def test_long_slices_are_recognised_from_the_picker_flags() -> None:
+    from tokenslice.bench.runner import long_slices
+
+    assert long_slices(["--max-slice-tokens", "4096"]) and long_slices(["--max-slice-tokens=4096"])
+    assert not long_slices([]) and not long_slices(["--max-slice-tokens", "0"]) and not long_slices(["--x", "1"])
+
+
 def test_the_kv_hit_target_is_judged_only_where_it_can_fail() -> None:
     sc = _scenario(window_s=30, warmup_s=8)
     res = _system("tokenslice-c16", "tokenslice", 0.3, 400, 200, chunk=16)

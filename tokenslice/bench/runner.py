@@ -120,6 +120,17 @@ def sweep_policy(scenario: Scenario, chunk_size: int | None, reserved: int | Non
     return policy.model_copy(update=update)
 
 
+def long_slices(picker_args: list[str]) -> bool:
+    """Whether the picker runs long slices (``--max-slice-tokens N`` with N > 0): slices end at cuts, not
+    every chunk-size tokens."""
+    for i, arg in enumerate(picker_args):
+        value = arg.split("=", 1)[1] if arg.startswith("--max-slice-tokens=") else (
+            picker_args[i + 1] if arg == "--max-slice-tokens" and i + 1 < len(picker_args) else None)
+        if value is not None:
+            return value.strip().isdigit() and int(value) > 0
+    return False
+
+
 def salted(trace: list[TraceRequest], label: str) -> list[TraceRequest]:
     salt = hashlib.sha256(label.encode()).hexdigest()[:8]
     return [dataclasses.replace(r, prompt=f"{salt} {r.prompt}") for r in trace]
@@ -250,7 +261,9 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
         result.preemption = preemption.summarize(after[n], last.seconds, waiter)
     for r, count in zip(results, prompt_counts):
         r.prompt_tokens = r.prompt_tokens or count
-    if plan.chunk_size and plan.kind != "vllm-fcfs" and block:
+    if plan.chunk_size and plan.kind != "vllm-fcfs" and block and not long_slices(scenario.picker_args):
+        # chunk k starts at prompt + k x chunk: true only when every slice ends at the chunk size. With long
+        # slices a continuation starts wherever a cut landed, which the client cannot see: no figure then
         result.reusable_tokens = float(sum(
             reusable_tokens(r.prompt_tokens, r.completion_tokens, plan.chunk_size, block) for r in results))
         result.reusable_tokens_max = float(sum(
