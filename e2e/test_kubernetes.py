@@ -1,6 +1,7 @@
-"""End to end on the Kubernetes path: a real API server, the chart installed with the real helm, the operator
-running with the chart's RBAC and settings, a pool and a policy applied with kubectl, two vLLM pods injected by
-its webhook -- and streamed requests through the pool's gateway (Envoy) scheduled by the pool's picker.
+"""End to end on the Kubernetes path, following docs/kubernetes.md's quick start command by command: a real API
+server, the chart installed with the real helm, the operator running with the chart's RBAC and settings, the
+docs' pool and policy applied with kubectl, two vLLM pods injected by its webhook -- and streamed requests
+through the pool's gateway (Envoy) scheduled by the pool's picker.
 
 There is no kubelet, scheduler, controller-manager, kube-proxy or DNS here, so ``tests/fixtures/kubelet.py``
 stands in for them: it creates the pod a Deployment would get, runs each pod's containers as their spec states
@@ -21,6 +22,7 @@ import concurrent.futures
 import json
 import os
 import re
+import shlex
 import sys
 import urllib.request
 from collections.abc import Iterator
@@ -40,27 +42,12 @@ from tokenslice_operator.app import RunOptions
 from tokenslice_operator.config import OperatorConfig
 
 pytestmark = [pytest.mark.k8s, pytest.mark.engine, pytest.mark.envoy, pytest.mark.timeout(900)]
-CHART = REPO_ROOT / "charts" / "tokenslice"
-NS, SYSTEM = "serving", "tokenslice-system"
+NS = "serving"
 TOKENSLICE = ["tokenslice"]  # the ENTRYPOINT of docker/{operator,picker,sidecar}.Dockerfile
 IMAGES = {"ghcr.io/tokenslice/operator:0.1.0": TOKENSLICE, "ghcr.io/tokenslice/picker:0.1.0": TOKENSLICE,
           "ghcr.io/tokenslice/sidecar:0.1.0": TOKENSLICE, "docker.io/envoyproxy/envoy:v1.40.0": ["envoy"],
           "vllm/vllm-openai:cpu": []}
 IN_CLUSTER = {"ghcr.io/tokenslice/operator:0.1.0", "ghcr.io/tokenslice/picker:0.1.0"}
-
-POOL = {
-    "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
-    "metadata": {"name": "llama", "namespace": NS, "labels": {"tokenslice.io/managed": "true"}},
-    "spec": {"selector": {"matchLabels": {"app": "llama-vllm"}}, "targetPorts": [{"number": 8000}],
-             "endpointPickerRef": {"name": "llama-epp", "port": {"number": 9002}}},
-}
-POLICY = {
-    "apiVersion": "tokenslice.io/v1alpha1", "kind": "SchedulingPolicy",
-    "metadata": {"name": "llama", "namespace": NS},
-    "spec": {"poolRef": {"name": "llama"}, "chunkSize": 8, "slotsPerEndpoint": 2,
-             "priorityClasses": [{"name": "standard", "priority": 100}]},
-}
-
 
 def vllm_pod(name: str) -> dict:
     """A user's vLLM pod (what a Deployment's template would hold): the tiny offline model on the CPU engine."""
@@ -70,7 +57,7 @@ def vllm_pod(name: str) -> dict:
         "metadata": {"name": name, "namespace": NS, "labels": {"app": "llama-vllm"}},
         "spec": {"containers": [{
             "name": "vllm", "image": "vllm/vllm-openai:cpu",
-            "command": vllm_command(model_dir=check_built(), port=8000, max_num_seqs=4),
+            "command": vllm_command(model_dir=check_built(), port=8000, max_num_seqs=16),  # >= slotsPerEndpoint
             "env": [{"name": k, "value": v} for k, v in sorted(env.items())],
             "ports": [{"name": "http", "containerPort": 8000}],
             "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}},
@@ -172,24 +159,54 @@ def stream(gateway: str, prompt: str, max_tokens: int) -> tuple[str, int]:
     return text, usage["completion_tokens"]
 
 
-def test_streamed_requests_through_the_pools_gateway_on_kubernetes(cluster: KubeCluster, node: Kubelet) -> None:
-    # --- install: the chart with the real helm (CRDs, RBAC); the operator with the chart's ClusterRole ------------
-    out = cluster.helm("install", "tokenslice", str(CHART), "--namespace", SYSTEM, "--create-namespace",
-                       "--set", "webhook.enabled=false", "--set", "operator.replicas=0").stdout
-    assert "STATUS: deployed" in out
-    operator = start_operator(cluster)
-    try:
+def doc_commands() -> list[list[str]]:
+    """Every command line of the ``sh`` blocks of docs/kubernetes.md (continuations joined, comments dropped)."""
+    text = (REPO_ROOT / "docs" / "kubernetes.md").read_text()
+    lines = "".join(re.findall(r"```sh\n(.*?)```", text, re.S)).replace("\\\n", " ").splitlines()
+    return [argv for line in lines if (argv := shlex.split(line, comments=True))]
 
-        # --- a pool and its policy, with kubectl --------------------------------------------------------------------
-        cluster.kubectl("create", "namespace", NS)
-        cluster.apply(POOL)
-        cluster.apply(POLICY)
+
+STATUS_COMMAND = next(c for c in doc_commands() if c[:3] == ["kubectl", "get", "inferencepool"])
+
+
+def quickstart() -> list[list[str]]:
+    """The commands of docs/kubernetes.md's quick start, in order (continuations joined, comments dropped)."""
+    text = (REPO_ROOT / "docs" / "kubernetes.md").read_text()
+    block = re.search(r"<!-- quickstart.*?-->\n```sh\n(.*?)```", text, re.S).group(1).replace("\\\n", " ")
+    return [argv for line in block.splitlines() if (argv := shlex.split(line, comments=True))]
+
+
+def doc_files(workdir: Path) -> None:
+    """The YAML blocks of docs/kubernetes.md that start ``# <name>.yaml``, saved as files (a user's copy-paste)."""
+    text = (REPO_ROOT / "docs" / "kubernetes.md").read_text()
+    for block in re.findall(r"```yaml\n(# ([\w.-]+\.yaml)\n.*?)```", text, re.S):
+        (workdir / block[1]).write_text(block[0])
+    (workdir / "charts").symlink_to(REPO_ROOT / "charts")
+
+
+def test_the_docs_quick_start_on_kubernetes(cluster: KubeCluster, node: Kubelet, tmp_path: Path) -> None:
+    """docs/kubernetes.md's quick start, command by command; then a deleted pod gets no chunks."""
+    doc_files(tmp_path)
+    commands = quickstart()
+    assert [c[:2] for c in commands] == [["helm", "install"], ["kubectl", "create"], ["kubectl", "apply"],
+                                         ["kubectl", "apply"], ["kubectl", "get"], ["kubectl", "get"],
+                                         ["kubectl", "port-forward"], ["curl", "-N"], ["kubectl", "patch"]]
+    run = lambda argv: cluster.run(argv[0], *argv[1:], cwd=tmp_path).stdout  # noqa: E731
+    operator = None
+    try:
+        assert "STATUS: deployed" in run(commands[0])  # helm install: CRDs, RBAC, the operator's Deployment
+        operator = start_operator(cluster)
+        run(commands[1])  # kubectl create namespace serving
+        run(commands[2])  # the pool (+ the docs' vLLM Deployment: a GPU model this machine cannot run, see below)
+        run(commands[3])  # the policy
         wait_for(lambda: cluster.get("deployment", "llama-epp", NS) and cluster.get("service", "llama-gateway", NS),
                  60, "the operator to create the pool's picker and gateway")
+        wait_for(lambda: run(commands[4]).count("True") == 2, 60, "the policy to be Accepted and Programmed")
+
+        # the pods a kubelet would run: the picker's (from the operator's Deployment), and two vLLM pods of the
+        # tiny offline model labelled like the docs' Deployment, injected by the operator's webhook
         picker = node.run(NS, node.create_pod_of(NS, "llama-epp"))
         gateway = node.resolve_service(NS, "llama-gateway", 8080)
-
-        # --- two vLLM pods: the chart's webhook injects the sidecar -------------------------------------------------
         for name in ("llama-vllm-a", "llama-vllm-b"):
             cluster.apply(vllm_pod(name))
             spec = cluster.get("pod", name, NS)["spec"]
@@ -197,41 +214,48 @@ def test_streamed_requests_through_the_pools_gateway_on_kubernetes(cluster: Kube
                 f"the webhook did not inject {name}"
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             a, b = pool.map(lambda n: node.run(NS, n), ["llama-vllm-a", "llama-vllm-b"])
+        status = run(STATUS_COMMAND)  # the docs' "Pool status" command
+        assert '"type":"ResolvedRefs"' in status.replace(" ", "") and '"status":"True"' in status, status
+        pods = run(commands[5])
+        assert "llama-epp-" in pods and "llama-vllm-a" in pods and "llama-vllm-b" in pods, pods
         picker_metrics = f"http://{picker.ip}:9090/metrics"
-        endpoints = lambda: {k for k, v in _scrape(picker_metrics).items() if "endpoint_slots_granted" in k}  # noqa: E731
+        endpoints = lambda: {k for k in _scrape(picker_metrics) if "endpoint_slots_granted" in k}  # noqa: E731
         wait_for(lambda: len(endpoints()) == 2, 60, f"the picker to list both pods (log: {picker.dir})")
 
-        # --- streamed requests: tokens come back; their chunks ran on both pods -------------------------------------
-        assert stream(gateway, "The river", 24)[1] == 24
-        before = {p.name: _worker_chunks(p) for p in (a, b)}
-        with concurrent.futures.ThreadPoolExecutor(4) as pool:
-            results = list(pool.map(lambda i: stream(gateway, f"Request {i} about mountains", 40), range(4)))
-        assert [n for _, n in results] == [40] * 4
-        ran = {p.name: _worker_chunks(p) - before[p.name] for p in (a, b)}
-        assert all(n > 0 for n in ran.values()) and sum(ran.values()) >= 4 * 5, f"chunks per pod: {ran}"
+        # port-forward + curl: the same request, sent to the gateway's pod (no kubelet to forward to)
+        body = json.loads(commands[7][commands[7].index("-d") + 1])
+        drivers = lambda: sum(_driver_chunks(p) for p in (a, b))  # noqa: E731
+        issued = drivers()
+        text, tokens = stream(gateway, body["prompt"], body["max_tokens"])
+        assert tokens == 64 and drivers() - issued == 2, "64 tokens in two time slices of the policy's 32"
 
-        # --- a pod that leaves the pool stops getting chunks (its processes still run, as during termination) ------
+        # chunks of concurrent requests ran on both pods
+        before = {p.name: _worker_chunks(p) for p in (a, b)}
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(lambda i: stream(gateway, f"Request {i} about mountains", 64), range(6)))
+        assert [n for _, n in results] == [64] * 6
+        ran = {p.name: _worker_chunks(p) - before[p.name] for p in (a, b)}
+        assert all(n > 0 for n in ran.values()) and sum(ran.values()) >= 6 * 2, f"chunks per pod: {ran}"
+
+        # kubectl patch: the next request's slices are 16 tokens
+        reloads = lambda: _sum(_scrape(picker_metrics), "tokenslice_picker_policy_reloads_total")  # noqa: E731
+        seen = reloads()
+        run(commands[8])
+        wait_for(lambda: reloads() > seen, 60, "the picker to reload the edited policy (ConfigMap -> mounted file)")
+        issued = drivers()
+        assert stream(gateway, body["prompt"], 64)[1] == 64
+        assert drivers() - issued == 4, "64 tokens in time slices of 16 after the edit"
+
+        # beyond the docs: a pod that leaves the pool stops getting chunks (its processes still run, as during
+        # a termination grace period)
         cluster.kubectl("delete", "pod", "llama-vllm-b", "-n", NS, "--wait=false")
         wait_for(lambda: not any(b.ip in k for k in endpoints()), 30, "the picker to drop the deleted pod")
         before = {p.name: _worker_chunks(p) for p in (a, b)}
         with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            results = list(pool.map(lambda i: stream(gateway, f"After the deletion {i}", 24), range(3)))
-        assert [n for _, n in results] == [24] * 3
+            results = list(pool.map(lambda i: stream(gateway, f"After the deletion {i}", 32), range(3)))
+        assert [n for _, n in results] == [32] * 3
         assert _worker_chunks(b) == before[b.name], "the deleted pod still got chunks"
-        assert _worker_chunks(a) - before[a.name] >= 3 * 3
-        b.stop()
-
-        # --- a policy edited with kubectl changes the next request's chunks ----------------------------------------
-        reloads = lambda: _sum(_scrape(picker_metrics), "tokenslice_picker_policy_reloads_total")  # noqa: E731
-        seen = reloads()
-        driver = _driver_chunks(a)
-        stream(gateway, "Before the edit", 32)
-        assert _driver_chunks(a) - driver == 4, "32 tokens in chunks of 8"
-        cluster.kubectl("patch", "schedulingpolicy", "llama", "-n", NS, "--type=merge",
-                        "-p", '{"spec": {"chunkSize": 16}}')
-        wait_for(lambda: reloads() > seen, 60, "the picker to reload the edited policy (ConfigMap -> mounted file)")
-        driver = _driver_chunks(a)
-        stream(gateway, "After the edit", 32)
-        assert _driver_chunks(a) - driver == 2, "32 tokens in chunks of 16"
+        assert _worker_chunks(a) - before[a.name] >= 3 * 2
     finally:
-        operator.stop()  # the pods' processes stop with the kubelet fixture
+        if operator is not None:
+            operator.stop()  # the pods' processes stop with the kubelet fixture

@@ -78,12 +78,17 @@ def test_operator_args_name_the_gateway_settings(kube_cluster: KubeCluster) -> N
 def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread) -> None:
     ns, release = "tokenslice-system", "ts"
     args = ["--namespace", ns, "--create-namespace", *FULL]
+    pools_crd = "inferencepools.inference.networking.k8s.io"
+    # an InferencePool CRD already there, as a Gateway API Inference Extension install leaves it
+    kube_cluster.kubectl("annotate", "crd", pools_crd, "installed-by=gateway-api-inference-extension", "--overwrite")
+    before = kube_cluster.get("crd", pools_crd, None)["metadata"]["resourceVersion"]
     try:
         out = kube_cluster.helm("install", release, str(CHART), *args).stdout
         assert "STATUS: deployed" in out
-        # the CRDs were already installed (kubectl apply -f crds/): Helm left them alone
-        crd = kube_cluster.get("crd", "inferencepools.inference.networking.k8s.io", None)
+        # the CRDs were already installed: Helm left them alone, so an existing upstream install coexists
+        crd = kube_cluster.get("crd", pools_crd, None)
         assert "meta.helm.sh/release-name" not in (crd["metadata"].get("annotations") or {})
+        assert crd["metadata"]["resourceVersion"] == before, "the chart must not rewrite an existing CRD"
         op = kube_cluster.get("deployment", "ts-tokenslice-operator", ns)
         assert op["spec"]["replicas"] == 2
         assert "--peering-name=ts-tokenslice" in op["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -100,6 +105,7 @@ def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: Ope
         kube_cluster.helm("upgrade", release, str(CHART), *args)
         hook = kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None)
         assert hook["webhooks"][0]["clientConfig"]["caBundle"] == ca, "upgrade must keep the webhook certificate"
+        assert kube_cluster.get("crd", pools_crd, None)["metadata"]["resourceVersion"] == before
     finally:
         kube_cluster.helm("uninstall", release, "--namespace", ns, check=False)
     assert kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None) is None
