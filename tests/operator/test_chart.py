@@ -81,14 +81,15 @@ def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: Ope
     pools_crd = "inferencepools.inference.networking.k8s.io"
     # an InferencePool CRD already there, as a Gateway API Inference Extension install leaves it
     kube_cluster.kubectl("annotate", "crd", pools_crd, "installed-by=gateway-api-inference-extension", "--overwrite")
-    before = kube_cluster.get("crd", pools_crd, None)["metadata"]["resourceVersion"]
+    before = kube_cluster.get("crd", pools_crd, None)["spec"]
     try:
         out = kube_cluster.helm("install", release, str(CHART), *args).stdout
         assert "STATUS: deployed" in out
         # the CRDs were already installed: Helm left them alone, so an existing upstream install coexists
         crd = kube_cluster.get("crd", pools_crd, None)
         assert "meta.helm.sh/release-name" not in (crd["metadata"].get("annotations") or {})
-        assert crd["metadata"]["resourceVersion"] == before, "the chart must not rewrite an existing CRD"
+        assert crd["spec"] == before, "the chart must not rewrite an existing CRD"
+        assert crd["metadata"]["annotations"]["installed-by"] == "gateway-api-inference-extension"
         op = kube_cluster.get("deployment", "ts-tokenslice-operator", ns)
         assert op["spec"]["replicas"] == 2
         assert "--peering-name=ts-tokenslice" in op["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -105,7 +106,7 @@ def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: Ope
         kube_cluster.helm("upgrade", release, str(CHART), *args)
         hook = kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None)
         assert hook["webhooks"][0]["clientConfig"]["caBundle"] == ca, "upgrade must keep the webhook certificate"
-        assert kube_cluster.get("crd", pools_crd, None)["metadata"]["resourceVersion"] == before
+        assert kube_cluster.get("crd", pools_crd, None)["spec"] == before
     finally:
         kube_cluster.helm("uninstall", release, "--namespace", ns, check=False)
     assert kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None) is None

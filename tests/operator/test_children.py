@@ -16,10 +16,10 @@ import yaml
 
 from tokenslice import policy
 from tokenslice.cli import build_parser
+from tokenslice.envoy import envoy_binary
 from tokenslice.inferencepool import InferencePool
 from tokenslice_operator import children
 from tokenslice_operator.config import OperatorConfig
-from tokenslice.envoy import envoy_binary
 
 pytestmark = pytest.mark.k8s
 POOL = InferencePool.parse({
