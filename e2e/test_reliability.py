@@ -31,6 +31,8 @@ from tokenslice.procs import ManagedProcess, spawn, wait_http
 pytestmark = [pytest.mark.engine, pytest.mark.envoy, pytest.mark.timeout(900)]
 
 STREAMS = int(os.environ.get("TOKENSLICE_LOAD_STREAMS", "300"))
+ROUNDS = int(os.environ.get("TOKENSLICE_LOAD_ROUNDS", "1"))
+"""Load rounds one after another: RSS after each shows whether memory levels off (printed, not asserted)."""
 ENDS_WITHIN_S = 120.0
 PROMPTS = ["The river ran", "Tell me about mountains", "A story of a small village", "Once upon a time",
            "The gateway scheduler"]
@@ -172,25 +174,26 @@ async def test_load_then_picker_and_envoy_faults() -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_read=300)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             # --- load ---
-            rss_before = {name: _rss_kib(pid) for name, pid in watched.items()}
-            tally = Tally()
-            started = time.monotonic()
-            async with asyncio.timeout(600):
-                await asyncio.gather(*(_stream(session, stack.url, i, tally, max_tokens=16, abandon=i % 10 == 0)
-                                       for i in range(STREAMS)))
-            took = time.monotonic() - started
-            held = await _wait_released(session, metrics_url)
-            rss_after = {name: _rss_kib(pid) for name, pid in watched.items()}
-            lat = sorted(tally.latencies)
-            p50 = lat[len(lat) // 2] if lat else float("nan")
-            print(f"\nLOAD {STREAMS} concurrent streams in {took:.1f}s: {tally.completed} completed "
-                  f"(p50 {p50:.1f}s), {tally.abandoned} abandoned mid-stream, {tally.refused} refused 4xx, "
-                  f"{tally.errored} errors, other {tally.other[:3]}; picker afterwards {held}; "
-                  f"RSS KiB before {rss_before} after {rss_after}")
-            assert not tally.other and tally.errored == 0
-            assert tally.completed + tally.refused + tally.abandoned == STREAMS
-            assert tally.abandoned == len(range(0, STREAMS, 10))
-            assert not any(held.values()), f"the picker still holds {held}"
+            rss = [{name: _rss_kib(pid) for name, pid in watched.items()}]
+            for round_ in range(1, ROUNDS + 1):
+                tally = Tally()
+                started = time.monotonic()
+                async with asyncio.timeout(600):
+                    await asyncio.gather(*(_stream(session, stack.url, i, tally, max_tokens=16,
+                                                   abandon=i % 10 == 0) for i in range(STREAMS)))
+                took = time.monotonic() - started
+                held = await _wait_released(session, metrics_url)
+                rss.append({name: _rss_kib(pid) for name, pid in watched.items()})
+                lat = sorted(tally.latencies)
+                p50 = lat[len(lat) // 2] if lat else float("nan")
+                print(f"\nLOAD round {round_}: {STREAMS} concurrent streams in {took:.1f}s: {tally.completed} "
+                      f"completed (p50 {p50:.1f}s), {tally.abandoned} abandoned mid-stream, {tally.refused} refused "
+                      f"4xx, {tally.errored} errors, other {tally.other[:3]}; picker afterwards {held}; "
+                      f"RSS KiB {rss[-2]} -> {rss[-1]}")
+                assert not tally.other and tally.errored == 0
+                assert tally.completed + tally.refused + tally.abandoned == STREAMS
+                assert tally.abandoned == len(range(0, STREAMS, 10))
+                assert not any(held.values()), f"the picker still holds {held}"
 
             # --- faults ---
             picker = _proc(stack, "picker")
