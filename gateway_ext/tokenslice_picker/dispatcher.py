@@ -336,10 +336,10 @@ class Dispatcher:
         """Account a slice larger than the class's chunk size (the quantum) at the chunk size.
 
         With long slices (``max_slice_tokens``) that is the normal case; beyond ``max_slice`` it is
-        counted in ``slices_capped_total``.  Not a 400: a driver keeps the size it was admitted with, so after a hot reload that shrank
-        ``chunkSize`` its in-flight requests legitimately claim the old size, and a request that
-        reached a driver without the picker's admission uses the sidecar's ``--chunk-size`` -- a
-        deployment matter, not the client's fault.  The next chunk's signed ``generated`` corrects
+        counted in ``slices_capped_total``.  Not a 400: a driver keeps the size it was admitted with,
+        so after a hot reload that shrank ``chunkSize`` its in-flight requests legitimately claim the
+        old size, and a request that reached a driver without the picker's admission uses the
+        sidecar's ``--chunk-size`` -- a deployment matter, not the client's fault.  The next chunk's signed ``generated`` corrects
         the charge to what was really produced.
         """
         if chunk.slice > rule.max_slice:

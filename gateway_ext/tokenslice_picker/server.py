@@ -108,7 +108,8 @@ class Picker:
                                            trusted_header=settings.identity_header,
                                            trusted_proxies=settings.trusted_proxies,
                                            trust_tenant_header=settings.trust_tenant_header)
-        self.scraper = MetricsScraper(self.datastore, settings.scrape_interval_s) if settings.scrape_interval_s else None
+        interval = settings.scrape_interval_s
+        self.scraper = MetricsScraper(self.datastore, interval) if interval else None
         self._grpc: grpc.aio.Server | None = None
         self._health: health_aio.HealthServicer | None = None
         self._metrics_runner: web.AppRunner | None = None

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import pytest
+
+from tests.picker.helpers import TWO_CLASSES
+from tokenslice.policy import FairnessWeights
 from tokenslice_picker.flowcontrol.accounting import ServiceLedger
 from tokenslice_picker.flowcontrol.chunk import make_chunk
 from tokenslice_picker.flowcontrol.limits import TenantLimits
 from tokenslice_picker.metrics import PickerMetrics
-
-from tests.picker.helpers import TWO_CLASSES
-from tokenslice.policy import FairnessWeights
 
 HOLDER = "10.0.0.1:80"
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
 from tokenslice_picker.admission import Admission
 from tokenslice_picker.datastore.endpoints import Datastore
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import ClientRequest, NoEndpoints, Shed
 from tokenslice_picker.metrics import PickerMetrics
-from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
 
 POLICY = SchedulingPolicySpec(chunk_size=32, priority_classes=[
     PriorityClass(name="chat", priority=10, chunk_size=16), PriorityClass(name="batch", priority=1)],

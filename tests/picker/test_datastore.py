@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tokenslice_picker.datastore.endpoints import parse_endpoints
 from tokenslice_picker.datastore.scraper import parse_vllm_metrics
 

@@ -14,11 +14,11 @@ import ssl
 
 import aiohttp
 import pytest
-from tokenslice_picker.server import start_picker
 
 from tests.fixtures.kube import ADMIN_TOKEN
 from tests.picker.conftest import until
 from tokenslice.paths import REPO_ROOT
+from tokenslice_picker.server import start_picker
 
 pytestmark = pytest.mark.k8s
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
+from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
 from tokenslice_picker.datastore.endpoints import Datastore
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, make_chunk
 from tokenslice_picker.metrics import PickerMetrics
-
-from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
 
 
 async def test_dispatcher_slots_cancel_and_reconcile():
@@ -150,7 +150,8 @@ class Worker:
 
 
 HI_LO = SchedulingPolicySpec(slots_per_endpoint=1, priority_classes=[
-    PriorityClass(name="top", priority=20), PriorityClass(name="hi", priority=10), PriorityClass(name="lo", priority=1)])
+    PriorityClass(name="top", priority=20), PriorityClass(name="hi", priority=10),
+    PriorityClass(name="lo", priority=1)])
 
 
 async def _settle() -> None:

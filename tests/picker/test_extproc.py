@@ -193,6 +193,7 @@ async def test_open_requests_are_bounded_in_total(gateway_stack, upstreams):
 
 async def test_live_load_scrape_and_metrics_endpoint(gateway_stack, upstreams):
     import aiohttp
+
     from tokenslice_picker.datastore.scraper import MetricsScraper
 
     a, b = await upstreams(2)
@@ -212,7 +213,8 @@ async def test_live_load_scrape_and_metrics_endpoint(gateway_stack, upstreams):
         text = await r.text()
     for name in ("tokenslice_picker_queue_length", "tokenslice_picker_queue_wait_seconds_bucket",
                  "tokenslice_picker_dispatches_total", "tokenslice_picker_preemptions_total",
-                 "tokenslice_picker_migrations_total", "tokenslice_picker_sheds_total", "tokenslice_picker_pauses_total",
+                 "tokenslice_picker_migrations_total", "tokenslice_picker_sheds_total",
+                 "tokenslice_picker_pauses_total",
                  'tokenslice_picker_tokens_served_total{tenant="gold"} 2.0', "tokenslice_picker_jain_fairness_index",
                  "tokenslice_picker_decision_seconds_bucket", "tokenslice_picker_admissions_total"):
         assert name in text, name

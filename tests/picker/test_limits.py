@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from tokenslice_picker.flowcontrol.limits import TenantLimits
-
 from tokenslice.policy import SchedulingPolicySpec, Tenant
+from tokenslice_picker.flowcontrol.limits import TenantLimits
 
 
 def test_limits_concurrency_and_token_rate():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tokenslice_picker.datastore.endpoints import Endpoint
 from tokenslice_picker.flowcontrol.chunk import ClientRequest, NoEndpoints, make_chunk
 from tokenslice_picker.scheduling.context import PickContext

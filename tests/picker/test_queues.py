@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
+
+from tests.picker.helpers import TWO_CLASSES
+from tokenslice.policy import PriorityClass, QueueLimits, SchedulingPolicySpec
 from tokenslice_picker.flowcontrol.accounting import ServiceLedger
 from tokenslice_picker.flowcontrol.chunk import Shed, make_chunk
 from tokenslice_picker.flowcontrol.limits import TenantLimits
 from tokenslice_picker.flowcontrol.queues import FlowQueues
 from tokenslice_picker.metrics import PickerMetrics
-
-from tests.picker.helpers import TWO_CLASSES
-from tokenslice.policy import PriorityClass, QueueLimits, SchedulingPolicySpec
 
 
 def queues(policy: SchedulingPolicySpec = TWO_CLASSES) -> FlowQueues:

@@ -14,10 +14,10 @@ import time
 
 import pytest
 
-from tokenslice.fairness import jain_index
-from tokenslice_picker.scheduling.cost_model import CostModel
 from tests.picker.conftest import until
+from tokenslice.fairness import jain_index
 from tokenslice.policy import FairnessWeights, PriorityClass, SchedulingPolicySpec, Tenant
+from tokenslice_picker.scheduling.cost_model import CostModel
 
 
 async def _backlog(stack, up, chunks: list[dict[str, str]], blocker: dict[str, str]) -> list[asyncio.Task]:
@@ -69,7 +69,8 @@ async def test_strict_priority_then_starvation_bound(gateway_stack, upstreams):
         slots_per_endpoint=1,
         priority_classes=[PriorityClass(name="high", priority=200),
                           PriorityClass(name="low", priority=100, starvation_seconds=60)])
-    stack = await gateway_stack(endpoints=[up.address], policy=policy, preemption=False)  # the pause path: order at slice ends
+    # the pause path: the order at slice ends (no cuts)
+    stack = await gateway_stack(endpoints=[up.address], policy=policy, preemption=False)
 
     def make_chunk(klass: str, rid: str) -> dict[str, str]:
         return stack.chunk_headers(priority_class=klass, request_id=rid, chunk_index=1, kv_holder=up.address,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tokenslice.policy import PriorityClass, SchedulingPolicySpec
 from tokenslice_picker.datastore.endpoints import Endpoint
 from tokenslice_picker.flowcontrol.chunk import Chunk, make_chunk
 from tokenslice_picker.scheduling.victims import (
@@ -10,8 +11,6 @@ from tokenslice_picker.scheduling.victims import (
     LowestClassFirst,
     VictimContext,
 )
-
-from tokenslice.policy import PriorityClass, SchedulingPolicySpec
 
 POLICY = SchedulingPolicySpec(chunk_size=16, priority_classes=[
     PriorityClass(name="hi", priority=10), PriorityClass(name="mid", priority=5, starvation_seconds=5),

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from tokenslice.procs import free_port
 from tokenslice import contract
+from tokenslice.procs import free_port
 
 
 @dataclass

@@ -67,7 +67,8 @@ class LowestClassFirst:
             if not vclass.preemptible or v.granted_on is None:
                 continue
             elapsed = ctx.now - v.dispatched_at
-            aged = vclass.starvation_seconds is not None and v.dispatched_at - v.enqueued_at >= vclass.starvation_seconds
+            starvation = vclass.starvation_seconds
+            aged = starvation is not None and v.dispatched_at - v.enqueued_at >= starvation
             if vclass.priority < wclass.priority and not aged:
                 key = (vclass.priority, 0, elapsed)
                 reason = PRIORITY
