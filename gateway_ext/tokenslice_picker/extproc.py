@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 from envoy.config.core.v3 import base_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as pb
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as pb_grpc
 from envoy.type.v3 import http_status_pb2
@@ -35,6 +36,13 @@ log = logging.getLogger("tokenslice_picker.extproc")
 
 _CONTINUE_RESPONSE_HEADERS = pb.ProcessingResponse(response_headers=pb.HeadersResponse())
 _CONTINUE_TRAILERS = pb.ProcessingResponse(response_trailers=pb.TrailersResponse())
+_CONTINUE = {
+    "request_headers": pb.ProcessingResponse(request_headers=pb.HeadersResponse()),
+    "response_headers": _CONTINUE_RESPONSE_HEADERS,
+    "request_trailers": pb.ProcessingResponse(request_trailers=pb.TrailersResponse()),
+    "response_trailers": _CONTINUE_TRAILERS,
+}
+_FULL_DUPLEX = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
 _DEST = contract.DESTINATION_ENDPOINT
 SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 
@@ -88,6 +96,30 @@ def peer_of(request: pb.ProcessingRequest) -> str | None:
     return attrs.fields[SOURCE_ADDRESS_ATTRIBUTE].string_value or None
 
 
+def duplex_of(first: pb.ProcessingRequest) -> tuple[bool, bool]:
+    """(request, response) bodies in FULL_DUPLEX_STREAMED mode, as Envoy's first message says (GIE gateways)."""
+    config = first.protocol_config
+    return config.request_body_mode == _FULL_DUPLEX, config.response_body_mode == _FULL_DUPLEX
+
+
+def passthrough(message: pb.ProcessingRequest, duplex: tuple[bool, bool]) -> pb.ProcessingResponse:
+    """The "go on unchanged" answer to a message the picker does not act on, in every processing mode.
+
+    Each message needs the answer of its own kind (an empty answer is a protocol error: HTTP 500).  In
+    FULL_DUPLEX_STREAMED mode Envoy forwards only the body the processor sends back, so each body piece
+    is echoed as a streamed response.
+    """
+    kind = message.WhichOneof("request")
+    if kind in ("request_body", "response_body"):
+        body = getattr(message, kind)
+        common = pb.CommonResponse()
+        if duplex[kind == "response_body"]:
+            common.body_mutation.streamed_response.body = body.body
+            common.body_mutation.streamed_response.end_of_stream = body.end_of_stream
+        return pb.ProcessingResponse(**{kind: pb.BodyResponse(response=common)})
+    return _CONTINUE.get(kind, pb.ProcessingResponse())
+
+
 def _serialize(message: pb.ProcessingResponse | bytes) -> bytes:
     return message if type(message) is bytes else message.SerializeToString()
 
@@ -130,7 +162,9 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
         except StopAsyncIteration:
             return
         if first.WhichOneof("request") != "request_headers":  # not configured; let it pass untouched
-            yield pb.ProcessingResponse()
+            yield passthrough(first, duplex_of(first))
+            async for message in stream:
+                yield passthrough(message, duplex_of(first))
             return
         t0 = time.perf_counter()
         headers = headers_of(first.request_headers.headers)
@@ -164,15 +198,13 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 log.debug("chunk routed", extra={"request_id": chunk.request_id, "chunk": chunk.index,
                                                  "endpoint": endpoint.address, "migrated": chunk.migrated,
                                                  "wait_ms": round((granted - decided) * 1e3, 3)})
+            duplex = duplex_of(first)
             async for message in stream:
-                kind = message.WhichOneof("request")
-                if kind == "response_trailers":
+                if message.WhichOneof("request") == "response_trailers":
                     value = headers_of(message.response_trailers.trailers).get(contract.CHUNK_TOKENS, "")
                     if value.isdigit():
                         produced = int(value)
-                    yield _CONTINUE_TRAILERS
-                else:
-                    yield pb.ProcessingResponse()
+                yield passthrough(message, duplex)
         finally:
             # Envoy closed the stream: the upstream response ended (or the client went away).
             self.dispatcher.release(chunk, produced)
@@ -239,13 +271,8 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                 log.debug("request admitted", extra={"request_id": request_id, "tenant": tenant,
                                                      "class": pclass.name, "driver": endpoint.address,
                                                      "stripped": strip})
+            duplex = duplex_of(first)
             async for message in stream:
-                kind = message.WhichOneof("request")
-                if kind == "response_headers":
-                    yield _CONTINUE_RESPONSE_HEADERS
-                elif kind == "response_trailers":
-                    yield _CONTINUE_TRAILERS
-                else:
-                    yield pb.ProcessingResponse()
+                yield passthrough(message, duplex)
         finally:
             self.admission.done(request)

@@ -9,9 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 
+import pytest
+
 from tests.fixtures.envoy import SUBSET_TEST_HEADER
 from tests.picker.conftest import until
 from tokenslice import contract
+from tokenslice.envoy import ProcessingModes
 from tokenslice.policy import PriorityClass, QueueLimits, SchedulingPolicySpec, Tenant
 
 POLICY = SchedulingPolicySpec(
@@ -257,3 +260,31 @@ async def test_worker_trailer_corrects_the_fair_share_charge_at_chunk_end(gatewa
         assert stack.picker.datastore.get(address).granted == 0
     finally:
         server.close()
+
+
+# How gateways configure ext_proc: Envoy's default plus response headers; the GIE project's Envoy Gateway
+# example (request body BUFFERED); STREAMED bodies; and what the GIE endpoint picker runs with today
+# (FULL_DUPLEX_STREAMED bodies in both directions, every header and trailer sent).
+MODES = {
+    "ours": None,
+    "response-headers-SEND": ProcessingModes(response_header="SEND"),
+    "BUFFERED": ProcessingModes(response_header="SEND", request_body="BUFFERED", response_body="BUFFERED"),
+    "STREAMED": ProcessingModes(response_header="SEND", request_body="STREAMED", response_body="STREAMED"),
+    "GIE-FULL_DUPLEX_STREAMED": ProcessingModes(response_header="SEND", request_body="FULL_DUPLEX_STREAMED",
+                                                response_body="FULL_DUPLEX_STREAMED", request_trailer="SEND",
+                                                response_trailer="SEND"),
+}
+
+
+@pytest.mark.parametrize("modes", MODES.values(), ids=MODES)
+async def test_client_requests_and_chunks_pass_in_every_processing_mode(gateway_stack, upstreams, modes):
+    """Every message the picker does not act on gets the answer of its kind, bodies intact both ways."""
+    (up,) = await upstreams(1)
+    stack = await gateway_stack(endpoints=[up.address], policy=POLICY, modes=modes)
+    prompt = {"prompt": "many words " * 20_000}  # > 64 KiB: several body messages in the streamed modes
+    status, _, body = await stack.post(json=prompt)  # a client request, admitted to its driver (up)
+    assert status == 200 and body.endswith(b"data: [DONE]\n\n"), (status, body[:300])
+    chunk = stack.chunk_headers(tenant="acme", kv_holder=up.address, slice=3)
+    status, _, body = await stack.post(headers=chunk, json=prompt)
+    assert status == 200 and body.count(b"data: {") == 3 and body.endswith(b"data: [DONE]\n\n"), body[:300]
+    assert [json.loads(r.body) for r in up.received] == [prompt, prompt], "the body must reach the upstream intact"

@@ -24,6 +24,7 @@ from tokenslice.procs import free_port
 class Received:
     path: str
     headers: dict[str, str]
+    body: bytes = b""
 
     @property
     def tenant(self) -> str:
@@ -98,7 +99,7 @@ class Upstream:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         rec = Received(request.path, {k.lower(): v for k, v in request.headers.items()})
         self.received.append(rec)
-        await request.read()
+        rec.body = await request.read()
         key = (rec.request_id, rec.headers.get(contract.CHUNK_INDEX, ""))
         cut = self._cut[key] = asyncio.Event()
         try:
