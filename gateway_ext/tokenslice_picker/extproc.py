@@ -70,7 +70,11 @@ def headers_of(header_map: base_pb2.HeaderMap) -> dict[str, str]:
 
 
 def subset_of(request: pb.ProcessingRequest) -> frozenset[str] | None:
-    """The ``envoy.lb.subset_hint`` candidate list, if Envoy forwarded one (list or comma string)."""
+    """The ``envoy.lb.subset_hint`` candidate list, if Envoy forwarded one (list or comma string).
+
+    A hint of any other shape, or with non-string items, is malformed: it yields the empty subset, which
+    is refused (503), never ``None`` -- a hint the picker cannot read must not widen the pick to the pool.
+    """
     md = request.metadata_context.filter_metadata
     if contract.SUBSET_HINT_NAMESPACE not in md:
         return None
@@ -80,11 +84,13 @@ def subset_of(request: pb.ProcessingRequest) -> frozenset[str] | None:
     value = fields[contract.SUBSET_HINT_KEY]
     kind = value.WhichOneof("kind")
     if kind == "list_value":
+        if any(v.WhichOneof("kind") != "string_value" for v in value.list_value.values):
+            return frozenset()
         items = [v.string_value for v in value.list_value.values]
     elif kind == "string_value":
         items = value.string_value.split(",")
     else:
-        return None
+        return frozenset()
     return frozenset(i.strip() for i in items if i.strip())
 
 

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from tests.fixtures.envoy import SUBSET_TEST_HEADER
+from tests.fixtures.envoy import SUBSET_TEST_HEADER, static_subset_hint
 from tests.picker.conftest import until
 from tokenslice import contract
 from tokenslice.envoy import ProcessingModes
@@ -111,6 +111,24 @@ async def test_subset_hint_is_honoured_and_an_empty_subset_is_503(gateway_stack,
     assert len(c.received) >= 6 and len(b.received) + len(c.received) == 12
     status, _, body = await stack.post(headers={SUBSET_TEST_HEADER: "10.1.1.1:80"})
     assert status == 503 and json.loads(body)["error"]["code"] == "no_endpoints"
+
+
+async def test_subset_hint_as_a_list_and_a_malformed_hint_never_widens(gateway_stack, upstreams):
+    """The list form GIE gateways write is honoured; a hint of another shape is refused, not ignored."""
+    a, b = await upstreams(2)
+    stack = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY,
+                                filters=[static_subset_hint([b.address])])
+    for _ in range(4):
+        assert (await stack.post())[0] == 200
+        assert (await stack.post(headers=stack.chunk_headers(slice=1)))[0] == 200
+    assert a.received == [] and len(b.received) == 8
+    for malformed in (42, [b.address, 7], {"endpoint": b.address}):
+        bad = await gateway_stack(endpoints=[a.address, b.address], policy=POLICY,
+                                  filters=[static_subset_hint(malformed)])
+        for headers in ({}, bad.chunk_headers(slice=1)):
+            status, _, body = await bad.post(headers=headers)
+            assert status == 503 and json.loads(body)["error"]["code"] == "no_endpoints", (malformed, status)
+    assert a.received == [] and len(b.received) == 8
 
 
 async def test_no_endpoints_is_503_with_openai_error(gateway_stack):
