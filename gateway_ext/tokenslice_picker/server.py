@@ -6,6 +6,7 @@ service (see ``tokenslice_picker.cli``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from pathlib import Path
@@ -32,6 +33,10 @@ from tokenslice_picker.scheduling.cost_model import CostModel
 from tokenslice_picker.scheduling.profile import default_profile
 
 log = logging.getLogger("tokenslice_picker.server")
+# gRPC health service names, as the GIE endpoint picker answers them: alive once serving; ready (and the
+# ext_proc service itself) once the pool's endpoints are known
+LIVENESS = ("", "liveness")
+READINESS = ("readiness", SERVICE)
 
 
 class PickerSettings(BaseModel):
@@ -114,6 +119,7 @@ class Picker:
         self._health: health_aio.HealthServicer | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._kube: object | None = None
+        self._ready_task: asyncio.Task[None] | None = None
         self.grpc_port = 0
         self.metrics_port: int | None = None
 
@@ -156,11 +162,24 @@ class Picker:
             self._kube = KubeSources(s, self.datastore, self.set_policy,
                                      lambda r: self.metrics.policy_reloads.labels(r).inc())
             await self._kube.start()  # type: ignore[attr-defined]
-        serving = health_pb2.HealthCheckResponse.SERVING
-        for name in ("", SERVICE):
-            await self._health.set(name, serving)
+        await self._set_health(LIVENESS, ready=True)
+        if s.kube:  # ready once the pool's pods have been listed: before that every pick would be a 503
+            self._ready_task = asyncio.create_task(self._ready_when_synced(), name="picker-readiness")
+        else:
+            await self._set_health(READINESS, ready=True)
         log.info("picker started", extra={"grpc_port": self.grpc_port, "metrics_port": self.metrics_port,
                                            "endpoints": self.datastore.addresses()})
+
+    async def _set_health(self, names: tuple[str, ...], ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in names:
+            await self._health.set(name, status)  # type: ignore[union-attr]
+
+    async def _ready_when_synced(self) -> None:
+        await self._set_health(READINESS, ready=False)
+        await self._kube.synced.wait()  # type: ignore[attr-defined]
+        await self._set_health(READINESS, ready=True)
+        log.info("picker ready", extra={"endpoints": self.datastore.addresses()})
 
     async def _serve_health(self, _: web.Request) -> web.Response:
         return web.Response(text="ok")
@@ -170,6 +189,8 @@ class Picker:
                             headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def stop(self, grace_s: float = 1.0) -> None:
+        if self._ready_task:
+            self._ready_task.cancel()
         if self._health:
             await self._health.enter_graceful_shutdown()
         for part in (self.policy_file, self.scraper, self._kube):

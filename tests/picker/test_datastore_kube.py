@@ -13,11 +13,14 @@ import secrets
 import ssl
 
 import aiohttp
+import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.fixtures.kube import ADMIN_TOKEN
 from tests.picker.conftest import until
 from tokenslice.paths import REPO_ROOT
+from tokenslice.policy import SchedulingPolicySpec
 from tokenslice_picker.server import start_picker
 
 pytestmark = pytest.mark.k8s
@@ -91,16 +94,54 @@ async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_clust
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
 
 
-async def _wait_crds(api: Api, timeout_s: float = 30.0) -> None:
-    """Poll until both API groups are served (CRDs established), with a deadline."""
+async def _wait_crds(api: Api, timeout_s: float = 30.0,
+                     groups: tuple[str, ...] = ("/apis/inference.networking.k8s.io/v1", "/apis/tokenslice.io/v1alpha1"),
+                     ) -> None:
+    """Poll until the API groups are served (CRDs established), with a deadline."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
         statuses = []
-        for path in ("/apis/inference.networking.k8s.io/v1", "/apis/tokenslice.io/v1alpha1"):
+        for path in groups:
             async with api.session.get(api.server + path, ssl=api.ssl) as r:
                 statuses.append(r.status)
-        if statuses == [200, 200]:
+        if statuses == [200] * len(groups):
             return
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"CRDs not served: {statuses}")
         await asyncio.sleep(0.1)
+
+
+async def _health(port: int, service: str) -> str:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+async def test_alive_at_once_ready_only_after_the_first_listing_of_the_pool(kube_cluster):
+    """The GIE health services: ``liveness`` SERVING at start, ``readiness`` (and the ext_proc service) only
+    once the pool's pods were listed -- here the pool does not exist yet when the picker starts."""
+    cluster = kube_cluster
+    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / "inference.networking.k8s.io_inferencepools.yaml"))
+    ns = f"gw-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", ns)
+    api = Api(cluster)
+    gw = await start_picker(signing_key=b"k" * 32, kube=True, pool="late", namespace=ns, policy=SchedulingPolicySpec(),
+                             kubeconfig=cluster.kubeconfig, scrape_interval_s=0)
+    try:
+        assert await _health(gw.grpc_port, "liveness") == "SERVING"
+        assert await _health(gw.grpc_port, "readiness") == "NOT_SERVING"
+        assert await _health(gw.grpc_port, "envoy.service.ext_proc.v3.ExternalProcessor") == "NOT_SERVING"
+        await _wait_crds(api, groups=("/apis/inference.networking.k8s.io/v1",))
+        await api.call("POST", f"/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools", {
+            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool", "metadata": {"name": "late"},
+            "spec": {"selector": {"matchLabels": {"app": "llm"}}, "targetPorts": [{"number": 8000}],
+                     "endpointPickerRef": {"name": "picker", "port": {"number": 9002}}}})
+        deadline = asyncio.get_running_loop().time() + 30
+        while await _health(gw.grpc_port, "readiness") != "SERVING":
+            assert asyncio.get_running_loop().time() < deadline, "never ready after the pool appeared"
+            await asyncio.sleep(0.2)  # polling a condition with a deadline
+        assert await _health(gw.grpc_port, "envoy.service.ext_proc.v3.ExternalProcessor") == "SERVING"
+    finally:
+        await gw.stop(0)
+        await api.session.close()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
