@@ -63,6 +63,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-slice-tokens", type=int, default=0,
                         help="long slices: admit requests with this slice; the class's chunk size stays the fairness "
                              "quantum (0 = slices of the class's chunk size)")
+    parser.add_argument("--kv-residency", action="store_true",
+                        help="residency-aware scheduling: resume continuations whose KV is probably still cached "
+                             "first (within a class, bounded by --residency-bonus-tokens), no fair-share cut that "
+                             "overflows the cache, evicted KV costs nothing to move")
+    parser.add_argument("--kv-capacity-tokens", type=int, default=0,
+                        help="each engine's KV cache in tokens (default 0: scraped from vllm:cache_config_info)")
+    parser.add_argument("--kv-offload-tokens", type=int, default=0,
+                        help="each engine's CPU offload tier in tokens (vLLM --kv-offloading-size; resident but "
+                             "slower)")
+    parser.add_argument("--residency-bonus-tokens", type=float, default=256.0,
+                        help="how many virtual tokens a resident continuation may run ahead of fair share")
     parser.add_argument("--log-level", default="info")
     parser.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"), default="auto",
                         help="auto = uvloop when installed (measured: lower per-chunk cost), else asyncio")
@@ -99,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
             default_chunk_seconds=args.default_chunk_seconds, idle_grace_s=args.idle_grace,
             policy_poll_s=args.policy_poll, load_weight=args.load_weight, prefix_weight=args.prefix_weight,
             kv_cache_weight=args.kv_cache_weight, driver_weight=args.driver_weight, preemption=args.preemption,
-            cut_timeout_s=args.cut_timeout, max_slice_tokens=args.max_slice_tokens, kube=args.kube, pool=args.pool,
+            cut_timeout_s=args.cut_timeout, max_slice_tokens=args.max_slice_tokens, kv_residency=args.kv_residency,
+            kv_capacity_tokens=args.kv_capacity_tokens, kv_offload_tokens=args.kv_offload_tokens,
+            residency_bonus_tokens=args.residency_bonus_tokens, kube=args.kube, pool=args.pool,
             namespace=args.namespace, kubeconfig=args.kubeconfig, policy_name=args.policy_name,
             api_keys_file=args.api_keys_file, identity_header=args.identity_header,
             trusted_proxies=[c for c in args.trusted_proxies.split(",") if c],

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from tokenslice.policy import SchedulingPolicySpec
@@ -38,6 +38,7 @@ from tokenslice_picker.scheduling.affinity import Verdict, holder_verdict
 from tokenslice_picker.scheduling.context import PickContext
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tokenslice_picker.scheduling.profile import SchedulerProfile, default_profile
+from tokenslice_picker.scheduling.residency import ResidencyTracker
 from tokenslice_picker.scheduling.victims import Preemption, VictimContext
 
 log = logging.getLogger("tokenslice_picker.dispatcher")
@@ -73,7 +74,8 @@ class Dispatcher:
     def __init__(self, policy: SchedulingPolicySpec, datastore: Datastore, metrics: PickerMetrics, *,
                  cost_model: CostModel | None = None, profile: SchedulerProfile | None = None,
                  idle_grace_s: float = 2.0, ledger_size: int = 100_000, cut: CutFn | None = None,
-                 max_slice_tokens: int = 0, preempt_scan: int = 32) -> None:
+                 max_slice_tokens: int = 0, preempt_scan: int = 32,
+                 residency: ResidencyTracker | None = None) -> None:
         self.limits = TenantLimits()
         self.ledger = ServiceLedger(policy, self.limits, metrics, idle_grace_s=idle_grace_s, ledger_size=ledger_size)
         self.queues = FlowQueues(policy, self.ledger)
@@ -89,6 +91,8 @@ class Dispatcher:
         self.preempt_scan = preempt_scan
         """At most this many queued chunks (in dispatch order) look for a victim per pass."""
         self.running: set[Chunk] = set()
+        self.residency = residency
+        """Whose KV is probably still cached (None: residency-blind, the queues' order as is)."""
         self._cut_tasks: set[asyncio.Task[None]] = set()
         self.migrations = 0
         self.release_listeners: list[Callable[[Chunk, float], None]] = []
@@ -124,7 +128,8 @@ class Dispatcher:
             raise NoEndpoints("no ready endpoint in the pool")
         holder = self.datastore.get(chunk.kv_holder) if chunk.kv_holder else None
         if holder is None or holder.granted < rule.slots:  # the fast path: no busy holder to weigh
-            decision = self.profile.pick(PickContext(chunk, rule.slots, self.cost_model), members)
+            decision = self.profile.pick(PickContext(chunk, rule.slots, self.cost_model,
+                                                     resident_tokens=self._resident(chunk, holder)), members)
             if decision.endpoint is not None:
                 chunk.enqueued_at = now
                 return self._grant(chunk, decision.endpoint, decision.migrated, now)
@@ -158,6 +163,8 @@ class Dispatcher:
         if ep is not None and ep.granted > 0:
             ep.granted -= 1
             ep.observe_chunk(now - chunk.dispatched_at)
+        if ep is not None and self.residency is not None:
+            self.residency.on_release(chunk, ep, produced)
         self.metrics.chunk_seconds.observe(self.metrics.chunk_series, now - chunk.dispatched_at)
         self.running.discard(chunk)
         waiter = chunk.cut_for
@@ -200,18 +207,20 @@ class Dispatcher:
             now = time.monotonic()
             ahead: dict[str, int] = {}
             placed = False
-            for chunk in self.queues.in_order(now):
+            for chunk in self._order(now):
                 limit = self._rule(chunk.priority_class).slots
                 if limit < slots and not open_to_all:
                     continue  # preemptible, and only reserved slots are free
                 holder = chunk.kv_holder
                 held = busy.get(holder)
+                resident = self._resident(chunk, self.datastore.get(holder) if holder else None)
                 if (held is not None and (chunk.subset is None or holder in chunk.subset)
                         and holder_verdict(chunk, held, slots=limit, ahead=ahead.get(holder, 0),
-                                           cost_model=self.cost_model) is Verdict.WAIT):
+                                           cost_model=self.cost_model, resident_tokens=resident) is Verdict.WAIT):
                     ahead[holder] = ahead.get(holder, 0) + 1  # the cheap common skip: paused for its holder
                     continue
-                ctx = PickContext(chunk, limit, self.cost_model, ahead_on_holder=ahead.get(holder, 0))
+                ctx = PickContext(chunk, limit, self.cost_model, ahead_on_holder=ahead.get(holder, 0),
+                                  resident_tokens=resident)
                 try:
                     decision = self.profile.pick(ctx, members)
                 except NoEndpoints as exc:
@@ -231,6 +240,25 @@ class Dispatcher:
                     ahead[holder] = ahead.get(holder, 0) + 1
             if not placed:
                 return
+
+    def _order(self, now: float) -> Iterable[Chunk]:
+        """The queues' dispatch order; with residency awareness, resident continuations moved up a class."""
+        order = self.queues.in_order(now)
+        if self.residency is None:
+            return order
+        resolve = self.queues.resolve_class
+
+        def pinned(chunk: Chunk) -> bool:
+            pclass = resolve(chunk.priority_class)
+            return (not pclass.preemptible or (pclass.starvation_seconds is not None
+                                               and now - chunk.enqueued_at >= pclass.starvation_seconds))
+        return self.residency.order(order, counter=self.ledger.counters.get, pinned=pinned,
+                                    holder=self.datastore.get)
+
+    def _resident(self, chunk: Chunk, holder: Endpoint | None) -> int | None:
+        if self.residency is None or holder is None:
+            return None
+        return self.residency.resident_tokens(chunk, holder)
 
     # --- preemption ----------------------------------------------------------------------
     def _preempt(self) -> None:
@@ -355,6 +383,11 @@ class Dispatcher:
         chunk.cutting = None
         self.running.add(chunk)
         self.ledger.charge_grant(chunk, ep.address, now)
+        if self.residency is not None:
+            if chunk.index:
+                tier = self.residency.chunk_tier(chunk, self.datastore.get(chunk.kv_holder))
+                self.metrics.residency.labels(tier.value if tier else "unknown").inc()
+            self.residency.on_grant(chunk, ep)
         self.profile.on_grant(chunk, ep)
         self.metrics.on_dispatch(chunk, now - chunk.enqueued_at, migrated)
         if migrated:

@@ -135,6 +135,10 @@ class PickerMetrics:
                                   "Cost of cuts: tokens the cut chunks produced (kept) and the tokens their "
                                   "continuations recompute (past the last full KV block; an estimate).",
                                   ["kind"], registry=r)
+        self.residency = Counter(f"{NS}_continuation_residency_total",
+                                 "Continuation chunks granted, by where the picker estimated their KV was "
+                                 "(resident / offloaded / evicted / unknown; --kv-residency only).",
+                                 ["tier"], registry=r)
         self.migrations = Counter(f"{NS}_migrations_total",
                                   "Paused requests moved off their KV holder (prefix recomputed).", registry=r)
         self.sheds = Counter(f"{NS}_sheds_total", "Requests refused with 429.", ["reason", "tenant"], registry=r)

@@ -31,6 +31,7 @@ from tokenslice_picker.metrics import PickerMetrics
 from tokenslice_picker.policy_source import PolicyFile
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tokenslice_picker.scheduling.profile import default_profile
+from tokenslice_picker.scheduling.residency import ResidencyAwareVictims, ResidencyTracker
 
 log = logging.getLogger("tokenslice_picker.server")
 # gRPC health service names, as the GIE endpoint picker answers them: alive once serving; ready (and the
@@ -63,6 +64,14 @@ class PickerSettings(BaseModel):
     max_slice_tokens: int = Field(default=0, ge=0, description=(
         "Long slices: admit requests with this slice (if above the class's chunk size, which stays the "
         "fairness quantum); 0 = the class's chunk size."))
+    kv_residency: bool = Field(default=False, description=(
+        "Residency-aware scheduling: model each engine's prefix-cache LRU, resume resident continuations "
+        "first within a class, no fair-share cut that would overflow the cache (scheduling.residency)."))
+    kv_capacity_tokens: int = Field(default=0, ge=0, description="Each engine's KV cache in tokens (0: scraped).")
+    kv_offload_tokens: int = Field(default=0, ge=0, description=(
+        "Each engine's CPU offload tier in tokens (vLLM --kv-offloading-size): resident but slower."))
+    residency_bonus_tokens: float = Field(default=256.0, ge=0, description=(
+        "How far (virtual tokens) a resident continuation may run ahead of its class's fair-share order."))
     load_weight: float = 1.0
     prefix_weight: float = 2.0
     kv_cache_weight: float = 0.5
@@ -98,13 +107,18 @@ class Picker:
             policy = SchedulingPolicySpec()
         self.datastore = Datastore(settings.endpoints, default_chunk_s=settings.default_chunk_seconds)
         self.cuts = CutSender(settings.signing_key, settings.cut_timeout_s) if settings.preemption else None
+        residency = ResidencyTracker(capacity_tokens=settings.kv_capacity_tokens,
+                                     offload_tokens=settings.kv_offload_tokens,
+                                     bonus_tokens=settings.residency_bonus_tokens) if settings.kv_residency else None
+        profile = default_profile(load_weight=settings.load_weight, prefix_weight=settings.prefix_weight,
+                                  kv_cache_weight=settings.kv_cache_weight, driver_weight=settings.driver_weight)
+        if residency is not None and profile.victim_selector is not None:
+            profile.victim_selector = ResidencyAwareVictims(profile.victim_selector, residency)
         self.dispatcher = Dispatcher(
             policy, self.datastore, self.metrics,
             cost_model=CostModel(settings.prefill_tokens_per_second),
-            profile=default_profile(load_weight=settings.load_weight, prefix_weight=settings.prefix_weight,
-                                    kv_cache_weight=settings.kv_cache_weight, driver_weight=settings.driver_weight),
-            idle_grace_s=settings.idle_grace_s, cut=self.cuts.send if self.cuts else None,
-            max_slice_tokens=settings.max_slice_tokens)
+            profile=profile, idle_grace_s=settings.idle_grace_s, cut=self.cuts.send if self.cuts else None,
+            max_slice_tokens=settings.max_slice_tokens, residency=residency)
         d = self.dispatcher
         self.admission = Admission(self.datastore, d.queues, d.ledger, d.limits, d.profile, d.cost_model,
                                    max_slice_tokens=settings.max_slice_tokens)

@@ -45,6 +45,8 @@ class Endpoint:
     kv_usage: float = 0.0
     prefix_hits: float = 0.0
     prefix_queries: float = 0.0
+    kv_capacity_tokens: int = 0
+    """The engine's KV cache in tokens (``num_gpu_blocks * block_size`` of ``vllm:cache_config_info``); 0 = unknown."""
     scraped_at: float = 0.0
     scrape_ok: bool = False
     mean_chunk_s: float = 1.0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 
 import aiohttp
@@ -28,11 +29,24 @@ METRICS = {
 }
 
 
+_CACHE_CONFIG = promtext.CACHE_CONFIG + "{"
+_BLOCKS = re.compile(r'[{,]num_gpu_blocks="(\d+)"')
+_BLOCK_SIZE = re.compile(r'[{,]block_size="(\d+)"')
+
+
 def parse_vllm_metrics(text: str) -> dict[str, float]:
-    """Sum the samples of the few vLLM series the scorers use (Prometheus text format)."""
+    """Sum the samples of the few vLLM series the scorers use (Prometheus text format).
+
+    ``kv_capacity_tokens`` comes from the labels of ``vllm:cache_config_info`` (blocks x block size).
+    """
     out: dict[str, float] = {}
     for line in text.splitlines():
         if not line.startswith("vllm:"):
+            continue
+        if line.startswith(_CACHE_CONFIG):
+            blocks, size = _BLOCKS.search(line), _BLOCK_SIZE.search(line)
+            if blocks and size:
+                out["kv_capacity_tokens"] = out.get("kv_capacity_tokens", 0.0) + int(blocks[1]) * int(size[1])
             continue
         name_end = min((i for i in (line.find("{"), line.find(" ")) if i >= 0), default=-1)
         if name_end < 0:
@@ -87,6 +101,8 @@ class MetricsScraper:
             return
         for attr in ("running", "waiting", "kv_usage", "prefix_hits", "prefix_queries"):
             setattr(ep, attr, values.get(attr, 0.0))
+        if "kv_capacity_tokens" in values:
+            ep.kv_capacity_tokens = int(values["kv_capacity_tokens"])
         ep.scraped_at = time.monotonic()
         ep.scrape_ok = True
 

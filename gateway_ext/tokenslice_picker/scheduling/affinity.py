@@ -22,11 +22,13 @@ class Verdict(enum.Enum):
     """The holder is full and waiting would cost more than recomputing the prefix elsewhere."""
 
 
-def holder_verdict(chunk: Chunk, holder: Endpoint, *, slots: int, ahead: int, cost_model: CostModel) -> Verdict:
-    """Decide for a chunk whose KV ``holder`` is a candidate; ``ahead`` = queued chunks before it bound there."""
+def holder_verdict(chunk: Chunk, holder: Endpoint, *, slots: int, ahead: int, cost_model: CostModel,
+                   resident_tokens: int | None = None) -> Verdict:
+    """Decide for a chunk whose KV ``holder`` is a candidate; ``ahead`` = queued chunks before it bound there;
+    ``resident_tokens`` = context the holder still caches (None: assume all; ``scheduling.residency``)."""
     if holder.granted < slots:
         return Verdict.HOLDER
     if cost_model.should_migrate(prompt_tokens=chunk.prompt_tokens, generated=chunk.generated, ahead=ahead,
-                                 slots=slots, mean_chunk_s=holder.mean_chunk_s):
+                                 slots=slots, mean_chunk_s=holder.mean_chunk_s, resident_tokens=resident_tokens):
         return Verdict.MIGRATE
     return Verdict.WAIT

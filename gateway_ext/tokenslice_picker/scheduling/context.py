@@ -17,6 +17,8 @@ class PickContext:
     cost_model: CostModel
     ahead_on_holder: int = 0
     migrating: bool = False
+    resident_tokens: int | None = None
+    """Context the chunk's KV holder still caches (``scheduling.residency``); None: unknown, assume all."""
 
     @property
     def chunk(self) -> Chunk | None:

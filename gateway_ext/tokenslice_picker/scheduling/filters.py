@@ -35,7 +35,8 @@ def kv_holder_filter(ctx: PickContext, candidates: list[Endpoint]) -> list[Endpo
     holder = next((e for e in candidates if e.address == chunk.kv_holder), None)
     if holder is None:
         return candidates
-    verdict = holder_verdict(chunk, holder, slots=ctx.slots, ahead=ctx.ahead_on_holder, cost_model=ctx.cost_model)
+    verdict = holder_verdict(chunk, holder, slots=ctx.slots, ahead=ctx.ahead_on_holder, cost_model=ctx.cost_model,
+                             resident_tokens=ctx.resident_tokens)
     if verdict is Verdict.HOLDER:
         return [holder]
     if verdict is Verdict.MIGRATE:
