@@ -61,7 +61,7 @@ async def _stream(session: aiohttp.ClientSession, url: str, i: int, tally: Tally
                 data = await resp.read()
                 if 400 <= resp.status < 500 and b'"error"' in data:
                     tally.refused += 1
-                elif first_token is not None:  # a fault run: the gateway answers per its failure mode
+                elif first_token is not None and b'"error"' in data:  # a fault: the gateway's failure mode
                     tally.failed_status[resp.status] = tally.failed_status.get(resp.status, 0) + 1
                 else:
                     tally.other.append(f"{resp.status} {data[:200]!r}")

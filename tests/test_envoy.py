@@ -10,7 +10,7 @@ import pytest
 import yaml
 from aiohttp import web
 
-from tokenslice import contract
+from tokenslice import contract, errors
 from tokenslice.envoy import (
     EXT_PROC_CLUSTER,
     Address,
@@ -125,3 +125,17 @@ async def test_started_envoy_round_robins_and_stops(tmp_path: Path) -> None:
         for runner in runners:
             await runner.cleanup()
     assert not pid_alive(envoy.pid)
+
+
+async def test_envoys_own_errors_are_openai_json(tmp_path: Path) -> None:
+    """A plain-text gateway page used to reach clients: a 500 while the picker is down, a 431, ..."""
+    env = await start_envoy(ExtProc("127.0.0.1", free_port()), workdir=tmp_path, name="down")  # no picker there
+    try:
+        async with aiohttp.ClientSession() as s:
+            for headers, status in (({}, 500), ({"x-big": "a" * 100_000}, 431)):
+                async with s.post(env.url + "/v1/completions", data=b"{}", headers=headers) as r:
+                    assert r.status == status and r.headers["content-type"] == "application/json"
+                    err = (await r.json())["error"]
+                    assert err["code"] == status and err["type"] == errors.error_type(status) and err["message"]
+    finally:
+        await env.stop()

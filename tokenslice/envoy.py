@@ -24,7 +24,7 @@ from typing import Any, Literal, NamedTuple
 
 import yaml
 
-from tokenslice import contract
+from tokenslice import contract, errors
 from tokenslice.procs import ManagedProcess, NotReady, free_port, http_ok, spawn, wait_ready
 
 EXT_PROC_CLUSTER = "tokenslice_picker"
@@ -192,6 +192,34 @@ def _clusters(upstream: Upstream) -> list[dict[str, Any]]:
     ]
 
 
+ENVOY_OWN_STATUSES = (400, 404, 408, 413, 431, 500, 502, 504)
+"""Statuses only Envoy itself answers with (the picker's immediate replies are 401/403/409/429/503, and
+already OpenAI JSON): Envoy's replies with these are rewritten into the same error shape."""
+UPSTREAM_FAILURE_FLAGS = ("UF", "UH", "UO", "URX", "UC")
+"""Envoy's 503s of its own (upstream connect failure, no healthy upstream, overflow, retry limit, reset)."""
+
+
+def local_reply_config() -> dict[str, Any]:
+    """Envoy's own error replies (a 431 header block, a 500 while the picker is down, a 504 timeout) as the
+    one OpenAI error body (``tokenslice.errors``), so a client never sees a plain-text gateway page."""
+
+    def mapper(status: int, flt: dict[str, Any]) -> dict[str, Any]:
+        return {"filter": flt, "body_format_override": {
+            "json_format": {"error": {"message": "%LOCAL_REPLY_BODY% [%RESPONSE_CODE_DETAILS%]",
+                                      "type": errors.error_type(status),
+                                      "param": None, "code": status}},
+            "content_type": "application/json"}}
+
+    def status_is(status: int) -> dict[str, Any]:
+        return {"status_code_filter": {"comparison": {"op": "EQ", "value": {
+            "default_value": status, "runtime_key": f"tokenslice.local_reply.{status}"}}}}
+
+    mappers = [mapper(code, status_is(code)) for code in ENVOY_OWN_STATUSES]
+    mappers.append(mapper(503, {"and_filter": {"filters": [
+        status_is(503), {"response_flag_filter": {"flags": list(UPSTREAM_FAILURE_FLAGS)}}]}}))
+    return {"mappers": mappers}
+
+
 def bootstrap_config(*, listen: Address, admin: Address, upstream: Upstream, timeouts: Timeouts = Timeouts(),
                      extra_http_filters: Sequence[dict[str, Any]] = (), access_log: bool = False) -> dict[str, Any]:
     """The bootstrap as a dict: listener -> HCM(extra filters, ext_proc -> router) -> pool cluster.
@@ -222,6 +250,7 @@ def bootstrap_config(*, listen: Address, admin: Address, upstream: Upstream, tim
             }],
         },
         "http_filters": filters,
+        "local_reply_config": local_reply_config(),
     }
     if access_log:
         hcm["access_log"] = [{"name": "envoy.access_loggers.stdout", "typed_config": {
