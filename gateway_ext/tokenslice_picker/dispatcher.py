@@ -367,8 +367,8 @@ class Dispatcher:
         counted in ``slices_capped_total``.  Not a 400: a driver keeps the size it was admitted with,
         so after a hot reload that shrank ``chunkSize`` its in-flight requests legitimately claim the
         old size, and a request that reached a driver without the picker's admission uses the
-        sidecar's ``--chunk-size`` -- a deployment matter, not the client's fault.  The next chunk's signed ``generated`` corrects
-        the charge to what was really produced.
+        sidecar's ``--chunk-size`` -- a deployment matter, not the client's fault.  The next chunk's signed
+        ``generated`` corrects the charge to what was really produced.
         """
         if chunk.slice > rule.max_slice:
             self.metrics.slices_capped.labels(chunk.priority_class).inc()

@@ -114,7 +114,8 @@ def main() -> None:
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     weight_map: dict[str, str] = {}
     per_shard = 4
-    shards = [range(i, min(i + per_shard, cfg["num_hidden_layers"])) for i in range(0, cfg["num_hidden_layers"], per_shard)]
+    layers_total = cfg["num_hidden_layers"]
+    shards = [range(i, min(i + per_shard, layers_total)) for i in range(0, layers_total, per_shard)]
     params = 0
     for n, layers in enumerate(shards, 1):
         fname = f"model-{n:05d}-of-{len(shards):05d}.safetensors"
@@ -123,7 +124,8 @@ def main() -> None:
         save_file({k: v.cpu() for k, v in tensors.items()}, str(args.out / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, fname))
         del tensors
-        print(f"  shard {n}/{len(shards)} layers {layers.start}-{layers.stop - 1}  {time.time() - t0:.1f} s", flush=True)
+        print(f"  shard {n}/{len(shards)} layers {layers.start}-{layers.stop - 1}  {time.time() - t0:.1f} s",
+              flush=True)
     (args.out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": params * 2}, "weight_map": weight_map}, indent=1))
     print(f"random Llama-3-8B-shaped checkpoint: {params / 1e9:.2f} B params, vocab {vocab}, "

@@ -15,8 +15,7 @@ import pytest
 from tokenslice.bench.report import checks, markdown, preemption_markdown, summarize
 from tokenslice.bench.runner import Plan, SystemResult, plan_systems, reusable_tokens, salted, sweep_policy
 from tokenslice.bench.scenario import SYSTEMS, Arrivals, LengthDist, Scenario, resolve_scenario
-from tokenslice.bench.stats import (RequestResult, fairness, jain_index, percentile, summarize_group,
-                                    throughput)
+from tokenslice.bench.stats import RequestResult, fairness, jain_index, percentile, summarize_group, throughput
 from tokenslice.bench.trace import arrival_times, build_trace
 
 
@@ -130,10 +129,9 @@ def test_jain_index_hand_values() -> None:
 
 
 def test_one_jain_index_for_the_picker_gauge_and_the_report() -> None:
-    from tokenslice_picker.flowcontrol import accounting
-
     from tokenslice.bench import stats
     from tokenslice.fairness import jain_index as the_one
+    from tokenslice_picker.flowcontrol import accounting
 
     assert accounting.jain_index is the_one and stats.jain_index is the_one
 

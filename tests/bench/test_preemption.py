@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 from prometheus_client import generate_latest
-from tokenslice_picker.metrics import PickerMetrics, PickerSnapshot
 
 from tokenslice import promtext
 from tokenslice.bench import preemption
+from tokenslice_picker.metrics import PickerMetrics, PickerSnapshot
 
 
 class _Idle:

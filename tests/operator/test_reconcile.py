@@ -143,7 +143,8 @@ def test_policy_validated_beyond_the_schema(kube_cluster: KubeCluster, operator:
     _wait_condition(kube_cluster, "schedulingpolicy", "gamma", namespace, "Programmed", "True")
 
     bad = policy_manifest("gamma", namespace, "gamma", chunkSize=99,
-                          tenants=[{"name": "chat", "allowedClasses": ["gold"]}, {"name": "none", "allowedClasses": []}])
+                          tenants=[{"name": "chat", "allowedClasses": ["gold"]},
+                                   {"name": "none", "allowedClasses": []}])
     kube_cluster.apply(bad)
     c = _wait_condition(kube_cluster, "schedulingpolicy", "gamma", namespace, "Accepted", "False", "Invalid")
     assert "unknown class 'gold'" in c["message"] and "still serving generation 1" in c["message"]

@@ -10,6 +10,7 @@ character of more than one byte can be split by a boundary.
 from __future__ import annotations
 
 import pytest
+
 from tokenslice_sidecar.boundary import BoundaryRepair
 
 PROMPT = list(b"Say: ")

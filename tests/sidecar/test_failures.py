@@ -122,6 +122,7 @@ async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
     and answers 503 to chunk 1.  The client gets chunk 0's tokens, an SSE error event, then [DONE].
     """
     from aiohttp import web
+
     from tokenslice_sidecar.app import SidecarConfig, start
 
     seen: list[ChunkHeaders] = []
@@ -161,7 +162,8 @@ async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
         assert s.events[-1]["error"]["code"] == 503  # an SSE error event, then [DONE] (checked by post_stream)
         assert len(s.token_ids) == 4 and s.finish_reason is None  # chunk 0 was delivered, nothing claims an end
         first, second = seen[-2], seen[-1]
-        n_prompt = len((await post_json(http, f"{vllm.url}/tokenize", {"model": vllm.model, "prompt": prompt}))["tokens"])
+        tokenized = await post_json(http, f"{vllm.url}/tokenize", {"model": vllm.model, "prompt": prompt})
+        n_prompt = len(tokenized["tokens"])
         assert (first.chunk_index, first.generated, first.slice, first.kv_holder) == (0, 0, 4, "")
         assert (second.chunk_index, second.generated, second.slice, second.kv_holder) == (1, 4, 4, "10.1.2.3:8000")
         assert first.request_id == second.request_id and s.events[0]["id"] == f"cmpl-{first.request_id}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tokenslice_sidecar.requests import RequestError, chunk_seed, plan, tokenize_body
 
 MSG = [{"role": "user", "content": "hi"}]

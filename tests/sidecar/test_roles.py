@@ -86,10 +86,9 @@ async def test_policy_class_chunk_size_through_the_real_gateway(http, vllm, gate
     The sidecar's own --chunk-size (16) loses to the policy: class ``small`` slices by 5, class ``std`` by
     the policy's chunkSize 8, each counted by the picker's dispatches and the sidecar's chunks.
     """
+    from tokenslice.policy import PriorityClass, SchedulingPolicySpec
     from tokenslice_sidecar.app import SidecarConfig, start
     from tokenslice_sidecar.metrics import SidecarMetrics
-
-    from tokenslice.policy import PriorityClass, SchedulingPolicySpec
 
     policy = SchedulingPolicySpec(chunk_size=8, priority_classes=[
         PriorityClass(name="small", priority=2, chunk_size=5), PriorityClass(name="std", priority=1)])
@@ -119,8 +118,8 @@ async def test_unchunkable_requests_are_scheduled_as_one_chunk(http, vllm, gatew
     Now such a request is one chunk through Envoy and the picker: dispatched and charged to its tenant
     for max_tokens x n, routed to a worker; other generating routes of vLLM are refused.
     """
-    from tokenslice_sidecar.app import SidecarConfig, start
     from tokenslice.policy import PriorityClass, SchedulingPolicySpec
+    from tokenslice_sidecar.app import SidecarConfig, start
 
     policy = SchedulingPolicySpec(priority_classes=[PriorityClass(name="std", priority=1)])
     stack = await gateway_stack(endpoints=[], policy=policy)
@@ -153,8 +152,8 @@ async def test_policy_ceilings_on_max_tokens_n_and_body_size(http, vllm, gateway
     Before, one request with ``"n": 10000`` held the engine for over a minute, and a request naming no
     max_tokens generated up to the context length.
     """
-    from tokenslice_sidecar.app import SidecarConfig, start
     from tokenslice.policy import PriorityClass, RequestLimits, SchedulingPolicySpec
+    from tokenslice_sidecar.app import SidecarConfig, start
 
     policy = SchedulingPolicySpec(priority_classes=[PriorityClass(name="std", priority=1)],
                                   limits=RequestLimits(max_tokens=6, max_n=2))

@@ -16,6 +16,7 @@ from tokenslice.bench.runner import SystemResult  # noqa: E402
 from tokenslice.bench.scenario import SYSTEMS, Scenario  # noqa: E402
 from tokenslice.bench.stats import ttft_censored  # noqa: E402
 
+
 def _style(res: SystemResult, i: int, n: int) -> tuple[str, str]:
     """Baselines in their system's colour; tokenslice runs spread over a colormap, reserved-slot runs dash-dotted."""
     if res.plan.unloaded:

@@ -247,7 +247,8 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
             lines.append(f"| {c.claim} | {c.measured} | {'yes' if c.met else 'no' if c.met is False else 'n/a'} |")
     waits = [s for s in summaries if s.queue_wait_ms]
     if waits:
-        lines += ["", "Mean wait of a chunk in the gateway for a slot (the pause the scheduler imposed), per class:", ""]
+        lines += ["", "Mean wait of a chunk in the gateway for a slot (the pause the scheduler imposed), per class:",
+                  ""]
         for s in waits:
             lines.append(f"* {s.label}: " + ", ".join(f"{k} {v:.0f} ms" for k, v in sorted(s.queue_wait_ms.items())))
     errs = [s for s in summaries if s.first_error]

@@ -36,9 +36,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from tokenslice.envoy import ExtProc, Static, start_envoy
-from tokenslice.procs import ManagedProcess, free_port, spawn, tokenslice_argv, wait_http
 from tokenslice.paths import cache_dir
 from tokenslice.policy import SchedulingPolicySpec, load_policy
+from tokenslice.procs import ManagedProcess, free_port, spawn, tokenslice_argv, wait_http
 
 if TYPE_CHECKING:  # the engine venv is optional for the rest
     from tokenslice.engine.server import VLLMServer

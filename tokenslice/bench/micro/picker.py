@@ -124,7 +124,8 @@ def upstream_bootstrap(ports: list[int], admin: int) -> str:
 
 LOADGEN = r'''
 import asyncio, itertools, os, sys, time, json
-host, port, conns, duration, headers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), json.loads(sys.argv[5])
+host, port, conns = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+duration, headers = float(sys.argv[4]), json.loads(sys.argv[5])
 def build(h):
     return ("POST /v1/completions HTTP/1.1\r\nHost: gw\r\ncontent-type: application/json\r\ncontent-length: 2\r\n"
             + "".join(f"{k}: {v}\r\n" for k, v in h.items()) + "\r\n{}").encode()
@@ -335,8 +336,10 @@ def plot(results: dict[str, object], path: Path) -> Path:
     rows = results["load"]
     conns = [r["conns"] for r in rows]  # type: ignore[index]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, style, label in (("direct_p50_ms", "b-", "Envoy direct p50"), ("direct_p99_ms", "b--", "Envoy direct p99"),
-                              ("picker_p50_ms", "r-", "Envoy + picker p50"), ("picker_p99_ms", "r--", "Envoy + picker p99")):
+    for key, style, label in (("direct_p50_ms", "b-", "Envoy direct p50"),
+                              ("direct_p99_ms", "b--", "Envoy direct p99"),
+                              ("picker_p50_ms", "r-", "Envoy + picker p50"),
+                              ("picker_p99_ms", "r--", "Envoy + picker p99")):
         ax1.plot(conns, [r[key] for r in rows], style, marker="o", label=label)  # type: ignore[index]
     ax1.set(xscale="log", yscale="log", xlabel="concurrent chunks (closed loop)", ylabel="latency per chunk (ms)",
             title="Latency per chunk")
