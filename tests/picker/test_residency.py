@@ -178,3 +178,14 @@ def test_resident_continuation_goes_first_only_within_the_bonus():
     assert order(60.0) == ["new", "old"]  # b is ahead by 60 < 100: its resident chunk goes first
     assert order(160.0) == ["old", "new"]  # ahead by more than the bonus: fair share wins
     assert order(60.0, pinned="old") == ["old", "new"]  # a pinned (aged / non-preemptible) chunk keeps its place
+
+
+def test_offloaded_kv_is_resident_but_slower_in_the_cost_model():
+    ep = Endpoint(EP, kv_capacity_tokens=64)
+    tracker = ResidencyTracker(offload_tokens=1000)
+    _released(tracker, ep, "r", 96)
+    _released(tracker, ep, "s", 64)  # r is pushed out of the GPU cache into the CPU tier
+    chunk = make_chunk("r", "t", "lo", index=2, prompt_tokens=64, generated=32, kv_holder=EP)
+    assert tracker.chunk_tier(chunk, ep) is Tier.OFFLOADED
+    assert tracker.resident_tokens(chunk, ep) == 48  # half of the 96-token context: reloading is not free
+    assert ResidencyTracker().resident_tokens(chunk, ep) is None  # never seen there: no claim

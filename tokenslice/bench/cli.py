@@ -160,6 +160,7 @@ async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: i
             table = table.replace("\n", f"\n\nLoad calibrated in this run: {calibrated[1].describe()}.\n", 1)
             meta["calibration"] = calibrated[1].as_json()
         table += report.preemption_markdown(done, summaries, sc)
+        table += report.kv_markdown(done, summaries, sc)
         (out / "results.md").write_text(table)
         report.write_json(out / "results.json", sc, done, summaries, {**meta, "complete": final})
         rows = [breakdown.breakdown(r.plan.label, r.observation) for r in done]

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tokenslice.bench import kvcache
 from tokenslice.bench.runner import SystemResult
 from tokenslice.bench.scenario import Scenario, Stream
 from tokenslice.bench.stats import Fairness, GroupSummary, fairness, summarize_group, throughput
@@ -291,6 +292,19 @@ def preemption_markdown(results: list[SystemResult], summaries: list[SystemSumma
     return "\n".join(lines) + "\n"
 
 
+def kv_results(results: list[SystemResult]) -> list[kvcache.KVCost]:
+    return [kvcache.kv_cost(r.engine_counters, [q.prompt_tokens for q in r.results],
+                            [q.completion_tokens > 0 for q in r.results], r.block_size) for r in results]
+
+
+def kv_markdown(results: list[SystemResult], summaries: list[SystemSummary], scenario: Scenario) -> str:
+    """The KV table (tokenslice.bench.kvcache) of every loaded system: what pausing cost in recomputed context."""
+    hi = focus_stream(scenario)
+    rows = [(s.label, k, s.throughput_tps, _p99(s, hi))
+            for s, k in zip(summaries, kv_results(results)) if not s.unloaded]
+    return kvcache.markdown(rows, results[0].kv_tokens if results else None)
+
+
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {k: _jsonable(v) for k, v in dataclasses.asdict(obj).items()}
@@ -321,10 +335,11 @@ def write_json(path: Path, scenario: Scenario, results: list[SystemResult], summ
             "engine_counters": res.engine_counters,
             "gateway_counters": res.gateway_counters,
             "preemption": res.preemption,
+            "kv": _jsonable(dataclasses.asdict(kv)),
             "reusable_tokens": res.reusable_tokens,
             "block_size": res.block_size,
             "requests": [_jsonable(request_row(r)) for r in res.results],
-        } for s, res in zip(summaries, results)],
+        } for s, res, kv in zip(summaries, results, kv_results(results))],
         "checks": _jsonable(checks(summaries, scenario)),
     }
     path.write_text(json.dumps(doc, indent=1))

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from tokenslice import promtext
-from tokenslice.bench import preemption
+from tokenslice.bench import kvcache, preemption
 from tokenslice.bench.breakdown import Observation
 from tokenslice.bench.calibrate import Calibrated, measure_capacity, scale_to
 from tokenslice.bench.loadgen import Target, replay
@@ -47,6 +47,10 @@ class Plan:
     chunk_size: int | None
     unloaded: bool = False
     reserved: int = 0
+    picker_args: tuple[str, ...] = ()
+    """This plan's own picker flags (a scenario's ``picker_variants``), after the scenario's ``picker_args``."""
+    vllm_args: tuple[str, ...] = ()
+    """Extra vLLM flags of the engines it runs on (a scenario's ``engine_variants``): their own start."""
 
     @property
     def kind(self) -> str:
@@ -77,6 +81,8 @@ class SystemResult:
     """The same, also counting the chunk after the last token of every request cut off at a chunk boundary
     (it may or may not have reached vLLM before the cutoff): the two bracket the true value."""
     block_size: int = 0
+    kv_tokens: int = 0
+    """Each engine's KV cache in tokens (``num_gpu_blocks * block_size`` of ``vllm:cache_config_info``)."""
     observation: Observation = field(default_factory=Observation)
     """What the data plane's own metrics said, scraped before it was torn down (the per-chunk breakdown)."""
     preemption: dict[str, float | None] = field(default_factory=dict)
@@ -90,8 +96,13 @@ def plan_systems(scenario: Scenario) -> list[Plan]:
     if "tokenslice" in scenario.systems:
         # the policy's own reserve unless the scenario (or --reserved) sweeps it: never silently 0
         reserves = scenario.reserved_slots or [scenario.policy.reserved_slots_per_endpoint]
-        plans += [Plan(f"tokenslice-c{n}" + (f"-r{r}" if r else ""), SYSTEMS["tokenslice"], n, reserved=r)
-                  for n in scenario.chunk_sizes for r in reserves]
+        variants = {"": (), **{f"-{k}": tuple(v) for k, v in scenario.picker_variants.items()}}
+        engines = {"": ((), ()), **{f"-{k}": (tuple(v.vllm_args), tuple(v.picker_args))
+                                    for k, v in scenario.engine_variants.items()}}
+        plans += [Plan(f"tokenslice-c{n}" + (f"-r{r}" if r else "") + suffix + esuffix, SYSTEMS["tokenslice"], n,
+                       reserved=r, picker_args=(*args, *eargs[1]), vllm_args=eargs[0])
+                  for esuffix, eargs in engines.items()
+                  for n in scenario.chunk_sizes for r in reserves for suffix, args in variants.items()]
     if "chunked" in scenario.systems:
         plans.append(Plan(f"chunked-c{default}", SYSTEMS["chunked"], default))
     if scenario.no_affinity:
@@ -179,12 +190,13 @@ async def wait_idle(engines: list[Engine], timeout_s: float = 120.0) -> None:
 
 def _engine_counters(scraped: list[list[promtext.Sample]]) -> dict[str, float]:
     return {"prefix_cache_queries": sum(promtext.total(s, promtext.PREFIX_QUERIES) for s in scraped),
-            "prefix_cache_hits": sum(promtext.total(s, promtext.PREFIX_HITS) for s in scraped)}
+            "prefix_cache_hits": sum(promtext.total(s, promtext.PREFIX_HITS) for s in scraped),
+            **kvcache.engine_kv_counters(scraped)}
 
 
 def _gateway_counters(samples: list[promtext.Sample]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for fragment in ("preempt", "migrat", "shed"):
+    for fragment in ("preempt", "migrat", "shed", "residency"):
         out.update(promtext.totals_matching(samples, fragment))
     for s in samples:  # the scheduler's own view of service per tenant, to cross-check the client's
         if s.name.endswith("tokens_served_total") and "tenant" in s.labels:
@@ -235,10 +247,11 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
     await wait_idle(engines)
     draining = {s.name for s in scenario.streams if s.drain}
     async with DataPlane(engines, policy, run_dir, mode=plan.mode, progress=progress, log_level="WARNING",
-                         name=f"{plan.label}-", picker_args=list(scenario.picker_args)) as plane:
+                         name=f"{plan.label}-", picker_args=[*scenario.picker_args, *plan.picker_args]) as plane:
         gw_urls = [plane.picker_metrics_url] if plane.picker_metrics_url else []
         before, first = await observe(plane, engines)
         block = int(promtext.label(before[0], promtext.CACHE_CONFIG, "block_size") or 0)
+        blocks = promtext.label(before[0], promtext.CACHE_CONFIG, "num_gpu_blocks") or ""
         target = Target(
             plan.label, plane.url, engines[0].model,
             tenant_header=policy.tenant_header, class_header=policy.class_header,
@@ -254,7 +267,8 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
     result = SystemResult(plan, results, cutoff, started,
                           engine_counters=_delta(_engine_counters(after[:n]), _engine_counters(before[:n])),
                           gateway_counters=_delta(_gateway_counters(after[n]), _gateway_counters(before[n]))
-                          if gw_urls else {}, block_size=block, observation=last)
+                          if gw_urls else {}, block_size=block, observation=last,
+                          kv_tokens=int(blocks) * block if blocks.isdigit() else 0)
     if gw_urls:
         waiter = next((s.priority_class for s in scenario.streams
                        if s.name == scenario.unloaded_stream or s.drain), None)
@@ -308,14 +322,15 @@ async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, mod
     out: list[SystemResult] = []
     run_dir = RunDir(keep=keep_run_dir)
     try:
-        for engine_policy in ("fcfs", "priority"):
-            group = [p for p in plans if p.engine_policy == engine_policy]
-            if not group:
-                continue
+        # one engine start per (scheduling policy, extra vLLM flags): FCFS first, variants in plan order
+        starts = sorted(dict.fromkeys((p.engine_policy, p.vllm_args) for p in plans),
+                        key=lambda k: k[0] != "fcfs")
+        for n_start, (engine_policy, extra) in enumerate(starts):
+            group = [p for p in plans if (p.engine_policy, p.vllm_args) == (engine_policy, extra)]
             async with EnginePool(scenario.engines, run_dir=run_dir, model_dir=model_dir,
                                   max_num_seqs=scenario.max_num_seqs, scheduling_policy=engine_policy,
-                                  vllm_args=scenario.vllm_args, progress=progress,
-                                  tag=f"engine-{engine_policy}") as engines:
+                                  vllm_args=[*scenario.vllm_args, *extra], progress=progress,
+                                  tag=f"engine-{engine_policy}" + (f"-{n_start}" if extra else "")) as engines:
                 if scenario.calibrate is not None and calibrated is None:
                     scenario, calibrated = await calibrate_on(engines, scenario, progress)
                     trace = build_trace(scenario)

@@ -121,6 +121,13 @@ class Calibration(_Model):
         "(the unloaded stream and draining streams keep their rates)")
 
 
+class EngineVariant(_Model):
+    """Engines started with extra vLLM flags (their own start), plus the picker flags that go with them."""
+
+    vllm_args: list[str] = Field(min_length=1)
+    picker_args: list[str] = Field(default_factory=list)
+
+
 class Scenario(_Model):
     """A whole benchmark: traffic, engine shape, the systems to compare and the policy tokenslice runs."""
 
@@ -137,6 +144,13 @@ class Scenario(_Model):
     picker_args: list[str] = Field(default_factory=list,
                                    description="extra `tokenslice picker` flags for the tokenslice systems, "
                                    "e.g. [--max-slice-tokens, '4096'] (long slices, cut on demand)")
+    picker_variants: dict[str, list[str]] = Field(
+        default_factory=dict, description="also run every tokenslice plan with these extra picker flags, one "
+        "run per entry, labelled with its key -- e.g. {kvres: [--kv-residency]}: a feature on and off side by side")
+    engine_variants: dict[str, EngineVariant] = Field(
+        default_factory=dict, description="also run every tokenslice plan (picker variants included) on engines "
+        "started with these extra vLLM flags, one engine start per entry, labelled with its key -- e.g. "
+        "{offload: {vllm_args: [--kv-offloading-size, '8', --kv-offloading-backend, native]}}")
     systems: list[SystemName] = Field(
         default_factory=lambda: ["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"])
     chunk_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])

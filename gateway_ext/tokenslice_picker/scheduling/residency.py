@@ -59,7 +59,7 @@ class ResidencyTracker:
     """Replays each endpoint's prefix-cache LRU from the chunks the picker granted and saw end."""
 
     def __init__(self, *, capacity_tokens: int = 0, offload_tokens: int = 0, block_tokens: int = 16,
-                 bonus_tokens: float = 256.0, max_paused: int = 4096) -> None:
+                 bonus_tokens: float = 256.0, max_paused: int = 4096, offload_discount: float = 0.5) -> None:
         self.capacity_tokens = capacity_tokens
         """Override of every endpoint's GPU KV capacity in tokens (0: the scraped one)."""
         self.offload_tokens = offload_tokens
@@ -67,6 +67,8 @@ class ResidencyTracker:
         self.block_tokens = block_tokens
         self.bonus_tokens = bonus_tokens
         self.max_paused = max_paused
+        self.offload_discount = offload_discount
+        """The share of an offloaded context a move would waste (the rest is the reload staying costs)."""
         self._by_endpoint: dict[str, _Holdings] = {}
 
     # --- bookkeeping (the dispatcher calls these) ----------------------------------------
@@ -107,11 +109,14 @@ class ResidencyTracker:
         return self.tier(chunk.request_id, ep)
 
     def resident_tokens(self, chunk: Chunk, ep: Endpoint) -> int | None:
-        """Context tokens the holder ``ep`` serves from its GPU cache (None: unknown, assume all)."""
+        """Context tokens a move off the holder ``ep`` would recompute that staying would not (None: unknown,
+        assume all).  Offloaded KV is resident but slower: loading it back costs something too, so it
+        counts ``offload_discount`` of its tokens."""
         tier = self.chunk_tier(chunk, ep)
         if tier is None:
             return None
-        return chunk.prompt_tokens + chunk.generated if tier is Tier.RESIDENT else 0
+        context = chunk.prompt_tokens + chunk.generated
+        return {Tier.RESIDENT: context, Tier.OFFLOADED: int(context * self.offload_discount)}.get(tier, 0)
 
     def overflows(self, victim: Chunk) -> bool:
         """Whether pausing ``victim`` now would push paused work out of its endpoint's cache (and offload)."""

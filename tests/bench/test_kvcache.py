@@ -1,0 +1,50 @@
+"""The overflow benchmark's plumbing (issue 13): feature variants side by side, and the KV-cost arithmetic."""
+
+from __future__ import annotations
+
+from tokenslice import promtext
+from tokenslice.bench import kvcache
+from tokenslice.bench.runner import plan_systems
+from tokenslice.bench.scenario import resolve_scenario
+
+
+def test_overflow_scenario_runs_residency_off_and_on_on_a_shrunk_cache():
+    scenario = resolve_scenario("overflow")
+    plans = {p.label: p for p in plan_systems(scenario)}
+    assert plans["tokenslice-c32-r1"].picker_args == ()
+    assert plans["tokenslice-c32-r1-kvres"].picker_args == ("--kv-residency",)
+    assert "vllm-fcfs" in plans
+    assert scenario.vllm_args[scenario.vllm_args.index("--kv-cache-memory-bytes") + 1] == str(4 * 2**20)
+
+
+def test_gpu_overflow_scenario_starts_the_offload_engines_once_for_both_picker_variants():
+    scenario = resolve_scenario("scripts/gpu/overflow-gpu.yaml")
+    plans = plan_systems(scenario)
+    starts = list(dict.fromkeys((p.engine_policy, p.vllm_args) for p in plans))
+    assert len(starts) == 2 and "--kv-offloading-size" in starts[1][1]
+    offload = [p for p in plans if p.vllm_args]
+    assert sorted(p.label for p in offload) == ["tokenslice-c32-r1-kvres-offload", "tokenslice-c32-r1-offload"]
+    assert all("--kv-offload-tokens" in p.picker_args for p in offload)
+
+
+def _samples(text: str) -> list[promtext.Sample]:
+    return promtext.parse(text)
+
+
+def test_kv_cost_separates_first_chunks_from_continuations_that_found_or_lost_their_prefix():
+    before = _samples('vllm:prompt_tokens_total{engine="0"} 100\nvllm:prefix_cache_hits_total{engine="0"} 0\n'
+                      f'{kvcache.KV_COMPUTED}_bucket{{le="20.0"}} 1\n{kvcache.KV_COMPUTED}_bucket{{le="50.0"}} 1\n'
+                      f'{kvcache.KV_COMPUTED}_count 1\n')
+    # five chunks: two first chunks (prompts 40 and 100), two continuations that found their KV
+    # (computed 10 and 30 of 200 and 230), one that lost it (computed all 260)
+    after = _samples('vllm:prompt_tokens_total{engine="0"} 930\nvllm:prefix_cache_hits_total{engine="0"} 390\n'
+                     f'{kvcache.KV_COMPUTED}_bucket{{le="20.0"}} 2\n{kvcache.KV_COMPUTED}_bucket{{le="50.0"}} 4\n'
+                     f'{kvcache.KV_COMPUTED}_count 6\n')
+    b, a = kvcache.engine_kv_counters([before]), kvcache.engine_kv_counters([after])
+    delta = {k: v - b.get(k, 0.0) for k, v in a.items()}
+    delta["prefix_cache_hits"] = 390.0
+    cost = kvcache.kv_cost(delta, prompt_tokens=[40, 100, 64], started=[True, True, False], block_size=32)
+    assert (cost.chunks, cost.first_chunks, cost.continuations) == (5, 2, 3)
+    assert cost.threshold == 50.0 and cost.found_prefix == 2  # 3 chunks <= 50 computed, one is the 40-token prompt
+    assert cost.recomputed_tokens == 830 - 390 - 140  # continuations' prefill: 10 + 30 + 260
+    assert "2 (67%" in kvcache.markdown([("x", cost, 100.0, 0.5)], 2048)
