@@ -149,6 +149,10 @@ def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Mani
             "--metrics-host", "0.0.0.0", "--metrics-port", str(config.picker_metrics_port),
             "--policy", f"{POLICY_MOUNT}/{POLICY_FILE}", "--signing-key-file", f"{SIGNING_MOUNT}/{SIGNING_KEY_FILE}",
             "--kube", "--pool", m.name, "--namespace", m.namespace]
+    if config.kv_residency:
+        args.append("--kv-residency")
+    if config.kv_offload_tokens:
+        args += ["--kv-offload-tokens", str(config.kv_offload_tokens)]
     container = {
         "name": "picker",
         "image": config.picker_image,

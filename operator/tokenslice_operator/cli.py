@@ -39,6 +39,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority", type=int, help="peering priority (default: random, so replicas never tie)")
     parser.add_argument("--health-port", type=int, default=0, help="serve kopf's liveness /healthz here (0: off)")
     parser.add_argument("--health-host", default="0.0.0.0", help="address of the liveness endpoint")
+    parser.add_argument("--kv-residency", action="store_true", help="every pool's picker: --kv-residency")
+    parser.add_argument("--kv-offload-gib", type=float, default=d.kv_offload_gib,
+                        help="injected vLLM containers get vLLM's native CPU KV offload of this size (0: off)")
+    parser.add_argument("--kv-offload-tokens", type=int, default=d.kv_offload_tokens,
+                        help="that offload tier in tokens, for every pool's picker (--kv-offload-tokens)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -53,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
         gateway_port=args.gateway_port, gateway_service=args.gateway_service,
         image_pull_policy=args.image_pull_policy, chunk_url=args.chunk_url, gpu_resource=args.gpu_resource,
         webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
+        kv_residency=args.kv_residency, kv_offload_gib=args.kv_offload_gib, kv_offload_tokens=args.kv_offload_tokens,
     )
     opts = RunOptions(kubeconfig=args.kubeconfig, config=config, webhook_host=args.webhook_host,
                       standalone=args.standalone, priority=args.priority, peering_name=args.peering_name,

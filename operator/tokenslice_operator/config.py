@@ -66,6 +66,13 @@ class OperatorConfig(BaseModel):
             return self.chunk_url.format(pool=pool, namespace=namespace)
         return f"http://{self.gateway_service_name(pool)}.{namespace}.svc:{self.gateway_port}"
     gpu_resource: str = "nvidia.com/gpu"
+    kv_residency: bool = Field(default=False, description="every pool's picker schedules residency-aware "
+                               "(`tokenslice picker --kv-residency`: resume continuations whose KV is still cached)")
+    kv_offload_gib: float = Field(default=0.0, ge=0, description="vLLM's native CPU KV offload per injected vLLM "
+                                  "container, GiB (--kv-offloading-size, backend native); 0: off. A pod that sets "
+                                  "--kv-offloading-size or --kv-transfer-config itself keeps its own")
+    kv_offload_tokens: int = Field(default=0, ge=0, description="that offload tier in tokens, for the picker "
+                                   "(--kv-offload-tokens): GiB x 2^30 / KV bytes per token of the model")
     webhook_port: int = Field(default=9443, ge=0, le=65535)
     webhook_cert: str | None = None
     webhook_key: str | None = None

@@ -36,6 +36,20 @@ class SidecarSpec:
     """initContainer with restartPolicy Always (Kubernetes >= 1.29) instead of a plain container."""
     pull_policy: str = "IfNotPresent"
     gpu_resource: str = "nvidia.com/gpu"
+    kv_offload_gib: float = 0.0
+    """vLLM's native CPU KV offload for the vLLM container (GiB); 0: leave vLLM's flags alone."""
+
+
+OFFLOAD_FLAGS = ("--kv-offloading-size", "--kv-transfer-config")
+"""A vLLM command line with one of these configures its own offload: injection adds none."""
+
+
+def _add_offload(vllm: Manifest, gib: float) -> None:
+    """Turn on vLLM's native CPU offload (paused requests' KV survives GPU eviction) unless the pod set its own."""
+    if any(flag in arg for arg in _command(vllm) for flag in OFFLOAD_FLAGS):
+        return
+    vllm["args"] = list(vllm.get("args") or []) + ["--kv-offloading-size", f"{gib:g}",
+                                                   "--kv-offloading-backend", "native"]
 
 
 def _requests_gpu(pod: Manifest, resource: str) -> bool:
@@ -187,6 +201,8 @@ def inject(pod: Manifest, pool: InferencePool, sidecar: SidecarSpec) -> Manifest
         new_port = next(p for p in range(target + 1, 65536) if p not in used)
         used.add(new_port)
         port_name = _move_vllm(vllm, target, new_port, "vllm" if i == 0 else f"vllm-{target}")
+        if sidecar.kv_offload_gib:
+            _add_offload(vllm, sidecar.kv_offload_gib)
         name = SIDECAR_NAME if i == 0 else f"{SIDECAR_NAME}-{target}"
         added.append(_sidecar_container(name, target, new_port, port_name, sidecar))
 

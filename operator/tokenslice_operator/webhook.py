@@ -75,7 +75,7 @@ class Webhook:
                 pass
         return SidecarSpec(image=self.config.sidecar_image, chunk_url=chunk_url, chunk_size=chunk_size,
                            native=self.native_sidecars, pull_policy=self.config.image_pull_policy,
-                           gpu_resource=self.config.gpu_resource)
+                           gpu_resource=self.config.gpu_resource, kv_offload_gib=self.config.kv_offload_gib)
 
     async def handle(self, request: web.Request) -> web.Response:
         try:

@@ -12,6 +12,7 @@ import yaml
 
 from tests.fixtures.kube import KubeCluster, wait_for
 from tests.operator.conftest import CHART, OperatorThread, condition
+from tokenslice.cli import build_parser
 
 pytestmark = pytest.mark.k8s
 FULL = ["--set", "example.enabled=true", "--set", "gateway.port=80", "--set", "operator.replicas=2"]
@@ -73,6 +74,18 @@ def test_operator_args_name_the_gateway_settings(kube_cluster: KubeCluster) -> N
     op = next(d for d in _template(kube_cluster, "--set", "operator.chunkURL=http://gw.x.svc:81")
               if d["kind"] == "Deployment")
     assert "--chunk-url=http://gw.x.svc:81" in op["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_kv_values_reach_the_operator(kube_cluster: KubeCluster) -> None:
+    """kv.* (residency, CPU offload) become operator flags; none of them by default."""
+    def args(*sets: str) -> list[str]:
+        op = next(d for d in _template(kube_cluster, *sets) if d["kind"] == "Deployment")
+        return op["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith("--kv-") for a in args())
+    on = args("--set", "kv.residency=true", "--set", "kv.offloadGiB=8", "--set", "kv.offloadTokens=65536")
+    assert {"--kv-residency", "--kv-offload-gib=8", "--kv-offload-tokens=65536"} <= set(on)
+    parsed = build_parser().parse_args(on)
+    assert parsed.kv_residency and parsed.kv_offload_gib == 8 and parsed.kv_offload_tokens == 65536
 
 
 def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread) -> None:

@@ -103,3 +103,12 @@ def test_the_rendered_gateway_config_is_accepted_by_envoy(tmp_path) -> None:
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_kv_settings_reach_the_picker_command_line() -> None:
+    config = OperatorConfig(kv_residency=True, kv_offload_tokens=65536)
+    container = children.deployment(POOL, "llama-epp", config)["spec"]["template"]["spec"]["containers"][0]
+    args = build_parser().parse_args(container["args"])
+    assert args.kv_residency and args.kv_offload_tokens == 65536
+    plain = children.deployment(POOL, "llama-epp", OperatorConfig())["spec"]["template"]["spec"]["containers"][0]
+    assert not build_parser().parse_args(plain["args"]).kv_residency

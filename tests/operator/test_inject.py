@@ -106,3 +106,16 @@ def test_a_shell_command_serving_two_ports_moves_each_port_alone() -> None:
     out = inject(pod, pool, SPEC)["spec"]["containers"]
     assert out[0]["command"][-1] == "vllm serve a --port 8002 & vllm serve b --port=8003"
     assert [c["name"] for c in out[1:]] == ["tokenslice-sidecar", "tokenslice-sidecar-8001"]
+
+
+def test_cpu_offload_is_added_to_vllm_unless_the_pod_configures_its_own() -> None:
+    spec = SidecarSpec(image="s:1", chunk_url="http://gw", chunk_size=32, native=False, kv_offload_gib=8)
+    vllm = inject(vllm_pod("x", "ns", {"app": "llm"}), POOL, spec)["spec"]["containers"][0]
+    args = vllm["args"]
+    assert args[args.index("--kv-offloading-size") + 1] == "8" and "native" in args
+    assert "--kv-offloading-size" not in inject(vllm_pod("x", "ns", {"app": "llm"}), POOL, SPEC)["spec"][
+        "containers"][0]["args"]  # off by default
+    own = vllm_pod("x", "ns", {"app": "llm"})
+    own["spec"]["containers"][0]["args"] += ["--kv-offloading-size", "2"]
+    args = inject(own, POOL, spec)["spec"]["containers"][0]["args"]
+    assert args.count("--kv-offloading-size") == 1 and args[args.index("--kv-offloading-size") + 1] == "2"
