@@ -47,4 +47,6 @@ def test_kv_cost_separates_first_chunks_from_continuations_that_found_or_lost_th
     assert (cost.chunks, cost.first_chunks, cost.continuations) == (5, 2, 3)
     assert cost.threshold == 50.0 and cost.found_prefix == 2  # 3 chunks <= 50 computed, one is the 40-token prompt
     assert cost.recomputed_tokens == 830 - 390 - 140  # continuations' prefill: 10 + 30 + 260
-    assert "2 (67%" in kvcache.markdown([("x", cost, 100.0, 0.5)], 2048)
+    table = kvcache.markdown([("x", cost, 100.0, 0.5, kvcache.estimate({"residency:resident": 2.0,
+                                                                          "residency:evicted": 1.0}))], 2048)
+    assert "2 (67%" in table and "| 2 / 0 / 1 |" in table

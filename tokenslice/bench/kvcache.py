@@ -89,20 +89,29 @@ def kv_cost(counters: dict[str, float], prompt_tokens: Sequence[int], started: S
                   recomputed_tokens=max(0.0, prefill - cached - offloaded - sum(first_prompts)))
 
 
-def markdown(rows: Sequence[tuple[str, KVCost, float, float | None]], kv_tokens: int | None) -> str:
-    """``rows``: (system, its KV cost, throughput tok/s, focus stream TTFT p99 s)."""
+def estimate(gateway_counters: dict[str, float]) -> str:
+    """The picker's own belief about its continuation grants (``--kv-residency``): resident / offloaded / evicted."""
+    tiers = [gateway_counters.get(f"residency:{t}") for t in ("resident", "offloaded", "evicted")]
+    if all(t is None for t in tiers):
+        return "-"
+    return " / ".join(f"{t or 0:.0f}" for t in tiers)
+
+
+def markdown(rows: Sequence[tuple[str, KVCost, float, float | None, str]], kv_tokens: int | None) -> str:
+    """``rows``: (system, its KV cost, throughput tok/s, focus stream TTFT p99 s, the picker's estimate)."""
     if not rows:
         return ""
     lines = ["", "KV under pressure (vLLM's counters, deltas over each system's run"
              + (f"; KV cache {kv_tokens} tokens per engine" if kv_tokens else "") + "):", "",
              "| system | continuations | found their prefix | continuation tokens recomputed | per continuation "
-             "| prefill tokens (cached / from CPU offload) | throughput tok/s | interactive TTFT p99 |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for label, k, tps, p99 in rows:
+             "| prefill tokens (cached / from CPU offload) | throughput tok/s | interactive TTFT p99 "
+             "| picker's estimate: resident / offloaded / evicted |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, k, tps, p99, est in rows:
         found = ("-" if k.found_rate is None else
                  f"{k.found_prefix:.0f} ({k.found_rate:.0%}, <= {k.threshold:g} computed)")
         per = f"{k.recomputed_tokens / k.continuations:.0f}" if k.continuations else "-"
         lines.append(f"| {label} | {k.continuations:.0f} | {found} | {k.recomputed_tokens:.0f} | {per} "
                      f"| {k.prefill_tokens:.0f} ({k.cached_tokens:.0f} / {k.offloaded_tokens:.0f}) | {tps:.0f} "
-                     f"| {'-' if p99 is None else f'{p99:.3f}s'} |")
+                     f"| {'-' if p99 is None else f'{p99:.3f}s'} | {est} |")
     return "\n".join(lines) + "\n"

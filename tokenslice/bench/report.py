@@ -300,8 +300,8 @@ def kv_results(results: list[SystemResult]) -> list[kvcache.KVCost]:
 def kv_markdown(results: list[SystemResult], summaries: list[SystemSummary], scenario: Scenario) -> str:
     """The KV table (tokenslice.bench.kvcache) of every loaded system: what pausing cost in recomputed context."""
     hi = focus_stream(scenario)
-    rows = [(s.label, k, s.throughput_tps, _p99(s, hi))
-            for s, k in zip(summaries, kv_results(results)) if not s.unloaded]
+    rows = [(s.label, k, s.throughput_tps, _p99(s, hi), kvcache.estimate(r.gateway_counters))
+            for s, k, r in zip(summaries, kv_results(results), results) if not s.unloaded]
     return kvcache.markdown(rows, results[0].kv_tokens if results else None)
 
 

@@ -201,6 +201,8 @@ def _gateway_counters(samples: list[promtext.Sample]) -> dict[str, float]:
     for s in samples:  # the scheduler's own view of service per tenant, to cross-check the client's
         if s.name.endswith("tokens_served_total") and "tenant" in s.labels:
             key = f"tokens_served:{s.labels['tenant']}"
+        elif s.name.endswith("continuation_residency_total") and "tier" in s.labels:
+            key = f"residency:{s.labels['tier']}"  # the picker's estimate, per tier (--kv-residency)
         elif s.name.endswith("queue_wait_seconds_sum") or s.name.endswith("queue_wait_seconds_count"):
             # how long chunks waited for a slot, per class: the pause the scheduler imposed
             key = f"{s.name.rsplit('_', 1)[1]}_queue_wait:{s.labels.get('class', '')}"
