@@ -33,8 +33,8 @@ async def forward(request: web.Request, session: aiohttp.ClientSession, url: str
         async with session.request(request.method, url, data=body, headers=headers, timeout=timeout,
                                    auto_decompress=False) as up:
             resp = web.StreamResponse(status=up.status, reason=up.reason)
-            for k, v in up.headers.items():
-                if k.lower() not in _SKIP_RESPONSE:
+            for k, v in up.headers.items():  # internal headers (a worker's served-by) never reach a client
+                if k.lower() not in _SKIP_RESPONSE and not is_internal_header(k.lower()):
                     resp.headers.add(k, v)
             if extra_response_headers:
                 resp.headers.update(extra_response_headers)

@@ -131,7 +131,9 @@ async def test_unchunkable_requests_are_scheduled_as_one_chunk(http, vllm, gatew
                  ({"prompt": PROMPTS[1], "max_tokens": 5, "n": 2, "temperature": 0.5, "seed": 3}, 2)]
         for extra, n in cases:
             before = sum(dispatches.get("std", "default", kind) for kind in ("first", "continuation"))
-            got = await post_json(http, f"{stack.url}/v1/completions", {"model": vllm.model, **extra})
+            async with http.post(f"{stack.url}/v1/completions", json={"model": vllm.model, **extra}) as resp:
+                got = await resp.json()
+                assert resp.status == 200 and not any(contract.is_internal_header(h.lower()) for h in resp.headers)
             assert len(got["choices"]) == n
             assert sum(dispatches.get("std", "default", kind) for kind in ("first", "continuation")) == before + 1
         chat = {"model": vllm.model, "messages": CHAT[0], "presence_penalty": 0.5}  # no max_tokens: no known size
