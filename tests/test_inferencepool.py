@@ -60,6 +60,13 @@ def test_upstream_cel_rules_and_our_picker_needs_are_checked(change, message) ->
         InferencePool.parse(_with(change)).picker_ref()
 
 
+def test_h2c_pools_are_declined() -> None:
+    """Gateways speak HTTP/2 cleartext to an h2c pool's ports; the sidecar taking them over speaks HTTP/1.1."""
+    InferencePool.parse(POOL).check_supported()
+    with pytest.raises(inferencepool.UnsupportedPool, match="kubernetes.io/h2c is not supported"):
+        InferencePool.parse(_with(lambda s: s.update(appProtocol="kubernetes.io/h2c"))).check_supported()
+
+
 @pytest.mark.parametrize("change", [
     lambda s: s.update(selector={"app": "llama"}),          # v1alpha2's plain map: not a v1 pool
     lambda s: s.update(selector={"matchLabels": {}}),

@@ -26,6 +26,10 @@ class PoolError(ValueError):
     """The pool cannot be used as tokenslice needs it (the message says why, for the pool's status)."""
 
 
+class UnsupportedPool(PoolError):
+    """A valid pool that asks for something tokenslice does not do (it is then neither served nor injected)."""
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
 
@@ -113,6 +117,16 @@ class InferencePool(_Model):
             raise PoolError("endpointPickerRef.port is required when kind is 'Service'")
         self.target_ports()
         return ref.name, ref.port.number
+
+    def check_supported(self) -> None:
+        """UnsupportedPool when serving the pool would break what it asks for.
+
+        ``appProtocol: kubernetes.io/h2c`` makes gateways speak HTTP/2 cleartext to the target ports, where
+        the sidecar serves HTTP/1.1 only: taking the port over would break the pool, so tokenslice declines.
+        """
+        if self.spec.app_protocol == H2C:
+            raise UnsupportedPool(f"appProtocol {H2C} is not supported: the tokenslice sidecar that takes over "
+                                  "the target port serves HTTP/1.1 only")
 
     def owner_reference(self) -> dict[str, Any]:
         """The ownerReference that makes an object the pool's child (garbage-collected with it)."""

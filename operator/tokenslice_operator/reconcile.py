@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tokenslice import policy
-from tokenslice.inferencepool import InferencePool, PoolError
+from tokenslice.inferencepool import InferencePool, PoolError, UnsupportedPool
 from tokenslice_operator import children
 from tokenslice_operator.config import (
     CONTROLLER_NAME,
@@ -84,11 +84,15 @@ class Reconciler:
         try:
             model = InferencePool.parse(pool)
             picker, port = model.picker_ref()
+            model.check_supported()
             await self._check_not_foreign(namespace, picker)
             await self._check_not_foreign(namespace, self.config.gateway_service_name(name))
         except PoolError as exc:
-            await self._set_pool_status(pool, resolved=(False, "InvalidExtensionRef", str(exc)),
-                                        ready=(False, "InvalidExtensionRef", "no picker without a valid reference"))
+            reason = "UnsupportedAppProtocol" if isinstance(exc, UnsupportedPool) else "InvalidExtensionRef"
+            if isinstance(exc, UnsupportedPool):
+                await self._remove_children(namespace, name)
+            await self._set_pool_status(pool, resolved=(False, reason, str(exc)),
+                                        ready=(False, reason, "no picker for this pool"))
             for p in policies:
                 await self._set_policy_status(p, False, "PoolInvalid", f"InferencePool {name}: {exc}")
             return

@@ -103,7 +103,9 @@ def _valid_pools(objs: list[dict[str, Any]]) -> list[inferencepool.InferencePool
     pools = []
     for obj in objs:
         try:
-            pools.append(inferencepool.InferencePool.parse(obj))
+            pool = inferencepool.InferencePool.parse(obj)
+            pool.check_supported()  # a pool tokenslice declines keeps its pods as they are
+            pools.append(pool)
         except inferencepool.PoolError as exc:
             log.warning("ignoring pool: %s", exc)
     return sorted(pools, key=lambda p: p.metadata.name)

@@ -16,6 +16,7 @@ from tests.operator.conftest import (
     our_parent,
     policy_manifest,
     pool_manifest,
+    vllm_pod,
 )
 from tokenslice_operator.children import PICKER_COMMAND
 
@@ -111,6 +112,20 @@ def test_invalid_picker_ref_is_reported_not_deployed(kube_cluster: KubeCluster, 
     assert (resolved["status"], resolved["reason"]) == ("False", "InvalidExtensionRef")
     assert "port is required" in resolved["message"]
     assert kube_cluster.get("deployment", "noport-epp", namespace) is None
+
+
+def test_h2c_pool_is_declined_and_its_pods_are_left_alone(kube_cluster: KubeCluster, operator: OperatorThread,
+                                                          namespace: str) -> None:
+    pool = pool_manifest("htwo", namespace, labels={"app": "htwo"})
+    pool["spec"]["appProtocol"] = "kubernetes.io/h2c"
+    kube_cluster.apply(pool)
+    ours = wait_for(lambda: our_parent(kube_cluster.get("inferencepool", "htwo", namespace)), 30, "status")
+    resolved = condition(None, "ResolvedRefs", ours["conditions"])
+    assert (resolved["status"], resolved["reason"]) == ("False", "UnsupportedAppProtocol"), resolved
+    assert kube_cluster.get("deployment", "htwo-epp", namespace) is None
+    pod = vllm_pod("htwo-0", namespace, {"app": "htwo"})
+    kube_cluster.apply(pod)
+    assert [c["name"] for c in kube_cluster.get("pod", "htwo-0", namespace)["spec"]["containers"]] == ["vllm"]
 
 
 def test_policy_is_published_and_programmed(kube_cluster: KubeCluster, operator: OperatorThread,

@@ -80,6 +80,13 @@ async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_clust
             await until(lambda: gw.policy.slots_per_endpoint == 3, what="policy from the CR")
             await ready("p2", "10.1.0.2")
             await until(lambda: ds.addresses() == ["10.1.0.1:8000", "10.1.0.2:8000"], what="p2 joins")
+            # a pod relabelled out of the selector leaves the pool (and comes back when relabelled in)
+            await api.call("PATCH", f"/api/v1/namespaces/{ns}/pods/p2", {"metadata": {"labels": {"app": "web"}}},
+                           patch=True)
+            await until(lambda: ds.addresses() == ["10.1.0.1:8000"], what="relabelled p2 leaves")
+            await api.call("PATCH", f"/api/v1/namespaces/{ns}/pods/p2", {"metadata": {"labels": {"app": "llm"}}},
+                           patch=True)
+            await until(lambda: ds.addresses() == ["10.1.0.1:8000", "10.1.0.2:8000"], what="p2 is back")
             await ready("p1", "10.1.0.1", status="False")
             await until(lambda: ds.addresses() == ["10.1.0.2:8000"], what="unready p1 leaves")
             await api.call("DELETE", f"/api/v1/namespaces/{ns}/pods/p2")
