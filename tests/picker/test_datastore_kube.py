@@ -94,6 +94,10 @@ async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_clust
             await api.call("PATCH", f"/apis/tokenslice.io/v1alpha1/namespaces/{ns}/schedulingpolicies/policy",
                            {"spec": {"slotsPerEndpoint": 5}}, patch=True)
             await until(lambda: gw.policy.slots_per_endpoint == 5, what="CR change applied")
+            # the pool's selector changes: its pods are the other ones now
+            await api.call("PATCH", f"/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools/pool",
+                           {"spec": {"selector": {"matchLabels": {"app": "web"}}}}, patch=True)
+            await until(lambda: ds.addresses() == ["10.1.0.9:8000"], what="the re-selected pod joins")
         finally:
             await gw.stop(0)
     finally:

@@ -181,34 +181,63 @@ class KubeSources:
         self.datastore.set_endpoints(addrs, names)
 
     async def _pods_loop(self) -> None:
-        ns = self.settings.namespace
+        """Follow the pool's pods; re-list when the pool's selector or target ports change (pods leave)."""
         while True:
             try:
                 pool = await self._pool()
-                ports, selector = pool.target_ports(), pool.label_selector()
-                path = f"/api/v1/namespaces/{ns}/pods"
-                listing = await self.client.get(path, labelSelector=selector)
-                self._pods = {p["metadata"]["uid"]: p for p in listing.get("items", [])}
-                self._publish(ports)
-                self.synced.set()
-                rv = listing["metadata"]["resourceVersion"]
-                async for event in self.client.watch(path, labelSelector=selector, resourceVersion=rv):
-                    kind, obj = event.get("type"), event.get("object", {})
-                    if kind == "ERROR":
-                        break  # e.g. 410 Gone: re-list
-                    if kind == "BOOKMARK":
-                        continue
-                    uid = obj["metadata"]["uid"]
-                    if kind == "DELETED":
-                        self._pods.pop(uid, None)
-                    else:
-                        self._pods[uid] = obj
-                    self._publish(ports)
+                tasks = {asyncio.create_task(self._follow_pods(pool)), asyncio.create_task(self._until_changed(pool))}
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for t in tasks:
+                        t.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+                for t in done:
+                    if not t.cancelled() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
             except asyncio.CancelledError:
                 raise
             except (KubeError, aiohttp.ClientError, OSError, TimeoutError, KeyError, ValueError) as exc:
                 log.warning("pool watch failed; retrying", extra={"error": str(exc)})
                 await asyncio.sleep(1.0)  # back-off before re-listing
+
+    async def _follow_pods(self, pool: inferencepool.InferencePool) -> None:
+        """List, then watch, the pods the pool selects; returns when the watch ends (re-list)."""
+        ports, selector = pool.target_ports(), pool.label_selector()
+        path = f"/api/v1/namespaces/{self.settings.namespace}/pods"
+        listing = await self.client.get(path, labelSelector=selector)
+        self._pods = {p["metadata"]["uid"]: p for p in listing.get("items", [])}
+        self._publish(ports)
+        self.synced.set()
+        rv = listing["metadata"]["resourceVersion"]
+        async for event in self.client.watch(path, labelSelector=selector, resourceVersion=rv):
+            kind, obj = event.get("type"), event.get("object", {})
+            if kind == "ERROR":
+                return  # e.g. 410 Gone: re-list
+            if kind == "BOOKMARK":
+                continue
+            uid = obj["metadata"]["uid"]
+            if kind == "DELETED":
+                self._pods.pop(uid, None)
+            else:
+                self._pods[uid] = obj
+            self._publish(ports)
+
+    async def _until_changed(self, pool: inferencepool.InferencePool) -> None:
+        """Return once the pool's selector or target ports differ from ``pool``'s (or the pool is gone)."""
+        ns, name = self.settings.namespace, self.settings.pool
+        current = (pool.label_selector(), pool.target_ports())
+        async for event in self.client.watch(inferencepool.path(ns), fieldSelector=f"metadata.name={name}"):
+            kind = event.get("type")
+            if kind in ("ERROR", "DELETED"):
+                return
+            if kind in ("ADDED", "MODIFIED"):
+                try:
+                    seen = inferencepool.InferencePool.parse(event.get("object") or {})
+                    if (seen.label_selector(), seen.target_ports()) != current:
+                        return
+                except inferencepool.PoolError:
+                    return
 
     async def _policy_loop(self) -> None:
         """Follow ``--policy-name``, or else the policy whose ``spec.poolRef.name`` is this pool."""
