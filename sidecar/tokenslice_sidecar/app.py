@@ -69,6 +69,9 @@ class SidecarConfig:
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 300.0
     """Longest silence tolerated on an upstream stream (a queued chunk waits in the gateway)."""
+    failover_retries: int = 3
+    """Chunks per request that may fail by a dead worker, engine or pod and be resumed elsewhere."""
+    failover_backoff_s: float = 0.5
 
 
 ClientFactory = Callable[[VllmClient], VllmClient]
@@ -311,7 +314,9 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
     try:
         prompt_ids, max_model_len = await client.tokenize(p, st.max_model_len)
         st.max_model_len = max_model_len
-        gen = Generation(client, p, request_id, tenant, klass, chunk_size, prompt_ids, max_model_len, st.metrics)
+        gen = Generation(client, p, request_id, tenant, klass, chunk_size, prompt_ids, max_model_len, st.metrics,
+                         max_failovers=st.config.failover_retries,
+                         failover_backoff_s=st.config.failover_backoff_s)
         gen.budget()
     except RequestError as exc:
         st.metrics.rejected.labels("invalid").inc()

@@ -44,6 +44,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="largest request body accepted; a bigger one is a 413 (default %(default)s)")
     parser.add_argument("--read-timeout", type=float, default=300.0,
                         help="longest silence tolerated on an upstream stream, seconds (default %(default)s)")
+    parser.add_argument("--failover-retries", type=int, default=3,
+                        help="chunks per request that may fail by a dead worker, engine or pod and be resumed from "
+                        "the tokens already streamed (default %(default)s; 0: fail the request)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -60,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
     config = SidecarConfig(vllm_url=args.vllm_url, chunk_url=args.chunk_url, chunk_size=args.chunk_size,
                            advertise=args.advertise or f"127.0.0.1:{args.port}", key=key,
                            default_tenant=args.default_tenant, default_class=args.default_class,
-                           read_timeout_s=args.read_timeout, max_body_bytes=args.max_body_bytes)
+                           read_timeout_s=args.read_timeout, failover_retries=args.failover_retries,
+                           max_body_bytes=args.max_body_bytes)
     logging.getLogger("tokenslice.sidecar").info(
         "sidecar on %s:%d -> vLLM %s, chunks of %d via %s", args.host, args.port, args.vllm_url, args.chunk_size,
         args.chunk_url or "local vLLM")

@@ -52,6 +52,10 @@ class Generation:
     kv_holder: str = ""
     finished: bool = False
     """The generation reached its real end (stop, EOS, budget); no further chunk is issued."""
+    max_failovers: int = 3
+    """Chunks that may fail by a fault of the serving side (``UpstreamError.fault``) and be run again."""
+    failover_backoff_s: float = 0.5
+    """Pause before failover n: n times this (the gateway learns meanwhile that an endpoint is gone)."""
 
     def budget(self) -> int:
         """Completion tokens this request may produce in total."""
@@ -107,6 +111,7 @@ class Generation:
         scanner = StopScanner(self.plan.stops, self.plan.include_stop_str, self.plan.min_tokens)
         repair = BoundaryRepair(self._detokenize)
         last_end: float | None = None
+        failovers = 0
         while not self.finished:
             slice_ = min(self.chunk_size, budget - len(self.generated))
             before = len(self.generated)
@@ -122,9 +127,19 @@ class Generation:
                     async with aclosing(deltas):
                         async for delta in deltas:
                             yield delta
-            except UpstreamError:
+            except UpstreamError as exc:
                 self.metrics.errors.labels("chunk").inc()
-                raise
+                if exc.fault is None or failovers >= self.max_failovers:
+                    raise
+                failovers += 1
+                self.metrics.failovers.labels(exc.fault).inc()
+                log.warning("request %s: chunk %d failed after %d of its tokens (%s); resuming from token %d, "
+                            "failover %d of %d", self.request_id, self.chunks, len(self.generated) - before, exc,
+                            len(self.generated), failovers, self.max_failovers)
+                self.kv_holder = ""  # the holder may be the part that died: the gateway places the rest
+                self.chunks += 1
+                await asyncio.sleep(self.failover_backoff_s * failovers)
+                continue
             finally:
                 self.metrics.inflight.dec()
             last_end = time.monotonic()

@@ -61,6 +61,9 @@ class RunningChunks:
         chunk = self._by_key[key] = RunningChunk()
         return chunk
 
+    def get(self, key: ChunkKey) -> RunningChunk | None:
+        return self._by_key.get(key)
+
     def discard(self, key: ChunkKey, chunk: RunningChunk) -> None:
         if self._by_key.get(key) is chunk:
             del self._by_key[key]
@@ -148,8 +151,10 @@ async def run_chunk(request: web.Request, session: aiohttp.ClientSession, url: s
             return resp
     except TimeoutError:  # first: aiohttp's socket timeouts are connection errors too
         status, message = 504, "vLLM timed out"
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+    except aiohttp.ClientConnectionError as exc:
         status, message = 502, f"vLLM unreachable: {exc.__class__.__name__}: {exc}"
+    except aiohttp.ClientPayloadError as exc:  # the engine died mid-stream
+        status, message = 502, f"vLLM stream broken: {exc}"
     finally:
         running.discard(key, chunk)
     log.warning("chunk %s/%d failed: %s", key[0], key[1], message)

@@ -46,6 +46,9 @@ class SidecarMetrics:
                                     buckets=_TOKEN_BUCKETS, registry=r)
         self.slices_cut = Counter("tokenslice_sidecar_slices_cut", "Driver chunks that ended before their slice "
                                   "was used up (cut by the picker) and were continued.", registry=r)
+        self.failovers = Counter("tokenslice_sidecar_failovers", "Driver chunks that failed by a fault of the "
+                                 "serving side and were resumed from the tokens already streamed, by fault.",
+                                 ["fault"], registry=r)
         self.rejected = Counter("tokenslice_sidecar_rejected",
                                 "Requests refused, by reason.", ["reason"], registry=r)
         self.errors = Counter("tokenslice_sidecar_errors", "Upstream/driver failures, by stage.",

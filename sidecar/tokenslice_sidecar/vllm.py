@@ -28,17 +28,23 @@ CHUNK_PATH = "/v1/completions"
 
 
 class UpstreamError(Exception):
-    """An upstream failure, already shaped as the OpenAI error the client should see."""
+    """An upstream failure, already shaped as the OpenAI error the client should see.
 
-    def __init__(self, status: int, body: dict[str, Any]) -> None:
+    ``fault`` names a failure of the serving side that another try may not meet (the worker, its
+    engine or its pod went away: ``unreachable``, ``broken``, ``unavailable``); None for an answer
+    that a retry would only repeat (a 4xx, a timeout, an error event of the engine).
+    """
+
+    def __init__(self, status: int, body: dict[str, Any], fault: str | None = None) -> None:
         super().__init__(body.get("error", {}).get("message", str(body)))
         self.status = status
         self.body = body
+        self.fault = fault
 
     @classmethod
     def unreachable(cls, what: str, exc: BaseException) -> UpstreamError:
         return cls(502, openai_error(502, f"{what} unreachable: {exc.__class__.__name__}: {exc}",
-                                     err_type="ServiceUnavailableError"))
+                                     err_type="ServiceUnavailableError"), "unreachable")
 
     @classmethod
     def timeout(cls, what: str) -> UpstreamError:
@@ -47,7 +53,7 @@ class UpstreamError(Exception):
     @classmethod
     def broken(cls, message: str) -> UpstreamError:
         """A stream that ended in a way no healthy upstream ends it."""
-        return cls(502, openai_error(502, message, err_type="UpstreamError"))
+        return cls(502, openai_error(502, message, err_type="UpstreamError"), "broken")
 
 
 async def error_from_response(resp: aiohttp.ClientResponse, what: str) -> UpstreamError:
@@ -56,7 +62,8 @@ async def error_from_response(resp: aiohttp.ClientResponse, what: str) -> Upstre
     try:
         body = json.loads(raw)
         if isinstance(body, dict) and isinstance(body.get("error"), dict):
-            return UpstreamError(resp.status, body)
+            # 502/503: the worker could not reach its engine, or the gateway had no endpoint for it
+            return UpstreamError(resp.status, body, "unavailable" if resp.status in (502, 503) else None)
         if isinstance(body, dict) and "detail" in body:  # FastAPI's own 4xx
             return UpstreamError(resp.status, openai_error(resp.status, str(body["detail"]),
                                                            err_type="BadRequestError"))
@@ -64,7 +71,8 @@ async def error_from_response(resp: aiohttp.ClientResponse, what: str) -> Upstre
         pass
     text = raw.decode(errors="replace")[:500]
     return UpstreamError(resp.status, openai_error(resp.status, f"{what} returned HTTP {resp.status}: {text}",
-                                                   err_type="UpstreamError"))
+                                                   err_type="UpstreamError"),
+                         "unavailable" if resp.status in (502, 503) else None)
 
 
 @asynccontextmanager
@@ -76,6 +84,8 @@ async def _mapped(what: str) -> AsyncIterator[None]:
         raise UpstreamError.timeout(what) from None
     except aiohttp.ClientConnectionError as exc:
         raise UpstreamError.unreachable(what, exc) from None
+    except aiohttp.ClientPayloadError as exc:  # a body cut off mid-way (the sender died)
+        raise UpstreamError.broken(f"{what} stream broken: {exc}") from None
 
 
 class ChunkStream:
@@ -90,11 +100,14 @@ class ChunkStream:
     async def events(self) -> AsyncIterator[dict[str, Any]]:
         """JSON objects of the SSE stream up to ``[DONE]``; an ``error`` event raises UpstreamError."""
         async with _mapped("chunk upstream"):
-            async for obj in sse_json(self._lines):
-                err = error_of(obj)
-                if err is not None:
-                    raise UpstreamError(int(err.get("code") or 500), {"error": err})
-                yield obj
+            try:
+                async for obj in sse_json(self._lines):
+                    err = error_of(obj)
+                    if err is not None:
+                        raise UpstreamError(int(err.get("code") or 500), {"error": err})
+                    yield obj
+            except ValueError:  # a last line cut off mid-event
+                raise UpstreamError.broken("chunk upstream stream broken mid-event") from None
 
     async def aclose(self) -> None:
         """Drop the connection now: vLLM aborts the request (the portable way to end a generation)."""

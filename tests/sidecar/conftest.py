@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from tokenslice_sidecar.app import SidecarConfig, start
 from tokenslice_sidecar.metrics import SidecarMetrics
@@ -14,15 +15,19 @@ TEST_KEY = b"sidecar-test-key-" * 2
 
 
 class RunningSidecar:
-    def __init__(self, url: str, metrics: SidecarMetrics, config: SidecarConfig) -> None:
+    def __init__(self, url: str, metrics: SidecarMetrics, config: SidecarConfig, app: web.Application) -> None:
         self.url = url
         self.metrics = metrics
         self.config = config
+        self.app = app
 
 
 @pytest.fixture(scope="session")
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+    # vLLM closes idle keep-alive connections after 5 s: let ours go first (else a reused one can be
+    # closed under a request: ServerDisconnectedError), as the sidecar does
+    connector = aiohttp.TCPConnector(keepalive_timeout=3.0)
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120), connector=connector) as session:
         yield session
 
 
@@ -41,7 +46,7 @@ async def sidecars(vllm) -> AsyncIterator[Callable[..., Awaitable[RunningSidecar
             metrics = SidecarMetrics()
             runner, port = await start(config, metrics=metrics)
             runners.append(runner)
-            cache[key] = RunningSidecar(f"http://127.0.0.1:{port}", metrics, config)
+            cache[key] = RunningSidecar(f"http://127.0.0.1:{port}", metrics, config, runner.app)
         return cache[key]
 
     yield get

@@ -153,7 +153,7 @@ async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
     gw_port = gw.addresses[0][1]
     runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=f"http://127.0.0.1:{gw_port}",
                                              chunk_size=4, key=TEST_KEY, default_tenant="acme",
-                                             default_class="batch"))
+                                             default_class="batch", failover_retries=0))
     try:
         prompt = " ".join(PROMPTS)  # long enough for prefix-hash blocks
         body = {"model": vllm.model, "prompt": prompt, "max_tokens": 20, "ignore_eos": True,
