@@ -94,6 +94,8 @@ class Dispatcher:
         self.residency = residency
         """Whose KV is probably still cached (None: residency-blind, the queues' order as is)."""
         self._cut_tasks: set[asyncio.Task[None]] = set()
+        self._recheck: asyncio.TimerHandle | None = None
+        self._recheck_due = 0.0
         self.migrations = 0
         self.release_listeners: list[Callable[[Chunk, float], None]] = []
         """Called with (chunk, monotonic time) when a chunk ends; benchmarks measure notification latency."""
@@ -269,16 +271,47 @@ class Dispatcher:
         now = time.monotonic()
         ctx = VictimContext(self.queues.resolve_class, lambda c: self._rule(c).chunk_size,
                             self.ledger.counters.get, now)
+        unserved = False
         for n, waiter in enumerate(self.queues.in_order(now)):
             if n >= self.preempt_scan:
                 break
             if waiter.cutting is not None:
                 continue
             offered = self._victims_for(waiter)
-            if offered:
-                choice = selector.select(waiter, offered, ctx)
-                if choice is not None:
-                    self._start_cut(choice, waiter, now)
+            choice = selector.select(waiter, offered, ctx) if offered else None
+            if choice is not None:
+                self._start_cut(choice, waiter, now)
+            else:
+                unserved = True
+        if unserved:
+            self._recheck_at_next_quantum(now)
+
+    def _recheck_at_next_quantum(self, now: float) -> None:
+        """A waiter found no victim; a long slice that passes its quantum later may become one.
+
+        No event marks that moment (nothing ends, nothing arrives), so a timer runs the pass again then.
+        """
+        due = None
+        for c in self.running:
+            ep = c.granted_on
+            quantum = self._rule(c.priority_class).chunk_size
+            if ep is None or c.cut_for is not None or c.cut_failed or c.claim.slice <= quantum:
+                continue
+            at = c.dispatched_at + ep.seconds_for(quantum)
+            if at > now and (due is None or at < due):
+                due = at
+        if due is None:
+            return
+        if self._recheck is not None:
+            if self._recheck_due <= due:
+                return
+            self._recheck.cancel()
+        self._recheck_due = due
+        self._recheck = asyncio.get_running_loop().call_later(due - now + 0.001, self._run_recheck)
+
+    def _run_recheck(self) -> None:
+        self._recheck = None
+        self.dispatch()
 
     def _victims_for(self, waiter: Chunk) -> list[Chunk]:
         """Running chunks whose slot ``waiter`` could take: where it may run, and with room for its class."""
@@ -342,6 +375,8 @@ class Dispatcher:
 
     async def close(self) -> None:
         """Wait for cuts in flight (shutdown)."""
+        if self._recheck is not None:
+            self._recheck.cancel()
         if self._cut_tasks:
             await asyncio.gather(*self._cut_tasks, return_exceptions=True)
 

@@ -246,3 +246,27 @@ async def test_a_long_slice_is_charged_one_quantum_until_it_reports():
     beyond = make_chunk("r2", "t", "std", index=1, slice=5000)
     await d.acquire(beyond)
     assert d.metrics.slices_capped.labels("std")._value.get() == 1
+
+
+async def test_a_long_slice_is_cut_for_another_tenant_once_it_ran_its_quantum():
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1)])
+    ds = Datastore(["10.0.0.1:80"], default_chunk_s=0.05)  # no decode rate seen yet: a quantum is 50 ms
+    worker = Worker()
+    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker, max_slice_tokens=4096)
+    (ep,) = ds.endpoints()
+    mine = make_chunk("a-long", "a", "batch", index=1, slice=4096)
+    await d.acquire(mine)
+    same_tenant = asyncio.ensure_future(d.acquire(make_chunk("a-other", "a", "batch", index=1, slice=4096)))
+    other = asyncio.ensure_future(d.acquire(make_chunk("b-1", "b", "batch", index=1, slice=4096)))
+    await _settle()
+    assert worker.cuts == []  # within its quantum: nobody cuts it
+    # no event happens; the picker's own timer notices when the quantum is over
+    await asyncio.wait_for(worker.sent.wait(), 5)
+    assert worker.cuts == [(ep.address, "a-long", 1, "fair_share")]
+    d.release(mine, 3)
+    await _settle()
+    assert other.done() and not same_tenant.done()  # the other tenant got the slot
+    same_tenant.cancel()
+    await _settle()
+    await d.close()

@@ -238,3 +238,29 @@ async def test_a_queued_high_priority_chunk_cuts_one_chunk_on_the_right_worker_a
         up.unblock()
     await asyncio.gather(*low, high, cont)
     assert [r.request_id for r in b.received] == [f"L{b.address}", "H", f"L{b.address}"]
+
+
+async def test_a_long_slice_is_cut_for_another_tenant_after_its_quantum(gateway_stack, upstreams):
+    """Long slices: tenant A's one-chunk request holds the slot; tenant B's chunk arrives; once A's slice ran
+    its quantum (50 ms here: no decode rate observed yet) the picker cuts it, and B runs."""
+    (up,) = await upstreams(1)
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a"), Tenant(name="b")])
+    stack = await gateway_stack(endpoints=[up.address], policy=policy, max_slice_tokens=4096,
+                                default_chunk_seconds=0.05)
+    up.key = stack.key
+    up.block()
+
+    def chunk(tenant: str, rid: str) -> dict[str, str]:
+        return stack.chunk_headers(tenant=tenant, priority_class="batch", request_id=rid, chunk_index=1,
+                                   kv_holder=up.address, slice=4096)
+
+    first = asyncio.create_task(stack.post(headers=chunk("a", "A")))
+    await until(lambda: len(up.received) == 1, what="A holds the slot")
+    second = asyncio.create_task(stack.post(headers=chunk("b", "B")))
+    await until(lambda: [r.request_id for r in up.received] == ["A", "B"], what="B runs after a cut")
+    assert [(c.request_id, c.reason) for c in up.cuts] == [("A", "fair_share")]
+    status, _, body = await first
+    assert status == 200 and body.count(b"data: {") == 1
+    up.unblock()
+    assert (await second)[0] == 200
