@@ -19,6 +19,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -92,6 +93,9 @@ class _State:
     max_model_len: int | None = None
     """Learnt from the first /tokenize answer."""
     client_factory: ClientFactory | None = None
+    generations: set[asyncio.Task[Any]] = field(default_factory=set)
+    """Driver handlers generating now: ended with a clean error when the sidecar shuts down."""
+    closing: bool = False
 
     @property
     def timeout(self) -> aiohttp.ClientTimeout:
@@ -136,6 +140,14 @@ def build_app(config: SidecarConfig, metrics: SidecarMetrics | None = None,
         yield
         await state.session.close()
 
+    async def end_generations(_: web.Application) -> None:
+        # before aiohttp waits out (then cancels) the handlers: a client mid-generation gets an
+        # error event and [DONE] now, not a connection cut after the shutdown timeout
+        state.closing = True
+        for task in list(state.generations):
+            task.cancel()
+
+    app.on_shutdown.append(end_generations)
     app.cleanup_ctx.append(session_ctx)
     app.router.add_get(contract.SIDECAR_METRICS_PATH, _metrics)
     app.router.add_route("*", "/{tail:.*}", _dispatch)
@@ -326,6 +338,9 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
         return web.json_response(exc.body, status=exc.status)
     out = ResponseBuilder(p, request_id, prompt_ids=prompt_ids)
     stream: web.StreamResponse | None = None
+    task = asyncio.current_task()
+    assert task is not None
+    st.generations.add(task)
     try:
         async with contextlib.aclosing(gen.run()) as deltas:
             async for d in deltas:
@@ -346,10 +361,26 @@ async def run_chunked(request: web.Request, st: _State, p: Plan, request_id: str
         await stream.write(sse(exc.body) + b"data: [DONE]\n\n")
         await stream.write_eof()
         return stream
-    except (ConnectionResetError, asyncio.CancelledError):
+    except asyncio.CancelledError:
+        if not st.closing:
+            st.metrics.cancelled.inc()
+            log.info("client of request %s went away after %d chunk(s)", request_id, gen.chunks)
+            raise
+        st.metrics.errors.labels("shutdown").inc()
+        log.warning("request %s ended by the sidecar's shutdown after %d chunk(s)", request_id, gen.chunks)
+        body = openai_error(503, "the sidecar is shutting down; the request was not finished",
+                            err_type="ServiceUnavailableError")
+        if stream is None:  # our own cancel (end_generations): answer instead of dropping the client
+            return web.json_response(body, status=503)
+        await stream.write(sse(body) + b"data: [DONE]\n\n")
+        await stream.write_eof()
+        return stream
+    except ConnectionResetError:
         st.metrics.cancelled.inc()
         log.info("client of request %s went away after %d chunk(s)", request_id, gen.chunks)
         raise
+    finally:
+        st.generations.discard(task)
     if not p.stream:
         return web.json_response(out.body())
     if stream is None:  # nothing was generated at all

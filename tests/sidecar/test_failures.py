@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import aiohttp
@@ -175,3 +176,38 @@ async def test_mid_stream_upstream_error_and_chunk_headers(http, vllm):
     finally:
         await runner.cleanup()
         await gw.cleanup()
+
+
+async def test_shutdown_ends_generations_with_a_clean_error(http, vllm):
+    """A sidecar shutting down mid-generation: its clients get an OpenAI error, not a cut connection.
+
+    A streaming client gets an SSE error event and [DONE] after the tokens it already had; a
+    non-streaming one a 503 JSON error.  Without it both would run on until aiohttp's shutdown timeout
+    and then be cut off: no error, no [DONE].
+    """
+    from tokenslice_sidecar.app import SidecarConfig, start
+
+    runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_size=8, key=TEST_KEY))
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    body = {"model": vllm.model, "prompt": PROMPTS[1], "max_tokens": 2000, "ignore_eos": True, "temperature": 0}
+
+    async def collect() -> tuple[int, dict]:
+        async with http.post(url, json=body) as resp:
+            return resp.status, await resp.json()
+
+    quiet = asyncio.create_task(collect())
+    events: list = []
+    stopping = None
+    async with http.post(url, json={**body, "stream": True}) as resp:
+        async for line in resp.content:
+            if line.startswith(b"data: {"):
+                events.append(json.loads(line[6:]))
+                if len(events) == 5:
+                    stopping = asyncio.create_task(runner.cleanup())  # the pod is being stopped
+            elif line.startswith(b"data: [DONE]"):
+                events.append("[DONE]")
+    await stopping
+    status, data = await quiet
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == 503
+    assert all(ch["finish_reason"] is None for e in events[:-2] for ch in e["choices"])
+    assert status == 503 and data["error"]["type"] == "ServiceUnavailableError"
