@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,15 +74,28 @@ _PARENT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
     from tokenslice.procs import spawn
-    child = spawn("sleeper", ["sleep", "300"], Path(sys.argv[1]) / "sleeper.log")
+    child = spawn("sleeper", [sys.argv[2], "300"], Path(sys.argv[1]) / "sleeper.log")
     (Path(sys.argv[1]) / "child.pid").write_text(str(child.pid))
     time.sleep(300)
 """)
 
 
-async def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
-    """A SIGKILLed supervisor (a killed pytest, a crashed stack) must not leave its children running."""
-    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path)], start_new_session=True)
+@pytest.mark.parametrize("mechanism", ["setpriv", "trampoline"])
+async def test_children_die_with_a_killed_parent(tmp_path: Path, mechanism: str) -> None:
+    """A SIGKILLed supervisor (a killed pytest, a crashed stack) must not leave its children running.
+
+    Both ways of setting the death signal: ``setpriv`` where util-linux has it, and the Python
+    trampoline where it does not (a PATH without ``setpriv``).
+    """
+    env = dict(os.environ)
+    if mechanism == "trampoline":
+        env["PATH"] = str(tmp_path)  # no setpriv here; the child is named by its absolute path
+    elif shutil.which("setpriv") is None:
+        pytest.fail("setpriv (util-linux) is missing on this machine")
+    sleep = shutil.which("sleep")
+    assert sleep is not None
+    parent = subprocess.Popen([sys.executable, "-c", _PARENT, str(tmp_path), sleep], start_new_session=True,
+                              env=env)
     pidfile = tmp_path / "child.pid"
     try:
         assert await _until(lambda: pidfile.exists() and pidfile.read_text().strip(), 30)
@@ -105,3 +119,50 @@ def test_free_port_is_bindable() -> None:
     port = procs.free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))
+
+
+_GRPC_PARENT = textwrap.dedent("""
+    import asyncio, sys
+    from pathlib import Path
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    from tokenslice.procs import free_port, spawn
+
+    async def main(folder: Path, n: int) -> None:
+        server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+        port = server.add_insecure_port(f"127.0.0.1:{free_port()}")
+        await server.start()
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            done = asyncio.Event()
+
+            async def busy() -> None:
+                while not done.is_set():
+                    await stub.Check(health_pb2.HealthCheckRequest())
+
+            callers = [asyncio.create_task(busy()) for _ in range(4)]
+            codes = []
+            for i in range(n):
+                child = spawn("true", ["true"], folder / f"true-{i}.log")
+                codes.append(await asyncio.to_thread(child.popen.wait))
+            done.set()
+            await asyncio.gather(*callers)
+        await server.stop(None)
+        print(sorted(set(codes)), sum(c != 0 for c in codes))
+
+    asyncio.run(main(Path(sys.argv[1]), int(sys.argv[2])))
+""")
+
+
+def test_spawn_beside_a_busy_grpc_server_runs_nothing_of_ours_in_the_child(tmp_path: Path) -> None:
+    """The picker is a gRPC server: spawning Envoy beside it must not run gRPC's at-fork handlers in the child.
+
+    With a ``preexec_fn`` the forked copy restarted gRPC's pollers, lost their epoll fd to ``close_fds`` and
+    aborted (``Epoll1Poller ... Bad file descriptor``, -6) or segfaulted before exec in about a third of
+    spawns -- seen as Envoy dying at start-up.  Here ``true`` is spawned 50 times beside a busy server.
+    """
+    out = subprocess.run([sys.executable, "-c", _GRPC_PARENT, str(tmp_path), "50"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split("\n")[0] == "[0] 0", out.stdout + out.stderr[-2000:]

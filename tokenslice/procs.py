@@ -5,16 +5,22 @@ addressed through what we got when we spawned it: its PID, which leads its own
 process group (``start_new_session``), so ``stop`` takes down the child *and*
 whatever it forked (vLLM's EngineCore, a shell's grandchildren) and nothing else.
 Children also get a parent-death signal, so a killed pytest or stack leaves no
-engine running on.  ``spawn`` is synchronous (``subprocess.Popen``) so sync
-fixtures and scripts use the same supervisor as async code; waiting is async.
+engine running on.  That signal is set *after* exec, by ``setpriv --pdeathsig`` (util-linux) or a
+tiny Python trampoline, never by a ``preexec_fn``: a ``preexec_fn`` makes ``subprocess`` fork()
+instead of vfork(), and the forked copy of this process runs gRPC's at-fork handlers, which restart
+gRPC's poller threads there; ``close_fds`` then closes their epoll fd and the copy aborts
+(``Epoll1Poller ... epoll_wait error: Bad file descriptor``, exit -6) or segfaults before it could
+exec -- reported as the *child* (Envoy, vLLM) dying at start-up.
+``spawn`` is synchronous (``subprocess.Popen``) so sync fixtures and scripts use the same supervisor
+as async code; waiting is async.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -30,7 +36,6 @@ Ready = str | Callable[[], Awaitable[bool]]
 """What says a child is ready: a URL that must answer 200, or an async predicate."""
 Progress = Callable[[str], None]
 
-_PR_SET_PDEATHSIG = 1
 _NOTE_EVERY_S = 10.0
 
 
@@ -50,19 +55,29 @@ def tokenslice_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "tokenslice", *args]
 
 
-def _death_signal() -> Callable[[], None]:
-    """A ``preexec_fn`` setting SIGTERM as the parent-death signal.
+_TRAMPOLINE = """
+import ctypes, os, signal, sys
+ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(f"parent {sys.argv[1]} died before its child {sys.argv[2]} started")
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+"""Sets the parent-death signal in a fresh interpreter, then execs the child; closes the race with the
+parent dying before ``prctl`` by checking the parent is still the one that spawned it."""
 
-    libc is resolved here, in the parent, so the child only makes one system call between fork and
-    exec.  Linux sends the signal when the *thread* that spawned the child exits: spawn from a
-    long-lived thread (the event loop's, the main one), never from a short-lived worker.
+
+def with_death_signal(argv: Sequence[str]) -> list[str]:
+    """``argv`` wrapped so the child gets SIGTERM when the thread that spawned it exits.
+
+    The wrapper execs ``argv`` in the same process (same PID and group).  Linux sends the signal when
+    the *thread* that spawned the child exits: spawn from a long-lived thread (the event loop's, the
+    main one), never from a short-lived worker.  ``setpriv`` when util-linux has it, else a Python
+    trampoline; both run after exec, so nothing of this process runs in the child.
     """
-    prctl = ctypes.CDLL(None, use_errno=True).prctl
-
-    def set_in_child() -> None:
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-    return set_in_child
+    setpriv = shutil.which("setpriv")
+    if setpriv is not None:
+        return [setpriv, "--pdeathsig", "TERM", "--", *argv]
+    return [sys.executable, "-c", _TRAMPOLINE, str(os.getpid()), *argv]
 
 
 @dataclass
@@ -111,9 +126,9 @@ def spawn(name: str, argv: Sequence[str], log_path: Path, *, env: Mapping[str, s
         if append_log:
             log.write(f"$ {' '.join(argv)}\n".encode())
             log.flush()
-        popen = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                 env=dict(env) if env is not None else None, cwd=cwd, start_new_session=True,
-                                 preexec_fn=_death_signal())
+        popen = subprocess.Popen(with_death_signal(argv), stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, env=dict(env) if env is not None else None, cwd=cwd,
+                                 start_new_session=True)
     return ManagedProcess(name, popen, log_path, list(argv))
 
 
