@@ -123,23 +123,36 @@ def _assert_equal(got: dict, ref: dict) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("endpoint", ["completions", "chat"])
 async def test_cut_chunks_continue_token_for_token(http, vllm, sidecars, endpoint, stream):
+    """Both requests run cut and come out exact; each runs again (new seed) until cuts landed.
+
+    A cut order can lose the race with the generation: on a loaded machine vLLM may have streamed the
+    rest of a chunk before the order arrives (answered 404, nothing cut).  So the count of cuts that
+    landed is a run-until, at most six runs, never a hope; every run must be exact either way.
+    """
     worker, driver = await _pair(sidecars)
     before = sample(worker, "tokenslice_sidecar_cuts_total", reason="priority")
-    cut_counts = []
-    for i, (path, body) in enumerate([
+    cases = [
         ("/v1/completions", greedy(prompt=PROMPTS[1], max_tokens=160, ignore_eos=True)),
         ("/v1/completions", greedy(prompt=PROMPTS[2], max_tokens=60)),
     ] if endpoint == "completions" else [
         ("/v1/chat/completions", greedy(messages=CHAT[0], max_tokens=160, ignore_eos=True)),
         ("/v1/chat/completions", greedy(messages=CHAT[1], max_tokens=60)),
-    ]):
+    ]
+    refs: dict[int, dict] = {}
+    cut_counts = []
+    for attempt in range(6):
+        i = attempt % len(cases)
+        path, body = cases[i]
         body = {"model": vllm.model, **body}
         if stream:
             body["stream_options"] = {"include_usage": True}
-        ref = await reference(http, vllm, path, {k: v for k, v in body.items() if k != "stream_options"})
-        got, cut = await _cut_run(http, driver, worker, path, body, stream, seed=100 + i)
-        _assert_equal(got, ref)
+        if i not in refs:
+            refs[i] = await reference(http, vllm, path, {k: v for k, v in body.items() if k != "stream_options"})
+        got, cut = await _cut_run(http, driver, worker, path, body, stream, seed=100 + attempt)
+        _assert_equal(got, refs[i])
         cut_counts.append(len([n for n in cut.cut_tokens if n]))
+        if attempt >= len(cases) - 1 and sum(cut_counts) >= 2:
+            break
     # the cuts happened, mid-generation: not a vacuous pass
     assert sum(cut_counts) >= 2, cut_counts
     assert sample(worker, "tokenslice_sidecar_cuts_total", reason="priority") > before
