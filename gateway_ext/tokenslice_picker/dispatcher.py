@@ -39,7 +39,7 @@ from tokenslice_picker.scheduling.context import PickContext
 from tokenslice_picker.scheduling.cost_model import CostModel
 from tokenslice_picker.scheduling.profile import SchedulerProfile, default_profile
 from tokenslice_picker.scheduling.residency import ResidencyTracker
-from tokenslice_picker.scheduling.victims import Preemption, VictimContext
+from tokenslice_picker.scheduling.victims import FAIR_SHARE, Preemption, VictimContext
 
 log = logging.getLogger("tokenslice_picker.dispatcher")
 
@@ -187,6 +187,8 @@ class Dispatcher:
     # --- the dispatch pass ------------------------------------------------------------
     def dispatch(self) -> None:
         """Grant what fits; then, for what still waits, cut a running chunk where the policy says so."""
+        if self.queues.total and self.running:
+            self._accrue(time.monotonic())
         self._fill()
         if self.queues.total and self.cut is not None and self.running:
             self._preempt()
@@ -243,6 +245,24 @@ class Dispatcher:
             if not placed:
                 return
 
+    def _accrue(self, now: float) -> None:
+        """Charge each running long slice what it has produced by now (elapsed x its endpoint's rate).
+
+        Fair share needs current counters when the pass orders waiters and weighs victims: a long
+        slice charged one quantum until its end would let its tenant look owed while it holds slots.
+        Runs only when someone waits (nobody reads the counters otherwise).
+        """
+        for c in self.running:
+            ep = c.granted_on
+            if ep is None or c.claim.slice <= c.slice:
+                continue  # not a long slice: charged its whole (capped) slice at grant already
+            quantum = self._rule(c.priority_class).chunk_size
+            per_token = ep.seconds_for(quantum) / quantum
+            if per_token <= 0:
+                continue
+            produced = min(c.claim.slice, int((now - c.dispatched_at) / per_token))
+            self.ledger.accrue(c, produced)
+
     def _order(self, now: float) -> Iterable[Chunk]:
         """The queues' dispatch order; with residency awareness, resident continuations moved up a class."""
         order = self.queues.in_order(now)
@@ -269,8 +289,25 @@ class Dispatcher:
         if selector is None:
             return
         now = time.monotonic()
-        ctx = VictimContext(self.queues.resolve_class, lambda c: self._rule(c).chunk_size,
-                            self.ledger.counters.get, now)
+        counters = self.ledger.counters
+        # Fair-share cuts under way are charged in advance (each waiter will run at least a quantum):
+        # otherwise every pass before the cuts land would cut again, and one tenant's waiters take every slot.
+        ahead: dict[tuple[str, str], float] = {}
+        output = self.policy.fairness.output
+
+        def owe(waiter: Chunk) -> None:
+            key = (waiter.priority_class, waiter.tenant)
+            cost = output * self._rule(waiter.priority_class).chunk_size / self.ledger.weight(waiter.tenant)
+            ahead[key] = ahead.get(key, 0.0) + cost
+
+        for c in self.running:
+            if c.cut_for is not None and c.cut_reason == FAIR_SHARE:
+                owe(c.cut_for)
+
+        def served(klass: str, tenant: str) -> float:
+            return counters.get(klass, tenant) + ahead.get((klass, tenant), 0.0)
+
+        ctx = VictimContext(self.queues.resolve_class, lambda c: self._rule(c).chunk_size, served, now)
         unserved = False
         for n, waiter in enumerate(self.queues.in_order(now)):
             if n >= self.preempt_scan:
@@ -281,15 +318,19 @@ class Dispatcher:
             choice = selector.select(waiter, offered, ctx) if offered else None
             if choice is not None:
                 self._start_cut(choice, waiter, now)
+                if choice.reason == FAIR_SHARE:
+                    owe(waiter)
             else:
                 unserved = True
         if unserved:
             self._recheck_at_next_quantum(now)
 
     def _recheck_at_next_quantum(self, now: float) -> None:
-        """A waiter found no victim; a long slice that passes its quantum later may become one.
+        """A waiter found no victim; a long slice may become one at its next quantum boundary.
 
-        No event marks that moment (nothing ends, nothing arrives), so a timer runs the pass again then.
+        Passing its first quantum makes it cuttable; every later one adds a quantum to its tenant's
+        accrued counter, which may put that tenant ahead of the waiter's.  No event marks those
+        moments (nothing ends, nothing arrives), so a timer runs the pass again at the next one.
         """
         due = None
         for c in self.running:
@@ -297,8 +338,11 @@ class Dispatcher:
             quantum = self._rule(c.priority_class).chunk_size
             if ep is None or c.cut_for is not None or c.cut_failed or c.claim.slice <= quantum:
                 continue
-            at = c.dispatched_at + ep.seconds_for(quantum)
-            if at > now and (due is None or at < due):
+            step = ep.seconds_for(quantum)
+            if step <= 0:
+                continue
+            at = c.dispatched_at + (int((now - c.dispatched_at) / step) + 1) * step
+            if due is None or at < due:
                 due = at
         if due is None:
             return

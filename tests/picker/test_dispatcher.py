@@ -270,3 +270,62 @@ async def test_a_long_slice_is_cut_for_another_tenant_once_it_ran_its_quantum():
     same_tenant.cancel()
     await _settle()
     await d.close()
+
+
+async def test_a_running_long_slice_is_charged_as_it_runs_so_a_tenant_it_overtook_cuts_it():
+    """Long slices are charged one quantum at grant and the truth at their end; without charging them
+    while they run, a tenant holding slots with long slices looks owed, and the other tenant's waiter
+    never cuts it (issue 12: 17% share error on the H200, 85% on CPU)."""
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a", weight=2), Tenant(name="b", weight=1)])
+    ds = Datastore(["10.0.0.1:80"])
+    (ep,) = ds.endpoints()
+    worker = Worker()
+    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker, max_slice_tokens=4096)
+    b_done = make_chunk("b-0", "b", "batch", index=1, slice=4096)
+    await d.acquire(b_done)
+    d.release(b_done, 50)  # b was served 50 tokens: counter 2 x 50 / 1 = 100
+    ep.tokens_per_s = 100.0  # the decode rate observed (10 ms a token), not this instant chunk's
+    a_long = make_chunk("a-long", "a", "batch", index=1, slice=4096)
+    await d.acquire(a_long)
+    assert d.ledger.counters.get("batch", "a") == pytest.approx(2 * 8 / 2)  # one quantum at grant
+    a_long.dispatched_at -= 5.0  # it has been decoding for 5 s (~500 tokens): set, not slept
+    b_next = asyncio.ensure_future(d.acquire(make_chunk("b-1", "b", "batch", index=1, slice=4096)))
+    await _settle()
+    assert 499 <= d.ledger.counters.get("batch", "a") <= 510  # charged what it produced so far (2 x ~500 / 2)
+    assert worker.cuts == [(ep.address, "a-long", 1, "fair_share")]  # a is ahead of b: b's waiter cuts it
+    d.release(a_long, 520)  # the worker's count settles the charge: no double counting
+    assert d.ledger.counters.get("batch", "a") == pytest.approx(2 * 520 / 2)
+    await _settle()
+    assert b_next.done()
+    await d.close()
+
+
+async def test_fair_share_cuts_in_one_pass_stop_once_the_owed_tenant_is_charged_ahead():
+    """Several waiters of the owed tenant in one pass: each fair-share cut charges its waiter a quantum in
+    advance, so one pass cuts only as many slices as the gap is worth, not every slot the other tenant holds."""
+    policy = SchedulingPolicySpec(slots_per_endpoint=4, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a"), Tenant(name="b")])
+    ds = Datastore(["10.0.0.1:80"])
+    (ep,) = ds.endpoints()
+    worker = Worker()
+    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker, max_slice_tokens=4096)
+    b_done = make_chunk("b-0", "b", "batch", index=1, slice=4096)
+    await d.acquire(b_done)
+    d.release(b_done, 30)  # b: 2 x 30 = 60
+    ep.tokens_per_s = 100.0  # the decode rate observed (10 ms a token), not this instant chunk's
+    longs = [make_chunk(f"a-{i}", "a", "batch", index=1, slice=4096) for i in range(4)]
+    for c in longs:
+        await d.acquire(c)
+        c.dispatched_at -= 0.105  # each has produced 10 tokens (past its 8-token quantum): a = 4 x 2 x 10 = 80
+    waiters = [asyncio.ensure_future(d.acquire(make_chunk(f"b-{i + 1}", "b", "batch", index=1, slice=4096)))
+               for i in range(4)]
+    await _settle()
+    assert d.ledger.counters.get("batch", "a") == pytest.approx(80)
+    # a leads by 20: the first cut charges b 16 in advance (76, still behind), the second 32 (92): two cuts
+    assert len(worker.cuts) == 2
+    assert {c[3] for c in worker.cuts} == {"fair_share"}
+    for w in waiters:
+        w.cancel()
+    await _settle()
+    await d.close()

@@ -264,3 +264,33 @@ async def test_a_long_slice_is_cut_for_another_tenant_after_its_quantum(gateway_
     assert status == 200 and body.count(b"data: {") == 1
     up.unblock()
     assert (await second)[0] == 200
+
+
+async def test_a_long_slice_is_charged_while_it_runs_and_cut_once_its_tenant_is_ahead(gateway_stack, upstreams):
+    """Issue 12's fairness gap: tenant B was served 48 tokens, then tenant A's long slice takes the slot and B
+    waits.  A's slice is charged one quantum (8) at grant; only charging it as it runs shows that A overtook
+    B, so B's waiter cuts it.  Without that, A's counter stays behind B's and B waits for A's whole slice."""
+    (up,) = await upstreams(1)
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a"), Tenant(name="b")])
+    stack = await gateway_stack(endpoints=[up.address], policy=policy, max_slice_tokens=4096,
+                                default_chunk_seconds=0.05)
+    up.key = stack.key
+
+    def chunk(tenant: str, rid: str, index: int, generated: int, slice: int) -> dict[str, str]:
+        return stack.chunk_headers(tenant=tenant, priority_class="batch", request_id=rid, chunk_index=index,
+                                   kv_holder=up.address, generated=generated, slice=slice)
+
+    status, _, body = await stack.post(headers=chunk("b", "B", 1, 0, 48))  # B's slice: 48 tokens
+    assert status == 200 and body.count(b"data: {") == 48
+    up.block()
+    first = asyncio.create_task(stack.post(headers=chunk("a", "A", 1, 0, 4096)))
+    await until(lambda: len(up.received) == 2, what="A holds the slot")
+    ledger = stack.picker.dispatcher.ledger
+    second = asyncio.create_task(stack.post(headers=chunk("b", "B", 2, 48, 4096)))  # says B's slice made 48
+    await until(lambda: [r.request_id for r in up.received] == ["B", "A", "B"], what="B runs after a cut")
+    assert [(c.request_id, c.reason) for c in up.cuts] == [("A", "fair_share")]
+    assert ledger.counters.get("batch", "a") >= ledger.counters.get("batch", "b") - 2 * 8  # A had overtaken B
+    assert (await first)[0] == 200
+    up.unblock()
+    assert (await second)[0] == 200

@@ -138,6 +138,21 @@ class ServiceLedger:
         entry.settled = True
         return Settled(entry.address, produced, entry.seconds, cut)
 
+    def accrue(self, chunk: Chunk, produced: int) -> None:
+        """A running chunk has produced about ``produced`` tokens so far: charge what its charge lacks.
+
+        A long slice is charged one quantum at grant and the truth only at its end, so without this
+        the counters lag by whole requests and the queues order (and the victim selector weighs)
+        tenants by stale service.  Only ever raises the charge; the end's truth corrects either way.
+        """
+        if produced <= chunk.charged_output:
+            return
+        self._correct(chunk.priority_class, chunk.tenant, produced - chunk.charged_output)
+        chunk.charged_output = produced
+        entry = self._entries.get(chunk.request_id)
+        if entry is not None and not entry.settled:
+            entry.charged_output = produced
+
     def born(self, request_id: str) -> float | None:
         """When the request's first chunk was granted, if the ledger still knows the request."""
         entry = self._entries.get(request_id)
