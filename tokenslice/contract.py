@@ -83,6 +83,14 @@ DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 LB_METADATA_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
+OBJECTIVE_HEADERS = ("x-llm-d-router-inference-objective", "x-llm-d-inference-objective",
+                     "x-gateway-inference-objective")
+"""A client's InferenceObjective (GIE ``pkg/epp/metadata``; llm-d's newer names first, GIE's kept by llm-d as a
+deprecated alias). tokenslice reads its value as a priority class name, granted only within the tenant's classes."""
+FAIRNESS_ID_HEADERS = ("x-llm-d-router-inference-fairness-id", "x-llm-d-inference-fairness-id",
+                       "x-gateway-inference-fairness-id")
+"""A client's flow-control fairness id (same sources): read as the tenant, and trusted only as the policy's
+tenant header is (``tokenslice.identity``)."""
 
 ROLE_CHUNK = "chunk"
 ROLE_ADMIT = "admit"

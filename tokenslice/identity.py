@@ -10,6 +10,13 @@ Three sources, most trusted first:
 3. the policy's ``tenantHeader`` -- a client's word -- only with ``trust_tenant_header`` (loopback
    demos and benchmarks).
 
+A GIE/llm-d fairness id (``contract.FAIRNESS_ID_HEADERS``) names the tenant under the same rules: it is the
+trusted proxy's header when no ``trusted_header`` is configured (an auth layer that writes it, as llm-d
+deployments do), and a client's word, believed only with ``trust_tenant_header`` (after the policy's tenant
+header), otherwise; a fairness id that is not believed is stripped. A GIE/llm-d objective
+(``contract.OBJECTIVE_HEADERS``) is a class the client asks for, like the policy's class header, which a request
+only gets within its tenant's classes (``SchedulingPolicySpec.resolve``), so it needs no trust.
+
 Anything else is anonymous: the policy's ``defaultTenant``.
 """
 
@@ -24,10 +31,25 @@ from pathlib import Path
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from tokenslice.contract import FAIRNESS_ID_HEADERS, OBJECTIVE_HEADERS
 from tokenslice.policy import Name
 
 SOURCE_ADDRESS_ATTRIBUTE = "source.address"
 """The Envoy attribute (``ip:port`` of the downstream peer) the ext_proc filter is configured to send."""
+
+
+def first_header(headers: Mapping[str, str], names: tuple[str, ...]) -> str | None:
+    """The first non-blank value among ``names`` (lower-case keys), or None."""
+    for name in names:
+        value = headers.get(name, "").strip()
+        if value:
+            return value
+    return None
+
+
+def asked_class(headers: Mapping[str, str], class_header: str) -> str | None:
+    """The class a client asks for: the policy's class header, else a GIE/llm-d objective's name."""
+    return headers.get(class_header) or first_header(headers, OBJECTIVE_HEADERS)
 
 
 class IdentityError(ValueError):
@@ -82,13 +104,17 @@ class Identity:
                    trust_tenant_header=trust_tenant_header)
 
     def strip(self, peer: str | None) -> list[str]:
-        """Headers to remove before the request goes on: the proxy's header, unless the peer is the proxy."""
-        return [self.trusted_header] if self.trusted_header and not self._trusted(peer) else []
+        """Headers that would name a tenant but are not believed from ``peer``: removed before the request goes on."""
+        believed = set(self._proxy_headers()) if self._trusted(peer) else set()
+        if self.trust_tenant_header:
+            believed.update(FAIRNESS_ID_HEADERS)
+        named = {*FAIRNESS_ID_HEADERS, *((self.trusted_header,) if self.trusted_header else ())}
+        return sorted(named - believed)
 
     def tenant(self, headers: Mapping[str, str], tenant_header: str, peer: str | None) -> str | None:
         """The tenant named by trusted means, or None (anonymous). Raises IdentityError on a bad API key."""
-        if self.trusted_header and self._trusted(peer):
-            named = headers.get(self.trusted_header, "").strip()
+        if self._trusted(peer):
+            named = first_header(headers, self._proxy_headers())
             if named:
                 return named
         if self.api_keys:
@@ -102,8 +128,12 @@ class Identity:
                     raise IdentityError("Incorrect API key provided")
                 return tenant
         if self.trust_tenant_header:
-            return headers.get(tenant_header) or None
+            return headers.get(tenant_header) or first_header(headers, FAIRNESS_ID_HEADERS)
         return None
+
+    def _proxy_headers(self) -> tuple[str, ...]:
+        """What a trusted proxy names the tenant with: its configured header, else a GIE/llm-d fairness id."""
+        return (self.trusted_header,) if self.trusted_header else FAIRNESS_ID_HEADERS
 
     def _trusted(self, peer: str | None) -> bool:
         if not peer or not self.trusted_proxies:

@@ -27,7 +27,7 @@ from google.protobuf import struct_pb2
 
 from tokenslice import contract
 from tokenslice.errors import openai_error_bytes
-from tokenslice.identity import SOURCE_ADDRESS_ATTRIBUTE, Identity, IdentityError
+from tokenslice.identity import SOURCE_ADDRESS_ATTRIBUTE, Identity, IdentityError, asked_class
 from tokenslice_picker.admission import Admission
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import Chunk, ClientRequest, NoEndpoints, Shed
@@ -246,14 +246,15 @@ class ExtProcServicer(pb_grpc.ExternalProcessorServicer):
                       stream: AsyncIterator[pb.ProcessingRequest], t0: float) -> AsyncIterator[pb.ProcessingResponse]:
         policy = self.dispatcher.policy
         peer = peer_of(first)
-        strip = [name for name in headers if contract.is_internal_header(name)] + self.identity.strip(peer)
+        strip = [name for name in headers if contract.is_internal_header(name)]
+        strip += [name for name in self.identity.strip(peer) if name in headers]
         try:
             claimed = self.identity.tenant(headers, policy.tenant_header, peer)
         except IdentityError as exc:
             self.metrics.rejections.labels("unauthenticated").inc()
             yield immediate(401, str(exc), "invalid_api_key")
             return
-        tenant, pclass = policy.resolve(claimed, headers.get(policy.class_header))
+        tenant, pclass = policy.resolve(claimed, asked_class(headers, policy.class_header))
         request_id = uuid.uuid4().hex
         request = ClientRequest(request_id=request_id, tenant=tenant, priority_class=pclass.name,
                                 subset=subset_of(first))

@@ -76,3 +76,71 @@ def test_identity_rules():
     assert ident.tenant({"x-tenant-id": "t"}, "x-tenant-id", None) is None  # a client's word, not trusted
     assert Identity(trust_tenant_header=True).tenant({"x-tenant-id": "t"}, "x-tenant-id", None) == "t"
     assert repr(Identity.configure()).count("api_keys") == 0  # keys never in a repr (logs)
+
+
+# --- GIE / llm-d request headers ------------------------------------------------------------------
+GIE = {"x-gateway-inference-fairness-id": "web", "x-gateway-inference-objective": "standard"}
+LLM_D = {"x-llm-d-inference-fairness-id": "web", "x-llm-d-inference-objective": "standard"}
+
+
+async def test_an_llm_d_client_is_classed_and_tenanted_as_with_our_headers(gateway_stack, upstreams):
+    """web's default class is interactive, so "standard" shows the objective was read; anon shows the tenant."""
+    (up,) = await upstreams(1)
+    stack = await gateway_stack(endpoints=[up.address], policy=POLICY, trust_tenant_header=True)
+
+    def admitted() -> tuple[str, str]:
+        got = _admitted(stack, up)
+        return got.tenant, got.priority_class
+
+    assert (await stack.post(headers={"x-tenant-id": "web", "x-priority-class": "standard"}))[0] == 200
+    ours = admitted()
+    for theirs in (GIE, LLM_D, {"x-llm-d-router-inference-fairness-id": "web",
+                                "x-llm-d-router-inference-objective": "standard"}):
+        assert (await stack.post(headers=theirs))[0] == 200
+        assert admitted() == ours == ("web", "standard"), theirs
+        assert up.received[-1].headers.get(next(iter(theirs))) == "web"  # believed here, so passed on
+    # an objective never escalates: anon may not be interactive, an unknown objective is the default class
+    assert (await stack.post(headers={**GIE, "x-gateway-inference-fairness-id": "anon",
+                                      "x-gateway-inference-objective": "interactive"}))[0] == 200
+    assert admitted() == ("anon", "standard")
+    assert (await stack.post(headers={**GIE, "x-gateway-inference-objective": "no-such-objective"}))[0] == 200
+    assert admitted() == ("web", "interactive")
+    # our own headers win over theirs
+    assert (await stack.post(headers={**GIE, "x-tenant-id": "anon", "x-priority-class": "standard"}))[0] == 200
+    assert admitted() == ("anon", "standard")
+
+
+async def test_an_untrusted_fairness_id_is_ignored_and_stripped(gateway_stack, upstreams):
+    (up,) = await upstreams(1)
+    # Envoy reports this test client as 127.0.0.1
+    untrusted = await gateway_stack(endpoints=[up.address], policy=POLICY)
+    other_proxy = await gateway_stack(endpoints=[up.address], policy=POLICY, trusted_proxies=["10.0.0.0/8"])
+    own_header = await gateway_stack(endpoints=[up.address], policy=POLICY, identity_header="x-auth-tenant",
+                                     trusted_proxies=["127.0.0.0/8"])
+    for stack in (untrusted, other_proxy, own_header):
+        for theirs in (GIE, LLM_D):
+            assert (await stack.post(headers={**theirs, "x-llm-d-inference-objective": "interactive"}))[0] == 200
+            got = up.received[-1]
+            assert contract.AdmitHeaders.verify(got.headers, stack.key).tenant == "anon"
+            assert not set(contract.FAIRNESS_ID_HEADERS) & set(got.headers)  # nothing downstream can believe it
+    # a proxy trusted without a header of its own names the tenant with the fairness id (an llm-d auth layer)
+    proxy = await gateway_stack(endpoints=[up.address], policy=POLICY, trusted_proxies=["127.0.0.0/8"])
+    assert (await proxy.post(headers=GIE))[0] == 200
+    admit = _admitted(proxy, up)
+    assert (admit.tenant, admit.priority_class) == ("web", "standard")
+
+
+def test_fairness_id_rules():
+    fid = {"x-gateway-inference-fairness-id": "t"}
+    here, inside, outside = "127.0.0.1:1", "10.0.0.1:1", "11.0.0.1:1"
+    assert Identity().tenant(fid, "x-tenant-id", here) is None
+    assert set(Identity().strip(here)) == set(contract.FAIRNESS_ID_HEADERS)
+    assert Identity(trust_tenant_header=True).tenant(fid, "x-tenant-id", None) == "t"
+    assert Identity(trust_tenant_header=True).strip(None) == []
+    proxy = Identity.configure(trusted_proxies=["10.0.0.0/8"])
+    assert proxy.tenant(fid, "x-tenant-id", inside) == "t" and proxy.strip(inside) == []
+    assert proxy.tenant(fid, "x-tenant-id", outside) is None
+    own = Identity.configure(trusted_header="x-auth", trusted_proxies=["10.0.0.0/8"])
+    assert own.tenant(fid, "x-tenant-id", inside) is None  # the proxy speaks with its own header
+    assert own.tenant({**fid, "x-auth": "a"}, "x-tenant-id", inside) == "a"
+    assert set(own.strip(inside)) == set(contract.FAIRNESS_ID_HEADERS)
