@@ -13,6 +13,8 @@ from aiohttp import web
 from tokenslice import contract, errors
 from tokenslice.envoy import (
     EXT_PROC_CLUSTER,
+    FAIL_OPEN_CLUSTER,
+    POOL_CLUSTER,
     Address,
     ExtProc,
     ProcessingModes,
@@ -70,6 +72,28 @@ def test_options_are_rendered_not_patched(tmp_path: Path) -> None:
     assert _hcm(cfg)["stream_idle_timeout"] == "300s"
     assert _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["idle_timeout"] == "60s"
     _validate(cfg, tmp_path)
+
+
+def test_fail_open_adds_the_pool_route_and_allows_picker_failure(tmp_path: Path) -> None:
+    closed = bootstrap_config(listen=HERE, admin=ADMIN, upstream=ExtProc("127.0.0.1", 9002))
+    assert _hcm(closed)["http_filters"][0]["typed_config"]["failure_mode_allow"] is False
+    assert len(_hcm(closed)["route_config"]["virtual_hosts"][0]["routes"]) == 1
+    # the operator's headless Service of the pool's pods, one entry per target port: resolved by DNS
+    upstream = ExtProc("127.0.0.1", 9002, fail_open=("llama-endpoints.serving.svc.cluster.local:8000",
+                                                     "llama-endpoints.serving.svc.cluster.local:8002"))
+    cfg = bootstrap_config(listen=HERE, admin=ADMIN, upstream=upstream)
+    assert _hcm(cfg)["http_filters"][0]["typed_config"]["failure_mode_allow"] is True
+    picked, fallback = _hcm(cfg)["route_config"]["virtual_hosts"][0]["routes"]
+    assert picked["route"]["cluster"] == POOL_CLUSTER and "headers" not in picked["match"]  # not a client's word
+    assert picked["match"]["dynamic_metadata"][0]["filter"] == contract.LB_METADATA_NAMESPACE
+    assert fallback["route"]["cluster"] == FAIL_OPEN_CLUSTER and fallback["match"] == {"prefix": "/"}
+    pool = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == FAIL_OPEN_CLUSTER)
+    assert pool["type"] == "STRICT_DNS" and pool["lb_policy"] == "ROUND_ROBIN"
+    assert [e["endpoint"]["address"]["socket_address"]["port_value"]
+            for e in pool["load_assignment"]["endpoints"][0]["lb_endpoints"]] == [8000, 8002]
+    _validate(cfg, tmp_path)
+    ips = bootstrap_config(listen=HERE, admin=ADMIN, upstream=ExtProc("127.0.0.1", 9002, fail_open=("10.0.0.1:80",)))
+    assert next(c for c in ips["static_resources"]["clusters"] if c["name"] == FAIL_OPEN_CLUSTER)["type"] == "STATIC"
 
 
 @pytest.mark.parametrize("body", ["NONE", "STREAMED", "BUFFERED", "BUFFERED_PARTIAL", "FULL_DUPLEX_STREAMED"])

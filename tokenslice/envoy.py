@@ -8,12 +8,18 @@ whole data plane.  The shape follows the Gateway API Inference Extension: an
 ``ext_proc`` filter asks the picker for a destination, and an ORIGINAL_DST cluster
 forwards to the ``ip:port`` named in the ``x-gateway-destination-endpoint`` header.
 The no-picker baselines use :class:`Static` instead: one round-robin cluster.
+
+An InferencePool's ``failureMode: FailOpen`` is :attr:`ExtProc.fail_open`: ext_proc's ``failure_mode_allow``
+and a second route, to the pool's own endpoints (round robin), taken by a request the picker did not route.
+The picker's route is told apart by the ``envoy.lb`` dynamic metadata it sets, which a client cannot send (a
+client's destination header would be; see :func:`_routes`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import shutil
 import tempfile
@@ -29,6 +35,7 @@ from tokenslice.procs import ManagedProcess, NotReady, free_port, http_ok, spawn
 
 EXT_PROC_CLUSTER = "tokenslice_picker"
 POOL_CLUSTER = "tokenslice_pool"
+FAIL_OPEN_CLUSTER = "tokenslice_pool_fail_open"
 DEFAULT_MESSAGE_TIMEOUT_S = 3600.0
 """Generous: a queued chunk waits *inside* the ext_proc call (that wait is the preemption)."""
 _HIGH = 1_000_000_000  # circuit-breaker thresholds: the picker, not Envoy, bounds concurrency
@@ -78,6 +85,11 @@ class ExtProc:
     request_attributes: tuple[str, ...] = ("source.address",)
     """Sent to the picker with the headers: the peer address lets it believe an authenticating proxy's
     identity header (tokenslice.identity)."""
+    fail_open: tuple[str, ...] = ()
+    """The pool's ``host:port`` endpoints for ``failureMode: FailOpen``: a request the picker cannot take (it is
+    unreachable or fails) goes to one of them, round robin, unscheduled. A host may be a DNS name (the operator's
+    headless Service of the pool's pods), resolved to all its addresses. Empty: ``FailClose``, such a request is
+    answered 500 (an OpenAI error)."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +156,14 @@ def _split(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _ext_proc_filter(upstream: ExtProc) -> dict[str, Any]:
     return {
         "name": "envoy.filters.http.ext_proc",
@@ -151,7 +171,7 @@ def _ext_proc_filter(upstream: ExtProc) -> dict[str, Any]:
             "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
             # no grpc_service timeout: a client request's stream lives as long as its whole answer
             "grpc_service": {"envoy_grpc": {"cluster_name": EXT_PROC_CLUSTER}},
-            "failure_mode_allow": False,
+            "failure_mode_allow": bool(upstream.fail_open),
             "message_timeout": _secs(upstream.message_timeout_s),
             "processing_mode": upstream.modes.as_envoy(),
             "request_attributes": list(upstream.request_attributes),
@@ -163,11 +183,39 @@ def _ext_proc_filter(upstream: ExtProc) -> dict[str, Any]:
     }
 
 
+def _round_robin(name: str, addresses: Sequence[str]) -> dict[str, Any]:
+    """A cluster over ``host:port`` addresses; names (a headless Service) are resolved to all their addresses."""
+    split = [_split(a) for a in addresses]
+    return {"name": name, "type": "STATIC" if all(_is_ip(h) for h, _ in split) else "STRICT_DNS",
+            "connect_timeout": "5s", "lb_policy": "ROUND_ROBIN", "circuit_breakers": _thresholds(),
+            "load_assignment": _endpoints(name, split)}
+
+
+def _routes(upstream: Upstream, timeouts: Timeouts) -> list[dict[str, Any]]:
+    """The picker's route to the endpoint it chose, and with FailOpen a last route to the pool's endpoints.
+
+    The picker's route matches the ``envoy.lb`` dynamic metadata that only the picker sets (with
+    ``clear_route_cache``, so the route is chosen again after it answered); matching its destination header
+    instead would let a client's own header pick any address while the picker is down.
+    """
+    action = {"timeout": _secs(timeouts.route_s), "idle_timeout": _secs(timeouts.route_idle_s)}
+    picked: dict[str, Any] = {"prefix": "/"}
+    if not (isinstance(upstream, ExtProc) and upstream.fail_open):
+        return [{"match": picked, "route": {"cluster": POOL_CLUSTER, **action}}]
+    picked["dynamic_metadata"] = [{"filter": contract.LB_METADATA_NAMESPACE,
+                                   "path": [{"key": contract.DESTINATION_ENDPOINT}],
+                                   "value": {"present_match": True}}]
+    return [{"match": picked, "route": {"cluster": POOL_CLUSTER, **action}},
+            {"match": {"prefix": "/"}, "route": {"cluster": FAIL_OPEN_CLUSTER, **action}}]
+
+
 def _clusters(upstream: Upstream) -> list[dict[str, Any]]:
     if isinstance(upstream, Static):
-        return [{"name": POOL_CLUSTER, "type": "STATIC", "connect_timeout": "5s", "lb_policy": "ROUND_ROBIN",
-                 "circuit_breakers": _thresholds(),
-                 "load_assignment": _endpoints(POOL_CLUSTER, [_split(a) for a in upstream.addresses])}]
+        return [_round_robin(POOL_CLUSTER, upstream.addresses)]
+    fail_open = []
+    if upstream.fail_open:
+        fail_open.append({**_round_robin(FAIL_OPEN_CLUSTER, upstream.fail_open), "typed_extension_protocol_options":
+                          _http_options({"http_protocol_options": {"enable_trailers": True}})})
     return [
         {
             "name": POOL_CLUSTER,
@@ -189,6 +237,7 @@ def _clusters(upstream: Upstream) -> list[dict[str, Any]]:
                 {"http2_protocol_options": {"max_concurrent_streams": 2_147_483_647}}),
             "load_assignment": _endpoints(EXT_PROC_CLUSTER, [(upstream.host, upstream.port)]),
         },
+        *fail_open,
     ]
 
 
@@ -242,12 +291,7 @@ def bootstrap_config(*, listen: Address, admin: Address, upstream: Upstream, tim
         "request_headers_timeout": _secs(timeouts.request_headers_s),
         "route_config": {
             "name": "tokenslice",
-            "virtual_hosts": [{
-                "name": "pool", "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"},
-                            "route": {"cluster": POOL_CLUSTER, "timeout": _secs(timeouts.route_s),
-                                      "idle_timeout": _secs(timeouts.route_idle_s)}}],
-            }],
+            "virtual_hosts": [{"name": "pool", "domains": ["*"], "routes": _routes(upstream, timeouts)}],
         },
         "http_filters": filters,
         "local_reply_config": local_reply_config(),
