@@ -85,13 +85,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--envoy-admin-address", default="127.0.0.1")
     parser.add_argument("--envoy-ext-proc-host", default="127.0.0.1",
                         help="address Envoy uses to reach this picker (a Service name is not allowed: STATIC)")
+    parser.add_argument("--envoy-fail-open", default="",
+                        help="InferencePool failureMode FailOpen: host:port,... of the pool's endpoints (a host may be "
+                             "a DNS name) Envoy routes to, round robin, when this picker is unreachable; "
+                             "empty: FailClose (500)")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.print_envoy_config:
         sys.stdout.write(render_bootstrap(listen=Address(args.envoy_listen_address, args.envoy_listen_port),
                                           admin=Address(args.envoy_admin_address, args.envoy_admin_port),
-                                          upstream=ExtProc(args.envoy_ext_proc_host, args.grpc_port)))
+                                          upstream=ExtProc(args.envoy_ext_proc_host, args.grpc_port,
+                                                           fail_open=tuple(a for a in args.envoy_fail_open.split(",")
+                                                                           if a))))
         return 0
     setup_logging(args.log_level)
     try:

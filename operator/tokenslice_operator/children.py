@@ -15,6 +15,7 @@ import yaml
 from tokenslice import inferencepool, policy
 from tokenslice.inferencepool import InferencePool
 from tokenslice_operator.config import (
+    API_KEYS_MOUNT,
     GATEWAY_MOUNT,
     MANAGED_BY,
     POLICY_FILE,
@@ -25,6 +26,7 @@ from tokenslice_operator.config import (
     SIGNING_KEY_FILE,
     SIGNING_MOUNT,
     OperatorConfig,
+    endpoints_service_name,
     policy_configmap_name,
     signing_secret_name,
 )
@@ -135,6 +137,44 @@ def gateway_service(pool: InferencePool, picker: str, config: OperatorConfig) ->
     }
 
 
+def fail_open(pool: InferencePool) -> bool:
+    ref = pool.spec.endpoint_picker_ref
+    return ref is not None and ref.failure_mode == "FailOpen"
+
+
+def endpoints_service(pool: InferencePool) -> Manifest:
+    """A FailOpen pool's own pods, headless: its gateway resolves the name to every ready pod and routes to them
+    round robin while the picker is unreachable (``tokenslice picker --envoy-fail-open``)."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(pool, endpoints_service_name(pool.metadata.name), "pool-endpoints"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": pool.selector(),
+            "ports": [{"name": f"target-{n}", "port": n, "targetPort": n, "protocol": "TCP"}
+                      for n in pool.target_ports()],
+        },
+    }
+
+
+def _identity_args(pool: InferencePool, config: OperatorConfig) -> tuple[list[str], list[Manifest], list[Manifest]]:
+    """The picker's who-is-the-client flags (``tokenslice.identity``), with the API-keys Secret's volume + mount."""
+    args: list[str] = []
+    volumes: list[Manifest] = []
+    mounts: list[Manifest] = []
+    secret = config.api_keys_secret_of(pool.metadata.name)
+    if secret:
+        key = config.picker_api_keys_key
+        args += ["--api-keys-file", f"{API_KEYS_MOUNT}/{key}"]
+        volumes.append({"name": "api-keys", "secret": {"secretName": secret, "items": [{"key": key, "path": key}]}})
+        mounts.append({"name": "api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True})
+    if config.picker_trusted_proxies:
+        args += ["--trusted-proxies", ",".join(config.picker_trusted_proxies)]
+    if config.picker_identity_header:
+        args += ["--identity-header", config.picker_identity_header]
+    return args, volumes, mounts
+
+
 def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Manifest:
     """One pod of the pool's picker and its gateway (Envoy -> ext_proc on the pod's loopback).
 
@@ -153,6 +193,8 @@ def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Mani
         args.append("--kv-residency")
     if config.kv_offload_tokens:
         args += ["--kv-offload-tokens", str(config.kv_offload_tokens)]
+    identity, identity_volumes, identity_mounts = _identity_args(pool, config)
+    args += identity
     container = {
         "name": "picker",
         "image": config.picker_image,
@@ -166,13 +208,16 @@ def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Mani
         "resources": {"requests": {"cpu": "200m", "memory": "256Mi"}, "limits": {"memory": "1Gi"}},
         "securityContext": RESTRICTED,
         "volumeMounts": [{"name": "policy", "mountPath": POLICY_MOUNT, "readOnly": True},
-                         {"name": "signing", "mountPath": SIGNING_MOUNT, "readOnly": True}],
+                         {"name": "signing", "mountPath": SIGNING_MOUNT, "readOnly": True}, *identity_mounts],
     }
     envoy_file = f"{GATEWAY_MOUNT}/envoy.yaml"
     render = [PICKER_COMMAND, "--print-envoy-config", "--grpc-port", str(config.picker_grpc_port),
               "--envoy-listen-address", "0.0.0.0", "--envoy-listen-port", str(config.gateway_port),
               "--envoy-admin-address", "127.0.0.1", "--envoy-admin-port", str(config.gateway_admin_port),
               "--envoy-ext-proc-host", "127.0.0.1"]
+    if fail_open(pool):
+        host = f"{endpoints_service_name(m.name)}.{m.namespace}.svc"
+        render += ["--envoy-fail-open", ",".join(f"{host}:{n}" for n in pool.target_ports())]
     gateway_config = {
         "name": "gateway-config",
         "image": config.picker_image,
@@ -212,6 +257,7 @@ def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Mani
                         {"name": "policy", "configMap": {"name": policy_configmap_name(picker)}},
                         {"name": "signing", "secret": {"secretName": signing_secret_name(m.name)}},
                         {"name": "gateway", "emptyDir": {}},
+                        *identity_volumes,
                     ],
                 },
             },

@@ -44,6 +44,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="injected vLLM containers get vLLM's native CPU KV offload of this size (0: off)")
     parser.add_argument("--kv-offload-tokens", type=int, default=d.kv_offload_tokens,
                         help="that offload tier in tokens, for every pool's picker (--kv-offload-tokens)")
+    parser.add_argument("--picker-api-keys-secret", default=d.picker_api_keys_secret,
+                        help="Secret in each pool's namespace ({pool} is filled in) with the picker's API keys, "
+                             "mounted read-only as its --api-keys-file (default: none)")
+    parser.add_argument("--picker-api-keys-key", default=d.picker_api_keys_key,
+                        help="key of that Secret holding the YAML list of {tenant, key}")
+    parser.add_argument("--picker-trusted-proxies", default="",
+                        help="comma-separated CIDRs of an authenticating proxy in front of every pool's gateway "
+                             "(each picker's --trusted-proxies)")
+    parser.add_argument("--picker-identity-header", default=d.picker_identity_header,
+                        help="the tenant header that proxy sets (each picker's --identity-header; default: a "
+                             "GIE/llm-d fairness id)")
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -59,6 +70,9 @@ def run(args: argparse.Namespace) -> int:
         image_pull_policy=args.image_pull_policy, chunk_url=args.chunk_url, gpu_resource=args.gpu_resource,
         webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
         kv_residency=args.kv_residency, kv_offload_gib=args.kv_offload_gib, kv_offload_tokens=args.kv_offload_tokens,
+        picker_api_keys_secret=args.picker_api_keys_secret or None, picker_api_keys_key=args.picker_api_keys_key,
+        picker_trusted_proxies=[c for c in args.picker_trusted_proxies.split(",") if c],
+        picker_identity_header=args.picker_identity_header or None,
     )
     opts = RunOptions(kubeconfig=args.kubeconfig, config=config, webhook_host=args.webhook_host,
                       standalone=args.standalone, priority=args.priority, peering_name=args.peering_name,

@@ -12,7 +12,9 @@ The conventions below are the operator's public contract with users and the char
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import ipaddress
+
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 MANAGED_LABEL = "tokenslice.io/managed"
 POOL_LABEL = "tokenslice.io/pool"
@@ -29,6 +31,7 @@ SIGNING_KEY_FILE = "key"
 POLICY_MOUNT = "/etc/tokenslice/policy"
 SIGNING_MOUNT = "/var/run/tokenslice/signing"
 GATEWAY_MOUNT = "/etc/tokenslice/gateway"
+API_KEYS_MOUNT = "/var/run/tokenslice/api-keys"
 
 
 def signing_secret_name(pool: str) -> str:
@@ -37,6 +40,11 @@ def signing_secret_name(pool: str) -> str:
 
 def policy_configmap_name(picker: str) -> str:
     return f"{picker}-policy"
+
+
+def endpoints_service_name(pool: str) -> str:
+    """The headless Service of a FailOpen pool's own pods: where its gateway routes while the picker is down."""
+    return f"{pool}-endpoints"
 
 
 class OperatorConfig(BaseModel):
@@ -73,6 +81,35 @@ class OperatorConfig(BaseModel):
                                   "--kv-offloading-size or --kv-transfer-config itself keeps its own")
     kv_offload_tokens: int = Field(default=0, ge=0, description="that offload tier in tokens, for the picker "
                                    "(--kv-offload-tokens): GiB x 2^30 / KV bytes per token of the model")
+    picker_api_keys_secret: str | None = Field(
+        default=None, pattern=r"^[a-z0-9{}.-]+$",
+        description="Secret in each pool's namespace ({pool} is filled in) holding the picker's API keys, a YAML "
+        "list of {tenant, key}, under picker_api_keys_key: mounted read-only, `tokenslice picker --api-keys-file`. "
+        "None: no API keys")
+    picker_api_keys_key: str = Field(default="api-keys.yaml", pattern=r"^[-._a-zA-Z0-9]+$",
+                                     description="the key of that Secret holding the file")
+    picker_trusted_proxies: list[str] = Field(
+        default_factory=list, description="CIDRs of an authenticating proxy in front of every pool's gateway "
+        "(`tokenslice picker --trusted-proxies`)")
+    picker_identity_header: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9-]+$",
+        description="the header that proxy names the tenant in (`--identity-header`); None: a GIE/llm-d fairness id")
     webhook_port: int = Field(default=9443, ge=0, le=65535)
     webhook_cert: str | None = None
     webhook_key: str | None = None
+
+    @field_validator("picker_trusted_proxies")
+    @classmethod
+    def _cidrs(cls, value: list[str]) -> list[str]:
+        for cidr in value:
+            ipaddress.ip_network(cidr, strict=False)  # ValueError: not a CIDR
+        return value
+
+    @model_validator(mode="after")
+    def _header_needs_proxies(self) -> OperatorConfig:
+        if self.picker_identity_header and not self.picker_trusted_proxies:
+            raise ValueError("picker_identity_header needs picker_trusted_proxies (the proxies it is believed from)")
+        return self
+
+    def api_keys_secret_of(self, pool: str) -> str | None:
+        return self.picker_api_keys_secret.format(pool=pool) if self.picker_api_keys_secret else None

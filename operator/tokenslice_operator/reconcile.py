@@ -27,6 +27,7 @@ from tokenslice_operator.config import (
     POLICY_LABEL,
     POOL_LABEL,
     OperatorConfig,
+    endpoints_service_name,
     policy_configmap_name,
 )
 from tokenslice_operator.kube import ApiError, KubeClient, path
@@ -87,6 +88,8 @@ class Reconciler:
             model.check_supported()
             await self._check_not_foreign(namespace, picker)
             await self._check_not_foreign(namespace, self.config.gateway_service_name(name))
+            if children.fail_open(model):
+                await self._check_not_foreign(namespace, endpoints_service_name(name))
         except PoolError as exc:
             reason = "UnsupportedAppProtocol" if isinstance(exc, UnsupportedPool) else "InvalidExtensionRef"
             if isinstance(exc, UnsupportedPool):
@@ -110,6 +113,10 @@ class Reconciler:
         deployment = await self.client.apply(children.deployment(model, picker, self.config))
         await self.client.apply(children.service(model, picker, port, self.config))
         await self.client.apply(children.gateway_service(model, picker, self.config))
+        if children.fail_open(model):
+            await self.client.apply(children.endpoints_service(model))
+        else:
+            await self._drop_endpoints_service(namespace, name)
 
         available = int((deployment.get("status") or {}).get("availableReplicas") or 0)
         ready = ((True, "PickerAvailable", f"Deployment {picker} has {available} available replica(s)")
@@ -135,6 +142,14 @@ class Reconciler:
         labels = (existing or {}).get("metadata", {}).get("labels") or {}
         if existing is not None and any(labels.get(k) != v for k, v in MANAGED_BY.items()):
             raise PoolError(f"Service {picker} exists and is not managed by tokenslice")
+
+    async def _drop_endpoints_service(self, namespace: str, pool: str) -> None:
+        """A pool that is not FailOpen has no endpoints Service of ours (one of the same name not ours stays)."""
+        url = path("Service", namespace, endpoints_service_name(pool))
+        labels = ((await self.client.get(url) or {}).get("metadata") or {}).get("labels") or {}
+        if labels.get(POOL_LABEL) == pool and all(labels.get(k) == v for k, v in MANAGED_BY.items()):
+            await self.client.delete(url)
+            log.info("deleted Service %s/%s (pool %s is no longer FailOpen)", namespace, url.rsplit("/", 1)[-1], pool)
 
     async def _ensure_secret(self, pool: InferencePool) -> None:
         # create-only: the operator's RBAC lets it read no Secret at all, its own included

@@ -31,6 +31,8 @@ from tokenslice_operator.config import OperatorConfig
 pytestmark = pytest.mark.k8s
 CHART = REPO_ROOT / "charts" / "tokenslice"
 CRDS = REPO_ROOT / "crds"
+PICKER_API_KEYS_SECRET = "{pool}-api-keys"
+PICKER_PROXIES = ["10.20.0.0/16"]
 
 
 @dataclass
@@ -102,7 +104,8 @@ def operator_options(cluster: KubeCluster, kubeconfig: Path, *, webhook: bool = 
     cert, key = cluster.ca.issue("webhook", ["127.0.0.1"])
     config = OperatorConfig(picker_image=picker_image, sidecar_image="test/sidecar:1",
                             webhook_port=free_port() if webhook else 0,
-                            webhook_cert=str(cert), webhook_key=str(key))
+                            webhook_cert=str(cert), webhook_key=str(key),
+                            picker_api_keys_secret=PICKER_API_KEYS_SECRET, picker_trusted_proxies=PICKER_PROXIES)
     return RunOptions(kubeconfig=str(kubeconfig), config=config, webhook_host="127.0.0.1", priority=priority)
 
 
@@ -154,14 +157,16 @@ def vllm_pod(name: str, ns: str, labels: dict[str, str], *, resources: dict | No
 
 
 def pool_manifest(name: str, namespace: str, *, managed: bool = True, target_port: int = 8000,
-                  picker_port: int = 9002, labels: dict[str, str] | None = None) -> dict[str, Any]:
+                  picker_port: int = 9002, labels: dict[str, str] | None = None,
+                  failure_mode: str = "FailClose", more_ports: tuple[int, ...] = ()) -> dict[str, Any]:
     return {
         "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
         "metadata": {"name": name, "namespace": namespace,
                      "labels": {"tokenslice.io/managed": "true"} if managed else {}},
         "spec": {"selector": {"matchLabels": labels or {"app": f"{name}-vllm"}},
-                 "targetPorts": [{"number": target_port}],
-                 "endpointPickerRef": {"name": f"{name}-epp", "port": {"number": picker_port}}},
+                 "targetPorts": [{"number": p} for p in (target_port, *more_ports)],
+                 "endpointPickerRef": {"name": f"{name}-epp", "port": {"number": picker_port},
+                                       "failureMode": failure_mode}},
     }
 
 

@@ -88,6 +88,21 @@ def test_kv_values_reach_the_operator(kube_cluster: KubeCluster) -> None:
     assert parsed.kv_residency and parsed.kv_offload_gib == 8 and parsed.kv_offload_tokens == 65536
 
 
+def test_picker_identity_values_reach_the_operator(kube_cluster: KubeCluster) -> None:
+    """picker.* (API keys Secret, trusted proxies, identity header) become operator flags; none by default."""
+    def args(*sets: str) -> list[str]:
+        op = next(d for d in _template(kube_cluster, *sets) if d["kind"] == "Deployment")
+        return op["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith("--picker-") and not a.startswith("--picker-image") for a in args())
+    on = args("--set-json", "picker.apiKeysSecret=\"{pool}-keys\"", "--set", "picker.apiKeysSecretKey=keys.yaml",
+              "--set", "picker.trustedProxies={10.0.0.0/8,192.168.0.0/16}", "--set", "picker.identityHeader=x-user")
+    parsed = build_parser().parse_args(on)
+    assert (parsed.picker_api_keys_secret, parsed.picker_api_keys_key) == ("{pool}-keys", "keys.yaml")
+    assert parsed.picker_trusted_proxies == "10.0.0.0/8,192.168.0.0/16" and parsed.picker_identity_header == "x-user"
+    proc = kube_cluster.helm("template", "ts", str(CHART), "--set", "picker.trustedProxies={evil proxy}", check=False)
+    assert proc.returncode != 0 and "trustedProxies" in proc.stderr
+
+
 def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread) -> None:
     ns, release = "tokenslice-system", "ts"
     args = ["--namespace", ns, "--create-namespace", *FULL]

@@ -16,7 +16,7 @@ import yaml
 
 from tokenslice import policy
 from tokenslice.cli import build_parser
-from tokenslice.envoy import envoy_binary
+from tokenslice.envoy import FAIL_OPEN_CLUSTER, envoy_binary
 from tokenslice.inferencepool import InferencePool
 from tokenslice_operator import children
 from tokenslice_operator.config import OperatorConfig
@@ -91,15 +91,36 @@ def test_picker_pod_passes_pod_security_restricted() -> None:
         assert sc["seccompProfile"] == {"type": "RuntimeDefault"} and sc["runAsNonRoot"], c["name"]
 
 
-def test_the_rendered_gateway_config_is_accepted_by_envoy(tmp_path) -> None:
+FAIL_OPEN = InferencePool.parse({**POOL.model_dump(by_alias=True), "spec": {
+    **POOL.model_dump(by_alias=True)["spec"], "targetPorts": [{"number": 8000}, {"number": 8002}],
+    "endpointPickerRef": {"name": "llama-epp", "port": {"number": 9002}, "failureMode": "FailOpen"}}})
+
+
+@pytest.mark.parametrize("pool", [POOL, FAIL_OPEN], ids=["FailClose", "FailOpen"])
+def test_the_rendered_gateway_config_is_accepted_by_envoy(tmp_path, pool) -> None:
     """Run the init container's own command (its mount mapped to a temp dir); Envoy validates the file."""
-    init, = _pod()["initContainers"]
+    init, = children.deployment(pool, "llama-epp", OperatorConfig())["spec"]["template"]["spec"]["initContainers"]
     script = init["command"][2].replace("/etc/tokenslice/gateway", str(tmp_path))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run([*init["command"][:2], script, *init["command"][3:], *init["args"]], check=True, env=env,
                    timeout=60)
     config = yaml.safe_load((tmp_path / "envoy.yaml").read_text())
     assert config["static_resources"]["listeners"][0]["address"]["socket_address"]["port_value"] == 8080
+    # FailOpen: Envoy may go on without the picker, to the pool's own pods behind their headless Service
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["http_filters"][-2]["typed_config"]["failure_mode_allow"] is (pool is FAIL_OPEN)
+    fallback = [c for c in config["static_resources"]["clusters"] if c["name"] == FAIL_OPEN_CLUSTER]
+    if pool is FAIL_OPEN:
+        svc = children.endpoints_service(pool)
+        name = svc["metadata"]["name"]
+        assert [(e["endpoint"]["address"]["socket_address"]["address"],
+                 e["endpoint"]["address"]["socket_address"]["port_value"])
+                for e in fallback[0]["load_assignment"]["endpoints"][0]["lb_endpoints"]] == [
+            (f"{name}.serving.svc", 8000), (f"{name}.serving.svc", 8002)]
+        assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == {"app": "llama"}
+        assert [p["port"] for p in svc["spec"]["ports"]] == [8000, 8002]
+    else:
+        assert fallback == []
     proc = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "OK" in proc.stdout + proc.stderr, proc.stdout + proc.stderr
@@ -112,3 +133,25 @@ def test_kv_settings_reach_the_picker_command_line() -> None:
     assert args.kv_residency and args.kv_offload_tokens == 65536
     plain = children.deployment(POOL, "llama-epp", OperatorConfig())["spec"]["template"]["spec"]["containers"][0]
     assert not build_parser().parse_args(plain["args"]).kv_residency
+
+
+def test_identity_settings_reach_the_picker_command_line() -> None:
+    """API keys (a Secret per pool, mounted read-only) and an authenticating proxy; none of them by default."""
+    plain = _pod()
+    args = build_parser().parse_args(plain["containers"][0]["args"])
+    assert args.api_keys_file is None and args.trusted_proxies == "" and args.identity_header is None
+    assert all(v["name"] != "api-keys" for v in plain["volumes"])
+    config = OperatorConfig(picker_api_keys_secret="{pool}-api-keys", picker_trusted_proxies=["10.0.0.0/8", "fd00::/8"],
+                            picker_identity_header="x-auth-tenant")
+    pod = _pod(config)
+    picker = pod["containers"][0]
+    args = build_parser().parse_args(picker["args"])
+    assert str(args.api_keys_file) == "/var/run/tokenslice/api-keys/api-keys.yaml"
+    assert args.trusted_proxies == "10.0.0.0/8,fd00::/8" and args.identity_header == "x-auth-tenant"
+    keys = {"key": "api-keys.yaml", "path": "api-keys.yaml"}
+    assert {"name": "api-keys", "secret": {"secretName": "llama-api-keys", "items": [keys]}} in pod["volumes"]
+    assert {"name": "api-keys", "mountPath": "/var/run/tokenslice/api-keys", "readOnly": True} in picker["volumeMounts"]
+    with pytest.raises(ValueError):
+        OperatorConfig(picker_trusted_proxies=["not-a-cidr"])
+    with pytest.raises(ValueError):
+        OperatorConfig(picker_identity_header="x-auth")  # believed from whom?

@@ -10,6 +10,8 @@ import yaml
 
 from tests.fixtures.kube import KubeCluster, wait_for
 from tests.operator.conftest import (
+    PICKER_API_KEYS_SECRET,
+    PICKER_PROXIES,
     OperatorThread,
     condition,
     dump,
@@ -18,6 +20,7 @@ from tests.operator.conftest import (
     pool_manifest,
     vllm_pod,
 )
+from tokenslice.cli import build_parser
 from tokenslice_operator.children import PICKER_COMMAND
 
 pytestmark = pytest.mark.k8s
@@ -92,6 +95,47 @@ def test_managed_pool_gets_picker_objects_owned_by_the_pool(kube_cluster: KubeCl
     assert condition(None, "ResolvedRefs", ours["conditions"])["status"] == "True"
     ready = condition(None, "Ready", ours["conditions"])
     assert (ready["status"], ready["reason"]) == ("False", "PickerUnavailable")
+
+
+def test_the_pickers_api_keys_and_trusted_proxies_are_wired(kube_cluster: KubeCluster, operator: OperatorThread,
+                                                            namespace: str) -> None:
+    """The session operator runs with --picker-api-keys-secret '{pool}-api-keys' and --picker-trusted-proxies."""
+    kube_cluster.apply(pool_manifest("omega", namespace))
+    pod = _wait_children(kube_cluster, namespace, "omega")["deployment"]["spec"]["template"]["spec"]
+    picker = pod["containers"][0]
+    args = build_parser().parse_args(picker["args"])
+    assert str(args.api_keys_file) == "/var/run/tokenslice/api-keys/api-keys.yaml"
+    assert args.trusted_proxies == ",".join(PICKER_PROXIES) and args.identity_header is None
+    volume = next(v for v in pod["volumes"] if v["name"] == "api-keys")
+    assert volume["secret"]["secretName"] == PICKER_API_KEYS_SECRET.format(pool="omega")
+    assert volume["secret"]["items"] == [{"key": "api-keys.yaml", "path": "api-keys.yaml"}]
+    mount = next(m for m in picker["volumeMounts"] if m["name"] == "api-keys")
+    assert mount == {"name": "api-keys", "mountPath": "/var/run/tokenslice/api-keys", "readOnly": True}
+
+
+def test_fail_open_pool_gets_a_headless_service_of_its_pods_for_its_gateway(kube_cluster: KubeCluster,
+                                                                            operator: OperatorThread,
+                                                                            namespace: str) -> None:
+    kube_cluster.apply(pool_manifest("phi", namespace, failure_mode="FailOpen", more_ports=(8002,)))
+    kids = _wait_children(kube_cluster, namespace, "phi")
+    svc = wait_for(lambda: kube_cluster.get("service", "phi-endpoints", namespace), 30, "the endpoints Service")
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["selector"] == {"app": "phi-vllm"}
+    assert [(p["port"], p["targetPort"]) for p in svc["spec"]["ports"]] == [(8000, 8000), (8002, 8002)]
+    pool = kube_cluster.get("inferencepool", "phi", namespace)
+    assert svc["metadata"]["ownerReferences"][0]["uid"] == pool["metadata"]["uid"]
+    init = build_parser().parse_args(kids["deployment"]["spec"]["template"]["spec"]["initContainers"][0]["args"])
+    host = f"phi-endpoints.{namespace}.svc"
+    assert init.envoy_fail_open == f"{host}:8000,{host}:8002"
+
+    kube_cluster.kubectl("patch", "inferencepool", "phi", "-n", namespace, "--type=merge",
+                         "-p", '{"spec": {"endpointPickerRef": {"failureMode": "FailClose"}}}')
+    wait_for(lambda: kube_cluster.get("service", "phi-endpoints", namespace) is None, 30,
+             "the endpoints Service of a pool that is FailClose again to go")
+
+    def fail_open_arg() -> str:
+        dep = kube_cluster.get("deployment", "phi-epp", namespace)
+        return build_parser().parse_args(dep["spec"]["template"]["spec"]["initContainers"][0]["args"]).envoy_fail_open
+    wait_for(lambda: fail_open_arg() == "", 30, "the gateway to be FailClose")
 
 
 def test_unmanaged_pool_is_left_alone(kube_cluster: KubeCluster, operator: OperatorThread, namespace: str) -> None:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import grpc
+import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tokenslice.procs import free_port
@@ -65,9 +66,12 @@ def test_cli_rejects_bad_input_clearly(tmp_path):
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
 
 
-def test_print_envoy_config_is_valid_for_envoy(tmp_path, envoy_bin):
-    r = subprocess.run([sys.executable, "-m", "tokenslice", "picker", "--print-envoy-config", "--grpc-port", "9002"],
-                       capture_output=True, text=True, check=True, timeout=60)
+@pytest.mark.parametrize("fail_open", ["", "llama-endpoints.serving.svc:8000,llama-endpoints.serving.svc:8002"])
+def test_print_envoy_config_is_valid_for_envoy(tmp_path, envoy_bin, fail_open):
+    r = subprocess.run([sys.executable, "-m", "tokenslice", "picker", "--print-envoy-config", "--grpc-port", "9002",
+                        "--envoy-fail-open", fail_open], capture_output=True, text=True, check=True, timeout=60)
+    assert ("failure_mode_allow: true" in r.stdout) == bool(fail_open)
+    assert ("llama-endpoints.serving.svc" in r.stdout) == bool(fail_open)
     (tmp_path / "envoy.yaml").write_text(r.stdout)
     v = subprocess.run([envoy_bin, "--mode", "validate", "-c", str(tmp_path / "envoy.yaml")],
                        capture_output=True, text=True, timeout=60)
