@@ -264,7 +264,11 @@ class Dispatcher:
             self.ledger.accrue(c, produced)
 
     def _order(self, now: float) -> Iterable[Chunk]:
-        """The queues' dispatch order; with residency awareness, resident continuations moved up a class."""
+        """The queues' dispatch order; with residency awareness, resident continuations moved up a class.
+
+        Both are lazy: the walk stops at the first chunk placed, and chunks the ordering pins (urgent,
+        non-preemptible, aged) come out before it ranks any preemptible run behind them.
+        """
         order = self.queues.in_order(now)
         if self.residency is None:
             return order

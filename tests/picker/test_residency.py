@@ -19,6 +19,7 @@ from tokenslice_picker.flowcontrol.chunk import Chunk, make_chunk
 from tokenslice_picker.metrics import PickerMetrics
 from tokenslice_picker.scheduling.affinity import Verdict, holder_verdict
 from tokenslice_picker.scheduling.cost_model import CostModel
+from tokenslice_picker.scheduling.profile import default_profile
 from tokenslice_picker.scheduling.residency import ResidencyAwareVictims, ResidencyTracker, Tier
 from tokenslice_picker.scheduling.victims import FAIR_SHARE, PRIORITY, LowestClassFirst, VictimContext
 
@@ -84,13 +85,115 @@ def test_no_fair_share_cut_that_overflows_the_cache_priority_cuts_still_happen()
         tracker.on_grant(c, ep)
         return c
     victim = running("v", "t0")
-    waiter = make_chunk("w", "t1", "lo", index=1)
+    waiter = make_chunk("w", "t1", "lo", index=1, prompt_tokens=32)
     assert LowestClassFirst().select(waiter, [victim], ctx).reason == FAIR_SHARE
-    assert sel.select(waiter, [victim], ctx).reason == FAIR_SHARE  # 176 tokens held of 256: it stays cached
-    _released(tracker, ep, "old", 200)  # now paused work exceeds the cache: pausing more only thrashes
-    assert sel.select(waiter, [victim], ctx) is None
-    urgent = make_chunk("u", "t1", "hi", index=0)
-    assert sel.select(urgent, [victim], ctx).reason == PRIORITY
+    assert sel.select(waiter, [victim], ctx).reason == FAIR_SHARE  # 176 + 32 tokens held of 256: it stays cached
+    for n in range(4):
+        _released(tracker, ep, f"old{n}", 200)  # finished / paused long ago, far beyond the cache
+    # what is paused already does not count: the cut adds nothing to it, and the victim (the newest) stays
+    assert sel.select(waiter, [victim], ctx).reason == FAIR_SHARE
+    big = make_chunk("big", "t1", "lo", index=1, prompt_tokens=100)
+    # this waiter's 112 tokens + the 176 running ones exceed 256: pausing the victim only thrashes
+    assert sel.select(big, [victim], ctx) is None
+    urgent = make_chunk("u", "t1", "hi", index=0, prompt_tokens=200)
+    assert sel.select(urgent, [victim], ctx).reason == PRIORITY  # a priority cut is made regardless
+
+
+class _Worker:
+    """Records the cuts the dispatcher sends (no worker process: the cut's effect is not under test)."""
+
+    def __init__(self) -> None:
+        self.cuts: list[tuple[str, str, int, str]] = []
+
+    async def __call__(self, address: str, request_id: str, chunk_index: int, reason: str) -> int | None:
+        self.cuts.append((address, request_id, chunk_index, reason))
+        return 200
+
+
+async def _settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)  # loop turns for the tasks to queue their next chunk (no timing)
+
+
+async def test_a_fair_share_cut_is_not_withheld_for_good_once_served_requests_outgrew_the_cache():
+    """The wrapper used to count every request ever released on the endpoint (finished ones too): once
+    they outgrew the cache, no fair-share cut was ever made again, and an owed tenant's waiter sat
+    behind a whole long slice (fails that way with the old ``overflows``)."""
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1, starvation_seconds=600)])
+    ds = Datastore([EP])
+    (ep,) = ds.endpoints()
+    ep.kv_capacity_tokens = 1024
+    tracker = ResidencyTracker()
+    worker = _Worker()
+    profile = default_profile()
+    assert profile.victim_selector is not None
+    profile.victim_selector = ResidencyAwareVictims(profile.victim_selector, tracker)
+    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker, profile=profile, residency=tracker,
+                   max_slice_tokens=4096)
+    for n in range(12):  # twelve finished requests of ~200 tokens: 2400 tokens served here, > 1024
+        done = make_chunk(f"done{n}", "c", "batch", prompt_tokens=100, slice=4096)
+        await d.acquire(done)
+        d.release(done, 100)
+    ep.tokens_per_s = 100.0  # the decode rate observed (10 ms a token)
+    a_long = make_chunk("a-long", "a", "batch", index=1, prompt_tokens=100, generated=50, slice=4096, kv_holder=EP)
+    await d.acquire(a_long)
+    a_long.dispatched_at -= 5.0  # decoding for 5 s (~500 tokens, far past its 8-token quantum): set, not slept
+    b_next = asyncio.ensure_future(d.acquire(make_chunk("b-0", "b", "batch", prompt_tokens=64, slice=4096)))
+    await _settle()
+    # 160 running + the waiter's 64 fit 1024: a is ahead of b, so b's waiter cuts it
+    assert worker.cuts == [(EP, "a-long", 1, "fair_share")]
+    d.release(a_long, 500)
+    await _settle()
+    assert b_next.done()
+    await d.close()
+
+
+class _CountingTracker(ResidencyTracker):
+    """Counts the chunks the ordering ranks (the work a pass does before its first grant)."""
+
+    ranked = 0
+
+    def _ranked(self, run, counter, holder):  # type: ignore[no-untyped-def]
+        self.ranked += len(run) if len(run) > 1 else 0
+        return super()._ranked(run, counter, holder)
+
+
+async def test_an_interactive_grant_waits_for_no_ranking_of_the_batch_queue():
+    """The ordering used to rank the whole queue before the pass looked at its first chunk, so every
+    interactive grant paid O(queued batch chunks) of sorting first; now a pinned chunk at the head goes
+    out before any run behind it is ranked (fails with the old list-building ``order``)."""
+    policy = SchedulingPolicySpec(slots_per_endpoint=3, reserved_slots_per_endpoint=1, chunk_size=32,
+                                  priority_classes=POLICY.priority_classes, tenants=POLICY.tenants)
+    ds = Datastore([EP])
+    (ep,) = ds.endpoints()
+    ep.kv_capacity_tokens = 4096
+    tracker = _CountingTracker()
+    d = Dispatcher(policy, ds, PickerMetrics(), residency=tracker, max_slice_tokens=0)
+    running = [make_chunk(f"run{i}", TENANTS[i], "lo", index=1, prompt_tokens=64, slice=32, kv_holder=EP)
+               for i in range(2)]
+    first_hi = make_chunk("hi-0", "t0", "hi", prompt_tokens=16, slice=32)
+    for c in (*running, first_hi):
+        await d.acquire(c)  # every slot busy, the reserved one with the interactive chunk
+    for i in range(6):  # six paused batch continuations, resident: the ordering has something to rank
+        _released(tracker, ep, f"lo{i}", 64)
+    waiting = [asyncio.ensure_future(d.acquire(make_chunk(f"lo{i}", TENANTS[i], "lo", index=1, prompt_tokens=64,
+                                                          slice=32, kv_holder=EP))) for i in range(6)]
+    second_hi = make_chunk("hi-1", "t1", "hi", prompt_tokens=16, slice=32)
+    hi_next = asyncio.ensure_future(d.acquire(second_hi))
+    await _settle()
+    assert not hi_next.done()
+    tracker.ranked = 0
+    d.release(first_hi, 32)  # the reserved slot frees: the pass grants the interactive chunk
+    await _settle()
+    assert hi_next.done() and tracker.ranked == 0
+    d.release(second_hi, 32)
+    d.release(running[0], 32)  # a batch slot frees: now the batch queue is ranked (the feature is on)
+    await _settle()
+    assert tracker.ranked >= 2 and sum(w.done() for w in waiting) == 1
+    for w in waiting:
+        w.cancel()
+    await _settle()
 
 
 async def _rotate(tracker: ResidencyTracker | None, *, chunks: int = 12, capacity: int = 1024,
@@ -101,7 +204,7 @@ async def _rotate(tracker: ResidencyTracker | None, *, chunks: int = 12, capacit
     arrives like a driver's.  Eviction is judged by this test's own LRU model of the engine cache.
     """
     ds = Datastore([EP])
-    d = Dispatcher(POLICY, ds, PickerMetrics(), residency=tracker)
+    d = Dispatcher(POLICY, ds, PickerMetrics(), residency=tracker, max_slice_tokens=0)  # chunk by chunk
     ep = ds.get(EP)
     assert ep is not None
     ep.kv_capacity_tokens = capacity
@@ -134,19 +237,15 @@ async def _rotate(tracker: ResidencyTracker | None, *, chunks: int = 12, capacit
             granted.append((c, done))
             await done
 
-    async def settle() -> None:
-        for _ in range(10):
-            await asyncio.sleep(0)  # loop turns for the tasks to queue their next chunk (no timing)
-
     tasks = [asyncio.ensure_future(request(f"r{i}", t)) for i, t in enumerate(TENANTS)]
-    await settle()
+    await _settle()
     while granted:
         c, done = granted.pop(0)
         cache[c.request_id] = held.pop(c.request_id)
         cache.move_to_end(c.request_id)
         d.release(c, slice_)
         done.set_result(None)
-        await settle()
+        await _settle()
     await asyncio.gather(*tasks)
     return stats["continuations"], stats["evicted"], served
 

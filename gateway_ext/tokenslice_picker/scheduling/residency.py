@@ -20,7 +20,8 @@ three ways, each of which only reorders or withholds work and never refuses it:
    a tenant fall behind is bounded by the bonus, so fair share holds over a longer window while
    the set of requests being rotated through the slots shrinks to what the cache holds (round
    robin over a working set larger than an LRU cache misses every time);
-2. ``overflows``: a fair-share cut is not made when the victim's KV would not stay resident;
+2. ``overflows``: a fair-share cut is not made when the victim's KV would not stay resident once
+   its waiter holds the slot (what is paused already does not count: a cut adds nothing to it);
 3. ``resident_tokens``: the migration cost model charges only the tokens a move would recompute
    that staying would not.
 """
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from tokenslice_picker.datastore.endpoints import Endpoint
@@ -118,8 +119,15 @@ class ResidencyTracker:
         context = chunk.prompt_tokens + chunk.generated
         return {Tier.RESIDENT: context, Tier.OFFLOADED: int(context * self.offload_discount)}.get(tier, 0)
 
-    def overflows(self, victim: Chunk) -> bool:
-        """Whether pausing ``victim`` now would push paused work out of its endpoint's cache (and offload)."""
+    def overflows(self, victim: Chunk, waiter: Chunk) -> bool:
+        """Whether ``victim``'s KV would fall out of its endpoint's cache (and offload) if it were paused
+        now and ``waiter`` took its slot.
+
+        A paused victim is the most recently released request, evicted last: it stays while the running
+        contexts (the waiter's instead of its own) plus its own fit.  Paused and finished requests
+        behind it do not count -- a cut adds nothing to them (counting them withheld every fair-share
+        cut for good once the requests ever served on an endpoint outgrew its cache).
+        """
         ep = victim.granted_on
         if ep is None:
             return False
@@ -127,29 +135,31 @@ class ResidencyTracker:
         h = self._by_endpoint.get(ep.address)
         if not capacity or h is None:
             return False
-        held = sum(h.running.values()) + sum(h.paused.values())
+        # the victim's context moves from running to the MRU end of the paused ones: held either way
+        held = sum(h.running.values()) + self._blocks(waiter.prompt_tokens + waiter.generated + waiter.slice)
         return held > capacity + self.offload_tokens
 
     def order(self, chunks: Iterable[Chunk], *, counter: Callable[[str, str], float],
-              pinned: Callable[[Chunk], bool], holder: Callable[[str], Endpoint | None]) -> list[Chunk]:
+              pinned: Callable[[Chunk], bool], holder: Callable[[str], Endpoint | None]) -> Iterator[Chunk]:
         """``chunks`` (the queues' dispatch order) with resident continuations moved up inside each class.
 
         ``pinned`` chunks (non-preemptible classes, aged chunks) keep their place; only runs of
-        consecutive chunks of one class are reordered, so class priority is untouched.
+        consecutive chunks of one class are reordered, so class priority is untouched.  Lazy, like the
+        queues' own walk: a pinned chunk is yielded before any later run is ranked, so a pass that
+        grants an interactive chunk does no ranking work at all (it used to rank the whole queue first).
         """
-        out: list[Chunk] = []
         run: list[Chunk] = []
         for chunk in chunks:
             if pinned(chunk):
-                out += self._ranked(run, counter, holder)
+                yield from self._ranked(run, counter, holder)
                 run = []
-                out.append(chunk)
+                yield chunk
             elif run and run[0].priority_class != chunk.priority_class:
-                out += self._ranked(run, counter, holder)
+                yield from self._ranked(run, counter, holder)
                 run = [chunk]
             else:
                 run.append(chunk)
-        return out + self._ranked(run, counter, holder)
+        yield from self._ranked(run, counter, holder)
 
     # --- internals ----------------------------------------------------------------------
     def _ranked(self, run: Sequence[Chunk], counter: Callable[[str, str], float],
@@ -197,7 +207,7 @@ class ResidencyAwareVictims:
         offered = list(running)
         while offered:
             choice = self.inner.select(waiter, offered, ctx)
-            if choice is None or choice.reason != FAIR_SHARE or not self.tracker.overflows(choice.victim):
+            if choice is None or choice.reason != FAIR_SHARE or not self.tracker.overflows(choice.victim, waiter):
                 return choice
             offered.remove(choice.victim)
         return None
