@@ -262,6 +262,8 @@ class Dispatcher:
                 continue
             produced = min(c.claim.slice, int((now - c.dispatched_at) / per_token))
             self.ledger.accrue(c, produced)
+            if self.residency is not None:
+                self.residency.on_progress(c, ep, produced)
 
     def _order(self, now: float) -> Iterable[Chunk]:
         """The queues' dispatch order; with residency awareness, resident continuations moved up a class.

@@ -149,6 +149,31 @@ async def test_a_fair_share_cut_is_not_withheld_for_good_once_served_requests_ou
     await d.close()
 
 
+async def test_a_running_long_slice_pushes_paused_kv_out_as_it_grows():
+    """A long slice is granted with one quantum of context assumed; the dispatcher's accrual (what it
+    has produced by now) grows it in the replay, so a paused request it crowds out is no longer
+    counted resident (fails without ``on_progress``: the replay kept the grant-time 160 tokens)."""
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1, starvation_seconds=600)])
+    ds = Datastore([EP])
+    (ep,) = ds.endpoints()
+    ep.kv_capacity_tokens = 768
+    tracker = ResidencyTracker()
+    d = Dispatcher(policy, ds, PickerMetrics(), cut=_Worker(), residency=tracker, max_slice_tokens=4096)
+    _released(tracker, ep, "p", 300)  # a paused request: 304 tokens cached
+    ep.tokens_per_s = 100.0
+    a_long = make_chunk("a-long", "a", "batch", index=1, prompt_tokens=100, generated=50, slice=4096, kv_holder=EP)
+    await d.acquire(a_long)
+    assert tracker.tier("p", ep) is Tier.RESIDENT  # 160 running + 304 paused of 768
+    a_long.dispatched_at -= 5.0  # decoding for 5 s at 100 tokens/s: ~500 tokens more context (set, not slept)
+    waiter = asyncio.ensure_future(d.acquire(make_chunk("a-next", "a", "batch", prompt_tokens=16, slice=4096)))
+    await _settle()  # the pass for the waiter accrues the running slice
+    assert tracker.tier("p", ep) is Tier.EVICTED  # ~656 running + 304 > 768
+    waiter.cancel()
+    await _settle()
+    await d.close()
+
+
 class _CountingTracker(ResidencyTracker):
     """Counts the chunks the ordering ranks (the work a pass does before its first grant)."""
 

@@ -49,7 +49,8 @@ class _Holdings:
     """One endpoint's cache as the picker replays it."""
 
     running: dict[str, int] = field(default_factory=dict)
-    """request id -> context tokens its running chunk will hold at most (prompt + generated + slice)."""
+    """request id -> context tokens its running chunk holds: prompt + generated + slice (the quantum for a
+    long slice), grown by the dispatcher's accrual while a long slice runs (``on_progress``)."""
     paused: OrderedDict[str, int] = field(default_factory=OrderedDict)
     """request id -> context tokens, least recently released first (vLLM's eviction order)."""
     tiers: dict[str, Tier] | None = None
@@ -78,6 +79,17 @@ class ResidencyTracker:
         h.paused.pop(chunk.request_id, None)
         h.running[chunk.request_id] = self._blocks(chunk.prompt_tokens + chunk.generated + chunk.slice)
         h.tiers = None
+
+    def on_progress(self, chunk: Chunk, ep: Endpoint, produced: int) -> None:
+        """A running long slice has produced about ``produced`` tokens (the dispatcher's accrual): its
+        context outgrew the one quantum assumed at grant, and it pushes paused KV out as it grows."""
+        h = self._by_endpoint.get(ep.address)
+        if h is None or chunk.request_id not in h.running:
+            return
+        held = self._blocks(chunk.prompt_tokens + chunk.generated + produced)
+        if held > h.running[chunk.request_id]:
+            h.running[chunk.request_id] = held
+            h.tiers = None
 
     def on_release(self, chunk: Chunk, ep: Endpoint, produced: int | None) -> None:
         h = self._holdings(ep.address)
