@@ -246,6 +246,9 @@ def _system(label: str, kind: str, hi_ttft: float, tokens_a: int, tokens_b: int,
     if not unloaded:
         rs.append(_req(20, "batch-a", [8 + k * 20 / tokens_a for k in range(tokens_a)], stream="batch-a"))
         rs.append(_req(21, "batch-b", [8 + k * 20 / tokens_b for k in range(tokens_b)], stream="batch-b"))
+        for i, tenant in ((22, "batch-a"), (23, "batch-b")):  # one more request each, queued all along: backlogged
+            rs.append(_req(i, tenant, [], stream=tenant))
+            rs[-1].status = "timeout"
     return SystemResult(Plan(label, SYSTEMS[kind], chunk, unloaded), rs, cutoff=40, started_at=0)
 
 
@@ -266,8 +269,11 @@ def test_checks_and_markdown_report_the_targets() -> None:
     assert by["hi p99 TTFT >= 10x better than vLLM FCFS (tokenslice-c16)"].met is True   # 9.0/0.3 = 30x
     assert by["hi p99 TTFT >= 5x better than vLLM priority (tokenslice-c16)"].met is True   # 2.0/0.3 = 6.7x
     assert by["throughput >= 95% of vLLM FCFS (tokenslice-c16)"].met is True
-    assert by["batch tenants within 5% of their weights, policy cost (tokenslice-c16)"].met is True
-    assert by["batch tenants within 5% of their weights, output tokens only (tokenslice-c16)"].met is True
+    assert by["batch tenants within 5% of their weights while both backlogged, policy cost (tokenslice-c16)"].met
+    assert by["batch tenants within 5% of their weights while both backlogged, output tokens only "
+              "(tokenslice-c16)"].met is True
+    assert "in 22.0s both backlogged" in by["batch tenants within 5% of their weights while both backlogged, "
+                                            "policy cost (tokenslice-c16)"].measured
     fcfs = next(s for s in summaries if s.label == "vllm-fcfs")
     assert fcfs.fairness is not None and fcfs.fairness.max_share_error == pytest.approx(0.5)
     text = markdown(summaries, sc, "tokenslice bench demo")

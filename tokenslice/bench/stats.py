@@ -6,6 +6,7 @@ against hand-computed values and independent of how the requests were sent.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -178,9 +179,34 @@ def throughput(results: Iterable[RequestResult], start: float, stop: float) -> f
     return sum(r.tokens_between(start, stop) for r in results) / (stop - start)
 
 
+Interval = tuple[float, float]
+
+STALL_S = 1.0
+"""A gap between two tokens of one request longer than this is a pause: the request waited for a slot."""
+
+
+@dataclass(slots=True)
+class Backlogged:
+    """The same share numbers restricted to the time in which every tenant of the class was backlogged.
+
+    Weighted fair share (the VTC guarantee) promises weight-proportional service only among tenants that
+    all want more than they get; a tenant that asks for less than its share is served what it asks and
+    the rest goes to the others (weighted max-min fairness). Measured over the whole window, that reads
+    as unfair; measured only while both wait, it is what the scheduler promised.
+    """
+
+    seconds: float
+    """Length of the intervals in [start, stop) in which every tenant was backlogged (see ``backlogged``)."""
+    service: dict[str, float]
+    output_tokens: dict[str, float]
+    jain: float
+    max_share_error: float
+    token_share_error: float
+
+
 @dataclass(slots=True)
 class Fairness:
-    """Weighted service among the backlogged tenants of one class over [start, stop)."""
+    """Weighted service among the tenants of one class over [start, stop)."""
 
     priority_class: str
     service: dict[str, float]
@@ -188,12 +214,15 @@ class Fairness:
     arrives, i.e. when its prefill ran) + output_cost * output tokens delivered in the window."""
     weights: dict[str, float]
     jain: float
-    """Jain index of service / weight."""
+    """Jain index of service / weight, over the whole window."""
     max_share_error: float
-    """max over tenants of |observed share / weighted share - 1| (0.05 = within 5%), of ``service``."""
+    """max over tenants of |observed share / weighted share - 1| (0.05 = within 5%), of ``service``, over the
+    whole window -- whether or not each tenant asked for its share (the old number)."""
     output_tokens: dict[str, float] = field(default_factory=dict)
     token_share_error: float = math.nan
     """The same error measured in output tokens only."""
+    backlogged: Backlogged | None = None
+    """The same, counted only while every tenant was backlogged: the fair-share measure."""
 
 
 def _share_error(service: dict[str, float], weights: dict[str, float]) -> float:
@@ -203,22 +232,101 @@ def _share_error(service: dict[str, float], weights: dict[str, float]) -> float:
     return max(abs((service[t] / total) / (weights[t] / wtotal) - 1) for t in service)
 
 
+def _merge(intervals: Iterable[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    for a, b in sorted(i for i in intervals if i[1] > i[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _intersect(x: list[Interval], y: list[Interval]) -> list[Interval]:
+    out: list[Interval] = []
+    i = j = 0
+    while i < len(x) and j < len(y):
+        a, b = max(x[i][0], y[j][0]), min(x[i][1], y[j][1])
+        if b > a:
+            out.append((a, b))
+        if x[i][1] < y[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def waiting(r: RequestResult, stop: float, stall_s: float = STALL_S) -> list[Interval]:
+    """When request ``r`` was waiting for service: from being sent to its first token (or, never served,
+    to its end or ``stop``), and every gap between two of its tokens longer than ``stall_s`` (paused)."""
+    if math.isnan(r.sent):
+        return []
+    first = r.first_token if r.first_token is not None else (r.end if r.end is not None else stop)
+    out = [(r.sent, first)]
+    out += [(a, b) for a, b in zip(r.token_times, r.token_times[1:]) if b - a > stall_s]
+    return out
+
+
+def backlogged(results: Iterable[RequestResult], tenant: str, priority_class: str, start: float, stop: float,
+               stall_s: float = STALL_S) -> list[Interval]:
+    """The intervals in [start, stop) in which ``tenant`` was backlogged in ``priority_class``.
+
+    Backlogged = it had a request that was waiting for service: sent and not yet given its first token, or
+    paused mid-answer (no token for longer than ``stall_s``). A tenant whose requests all stream is being
+    served what it asked for, so it is not owed more -- even though it has unfinished requests.
+    """
+    spans = [w for r in results if r.tenant == tenant and r.priority_class == priority_class
+             for w in waiting(r, stop, stall_s)]
+    return _intersect(_merge(spans), [(start, stop)])
+
+
+def _tokens_in(r: RequestResult, spans: list[Interval]) -> float:
+    """Output tokens delivered at instants inside ``spans`` (closed intervals: a token that ends a wait counts)."""
+    if not r.token_times or not spans:
+        return 0.0
+    counts = (r.token_counts if len(r.token_counts) == len(r.token_times)
+              else [(r.completion_tokens or len(r.token_times)) / len(r.token_times)] * len(r.token_times))
+    return float(sum(n for t, n in zip(r.token_times, counts) if _inside(t, spans)))
+
+
+def _inside(t: float, spans: list[Interval]) -> bool:
+    """``t`` in one of ``spans`` (sorted, disjoint, as ``_merge`` / ``_intersect`` return them)."""
+    i = bisect.bisect_right(spans, (t, math.inf)) - 1
+    return i >= 0 and spans[i][0] <= t <= spans[i][1]
+
+
 def fairness(results: Iterable[RequestResult], priority_class: str, weights: dict[str, float],
-             start: float, stop: float, input_cost: float = 0.0, output_cost: float = 1.0) -> Fairness:
-    """Jain index and share error of weight-normalised service per tenant of ``priority_class`` in [start, stop).
+             start: float, stop: float, input_cost: float = 0.0, output_cost: float = 1.0,
+             stall_s: float = STALL_S) -> Fairness:
+    """Jain index and share error of weight-normalised service per tenant of ``priority_class`` in [start, stop),
+    over the whole window and (``backlogged``) only while every tenant of the class was backlogged.
 
     With the default costs, service is output tokens; pass the policy's ``fairness.input``/``output`` to
     measure in the currency the scheduler shares (a tenant that starts many requests pays for their prefill).
     """
+    rows = [r for r in results if r.priority_class == priority_class]
     service: dict[str, float] = {}
     tokens: dict[str, float] = {}
-    for r in results:
-        if r.priority_class != priority_class:
-            continue
+    for r in rows:
         out = r.tokens_between(start, stop)
         prefill = r.prompt_tokens if r.first_token is not None and start <= r.first_token < stop else 0
         tokens[r.tenant] = tokens.get(r.tenant, 0.0) + out
         service[r.tenant] = service.get(r.tenant, 0.0) + output_cost * out + input_cost * prefill
     ws = {t: weights.get(t, 1.0) for t in service}
+    both: list[Interval] = [(start, stop)] if service else []
+    for t in service:
+        both = _intersect(both, backlogged(rows, t, priority_class, start, stop, stall_s))
+    b_service = {t: 0.0 for t in service}
+    b_tokens = {t: 0.0 for t in service}
+    for r in rows:
+        out = _tokens_in(r, both)
+        prefill = r.prompt_tokens if r.first_token is not None and _inside(r.first_token, both) else 0
+        b_tokens[r.tenant] += out
+        b_service[r.tenant] += output_cost * out + input_cost * prefill
+    served = sum(b_service.values()) > 0
+    back = Backlogged(sum(b - a for a, b in both), b_service, b_tokens,
+                      jain_index(b_service[t] / ws[t] for t in b_service) if served else math.nan,
+                      _share_error(b_service, ws),
+                      _share_error(b_tokens, ws))
     return Fairness(priority_class, service, ws, jain_index(service[t] / ws[t] for t in service),
-                    _share_error(service, ws), tokens, _share_error(tokens, ws))
+                    _share_error(service, ws), tokens, _share_error(tokens, ws), back)
