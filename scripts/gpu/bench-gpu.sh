@@ -28,6 +28,9 @@ MODEL=${MODEL:-/root/llama-8b-random}
 SCENARIO=${SCENARIO:-scripts/gpu/headline-gpu.yaml}
 # e.g. BENCH_ARGS="--systems tokenslice,vllm-fcfs --chunk-sizes 128,256" for a shorter sweep
 BENCH_ARGS=${BENCH_ARGS:-}
+# a micro-benchmark instead of the scenario: BENCH_MICRO="slices --parts cut,cutrate ..." runs
+# `tokenslice bench micro slices --parts cut,cutrate ... --model $MODEL --out $RES --keep-logs` (docs/gpu.md)
+BENCH_MICRO=${BENCH_MICRO:-}
 export TOKENSLICE_CACHE=${TOKENSLICE_CACHE:-/root/ts-cache}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT" "$RES"
@@ -64,7 +67,10 @@ EOF
 
 bench_cmd() {  # the benchmark writes its per-chunk breakdown (chunk_breakdown.*) itself
   # BENCH_CMD replaces it only in tests/gpu (no GPU there to run the real one)
-  echo "${BENCH_CMD:-python3 -m tokenslice bench run $SCENARIO --model $MODEL --out $RES --keep-logs ${BENCH_ARGS:-}}"
+  if [ -n "${BENCH_CMD:-}" ]; then echo "$BENCH_CMD"
+  elif [ -n "$BENCH_MICRO" ]; then echo "python3 -m tokenslice bench micro $BENCH_MICRO --model $MODEL --out $RES --keep-logs"
+  else echo "python3 -m tokenslice bench run $SCENARIO --model $MODEL --out $RES --keep-logs ${BENCH_ARGS:-}"
+  fi
 }
 
 snapshot() {  # this tree's code and the scenario, copied where the next call's fresh tree cannot remove them
@@ -107,6 +113,7 @@ case "$MODE" in
   all)
     prepare 2>&1 | tee -a "$RES/prepare.log"
     [ -d /root/site ] && export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH}
+    say "running: $(bench_cmd)" | tee -a "$RES/bench.log"
     set +e; bash -c "$(bench_cmd)" 2>&1 | tee -a "$RES/bench.log"; echo "${PIPESTATUS[0]}" > "$RES/rc"; set -e
     collect ;;
   start)
@@ -116,6 +123,7 @@ case "$MODE" in
     snapshot
     # its own session, so it outlives this command (the machine stays while calls keep coming); it runs
     # in the snapshot, so the next call replacing this folder changes nothing under it
+    say "running: $(bench_cmd)" | tee -a "$RES/bench.log"
     (cd "$RES/src" && exec setsid bash -c "$(bench_cmd) >> '$RES/bench.log' 2>&1; echo \$? > '$RES/rc'") \
       < /dev/null > /dev/null 2>&1 &
     say "started detached from $RES/src; following for ${FOLLOW_S}s"

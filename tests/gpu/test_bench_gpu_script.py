@@ -112,3 +112,17 @@ def test_staging_says_at_once_that_the_tiny_tokenizer_is_missing(tmp_path: Path)
                          text=True, timeout=60)
     assert out.returncode == 2 and "make engine" in out.stderr, out.stdout + out.stderr
     assert not (tree / ".whl").exists()  # nothing downloaded, nothing cut
+
+
+def test_a_micro_benchmark_runs_in_place_of_the_scenario(tmp_path: Path) -> None:
+    """BENCH_MICRO: `tokenslice bench micro ...` with this host's model and results folder (here its --help)."""
+    env = {**_env(tmp_path), "BENCH_MICRO": "slices --help"}
+    env["PYTHONPATH"] += ":" + sysconfig.get_paths()["purelib"]
+    tree = _tree(tmp_path / "tree")
+    out = subprocess.run(["bash", SCRIPT], cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+    log = (tmp_path / "out" / "bench.log").read_text()
+    assert out.returncode == 0, out.stdout + out.stderr + log
+    assert (f"running: python3 -m tokenslice bench micro slices --help --model {env['MODEL']} "
+            f"--out {env['RES']} --keep-logs") in log
+    assert "usage: tokenslice bench micro slices" in log and "--cut-interval" in log  # the part's own help ran
+    assert (tmp_path / "res" / "rc").read_text().strip() == "0"
