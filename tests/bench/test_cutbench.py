@@ -18,8 +18,6 @@ from tokenslice.bench.micro import cuts
 from tokenslice.local.stack import EXAMPLE_POLICY, DataPlane, Engine, RunDir
 from tokenslice.policy import load_policy
 
-pytestmark = pytest.mark.engine
-
 SLOTS = 3
 
 
@@ -42,6 +40,24 @@ async def long_plane(vllm) -> AsyncIterator[tuple[DataPlane, RunDir, dict[str, s
         run_dir.close()
 
 
+def test_cutrate_arithmetic_by_hand() -> None:
+    periods = []
+    for r, (none, cut) in enumerate(((100.0, 98.0), (110.0, 106.0))):
+        for case, tps, n in (("none", none, 0), ("cuts", cut, 8)):
+            periods.append(cuts.Period(r, case, 0.0, 5.0, 1.0, tokens=int(tps * 4), cuts=n))
+    cutter = cuts.Cutter(None, "", b"", None, 16)  # type: ignore[arg-type]
+    cutter.estimates, cutter.produced = [3, 5], [100, 200]
+    s = cuts.cutrate_summary(periods, cutter, block=16, interval=0.5, streams=4, recomputed_vllm=4.0,
+                             continuations=16, picker_cuts=0)
+    assert s["tps_none_mean"] == 105 and s["tps_cuts_mean"] == 102 and s["cuts_per_s"] == 2   # 16 cuts in 8 s
+    assert s["lost_fraction"] == pytest.approx(3 / 105)
+    assert s["lost_tokens_per_cut"] == pytest.approx(1.5)                 # 3 tok/s lost at 2 cuts/s
+    assert s["lost_fraction_at_2_per_s"] == pytest.approx(2 * 1.5 / 105)
+    assert s["lost_slot_ms_per_cut"] == pytest.approx(1.5 / (105 / 4) * 1e3)  # one stream decodes 26.25 tok/s
+    assert s["recomputed_per_cut_estimate"] == 4 and s["produced_per_cut_chunk"] == 150
+
+
+@pytest.mark.engine
 async def test_cut_part_measures_waiters_by_a_cut_and_from_a_free_slot(vllm, long_plane) -> None:
     plane, _, low, high = long_plane
     lines: list[str] = []
@@ -60,6 +76,7 @@ async def test_cut_part_measures_waiters_by_a_cut_and_from_a_free_slot(vllm, lon
     assert "| free slot | 3 |" in text and "| by a cut |" in text and "One decode step at that load" in text
 
 
+@pytest.mark.engine
 async def test_cutrate_part_cuts_running_chunks_at_the_set_rate_and_they_continue(vllm, long_plane) -> None:
     plane, run_dir, low, _ = long_plane
     key = contract.load_key(key_file=run_dir.path / "signing.key")

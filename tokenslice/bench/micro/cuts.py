@@ -551,22 +551,28 @@ def cutrate_summary(periods: list[Period], cutter: Cutter, *, block: int, interv
     none = [p for p in periods if p.case == "none"]
     cuts = [p for p in periods if p.case == "cuts"]
     pairs = [(a, b) for a in none for b in cuts if a.round == b.round]
-    lost_per_cut = [(a.tps - b.tps) * (b.stop - b.measured_from) / b.cuts for a, b in pairs if b.cuts]
-    rel = [(a.tps - b.tps) / a.tps for a, b in pairs if a.tps > 0]
-    tps_none = statistics.median(p.tps for p in none) if none else math.nan
-    mean_lost = statistics.mean(lost_per_cut) if lost_per_cut else math.nan
-    sem = statistics.stdev(lost_per_cut) / math.sqrt(len(lost_per_cut)) if len(lost_per_cut) > 1 else math.nan
-    measured_s = sum(p.stop - p.measured_from for p in cuts)
+    # pooled over the rounds: the loss is the difference of the mean rates, per cut the tokens it stands for
+    tps_none = statistics.mean(a.tps for a, _ in pairs) if pairs else math.nan
+    tps_cuts = statistics.mean(b.tps for _, b in pairs) if pairs else math.nan
+    measured_s = sum(b.stop - b.measured_from for _, b in pairs)
+    n_cuts = sum(b.cuts for _, b in pairs)
+    cuts_per_s = n_cuts / measured_s if measured_s else 0.0
+    lost_per_cut = (tps_none - tps_cuts) / cuts_per_s if cuts_per_s else math.nan
+    diffs = [a.tps - b.tps for a, b in pairs]
+    sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    spread = statistics.stdev(a.tps for a, _ in pairs) / tps_none if len(pairs) > 1 and tps_none else math.nan
     return {
         "streams": streams, "interval_s": interval, "block_size": block,
         "periods": len(periods), "rounds": len(pairs),
-        "tps_none_median": tps_none, "tps_cuts_median": statistics.median(p.tps for p in cuts) if cuts else math.nan,
-        "lost_fraction_mean": statistics.mean(rel) if rel else math.nan,
-        "cuts": sum(p.cuts for p in cuts), "cuts_per_s": sum(p.cuts for p in cuts) / measured_s if measured_s else 0,
+        "tps_none_mean": tps_none, "tps_cuts_mean": tps_cuts, "tps_none_spread": spread,
+        "lost_fraction": (tps_none - tps_cuts) / tps_none if tps_none else math.nan,
+        "lost_fraction_sem": sem / tps_none if tps_none else math.nan,
+        "cuts": n_cuts, "cuts_per_s": cuts_per_s,
         "ticks_without_cut": sum(p.misses for p in cuts),
-        "lost_tokens_per_cut_mean": mean_lost, "lost_tokens_per_cut_sem": sem,
-        "lost_fraction_at_2_per_s": 2 * mean_lost / tps_none if tps_none else math.nan,
-        "lost_slot_ms_per_cut": mean_lost / (tps_none / streams) * 1e3 if tps_none else math.nan,
+        "lost_tokens_per_cut": lost_per_cut,
+        "lost_tokens_per_cut_sem": sem / cuts_per_s if cuts_per_s else math.nan,
+        "lost_fraction_at_2_per_s": 2 * lost_per_cut / tps_none if tps_none else math.nan,
+        "lost_slot_ms_per_cut": lost_per_cut / (tps_none / streams) * 1e3 if tps_none else math.nan,
         "recomputed_per_cut_vllm": recomputed_vllm,
         "recomputed_per_cut_estimate": statistics.mean(cutter.estimates) if cutter.estimates else None,
         "produced_per_cut_chunk": statistics.mean(cutter.produced) if cutter.produced else None,
@@ -587,13 +593,14 @@ def cutrate_markdown(s: dict[str, Any], *, period_s: float, settle_s: float) -> 
         "delivered to the clients per second. Cuts are the signed cut order sent straight to the worker (no "
         "waiter takes the slot: the cost of the cut and the continuation alone).", "",
         "| round | case | tok/s | cuts |", "|---:|---|---:|---:|", rows, "",
-        f"Median tok/s: no cuts {_f(s['tps_none_median'])}, with cuts {_f(s['tps_cuts_median'])} "
+        f"Mean tok/s over the rounds: no cuts {_f(s['tps_none_mean'])}, with cuts {_f(s['tps_cuts_mean'])} "
         f"({_f(s['cuts_per_s'], 2)} cuts/s achieved; {s['ticks_without_cut']} ticks found no running chunk to cut; "
-        f"worker refusals {s['worker_refusals'] or 0}).", "",
-        f"Per cut: **{_f(s['lost_tokens_per_cut_mean'])} output tokens lost** (mean of rounds, +- "
-        f"{_f(s['lost_tokens_per_cut_sem'])} s.e.) = {_f(s['lost_slot_ms_per_cut'])} ms of one stream's decoding; "
-        f"mean throughput lost in the cut periods {_f(100 * s['lost_fraction_mean'], 2)}%; at 2 cuts/s: "
-        f"**{_f(100 * s['lost_fraction_at_2_per_s'], 2)}%** of throughput.", "",
+        f"worker refusals {s['worker_refusals'] or 0}); the no-cut periods alone spread "
+        f"{_f(100 * s['tps_none_spread'])}% (stdev / mean): the noise floor.", "",
+        f"Throughput lost with cuts: **{_f(100 * s['lost_fraction'], 2)}%** (+- {_f(100 * s['lost_fraction_sem'], 2)}"
+        f" s.e. of the paired rounds) = **{_f(s['lost_tokens_per_cut'])} output tokens per cut** "
+        f"(+- {_f(s['lost_tokens_per_cut_sem'])}) = {_f(s['lost_slot_ms_per_cut'])} ms of one stream's decoding; "
+        f"at 2 cuts/s: **{_f(100 * s['lost_fraction_at_2_per_s'], 2)}%** of throughput.", "",
         f"Tokens recomputed per cut: {_f(s['recomputed_per_cut_vllm'])} (vLLM: prompt tokens - prefix-cache hits, "
         f"less the first chunks' prompts) vs the picker's estimate {_f(s['recomputed_per_cut_estimate'])} (context "
         f"past the last full {s['block_size']}-token block); the cut chunks had produced "
