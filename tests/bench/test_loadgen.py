@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tokenslice.bench.report import checks, markdown, preemption_markdown, summarize
+from tokenslice.bench.report import checks, fairness_from_json, markdown, preemption_markdown, summarize, write_json
 from tokenslice.bench.runner import Plan, SystemResult, plan_systems, reusable_tokens, salted, sweep_policy
 from tokenslice.bench.scenario import SYSTEMS, Arrivals, LengthDist, Scenario, resolve_scenario
 from tokenslice.bench.stats import RequestResult, fairness, jain_index, percentile, summarize_group, throughput
@@ -285,6 +285,24 @@ def test_checks_and_markdown_report_the_targets() -> None:
     table = preemption_markdown(results, summaries, sc)
     row = next(line for line in table.splitlines() if line.startswith("| tokenslice-c16 |"))
     assert "| 7 | 0.35 | - | 3 / 5 | 4 / 40 |" in row and "| 15.0 |" in row
+
+
+def test_a_stored_run_is_re_read_for_both_fair_share_numbers(tmp_path: Path) -> None:
+    """`tokenslice bench fairness results.json`: old runs kept no token times; evenly spaced tokens are exact here."""
+    import json
+
+    sc = _scenario(window_s=30, warmup_s=8)
+    results = [_system("tokenslice-c16", "tokenslice", 0.3, 400, 200, chunk=16),
+               _system("unloaded-tokenslice-c32", "tokenslice", 0.2, 0, 0, unloaded=True, chunk=32)]
+    summaries = [summarize(r, sc) for r in results]
+    write_json(tmp_path / "results.json", sc, results, summaries, {})
+    rows = fairness_from_json(json.loads((tmp_path / "results.json").read_text()))
+    assert [label for label, _ in rows] == ["tokenslice-c16"]            # the unloaded system has no batch tenants
+    f, live = rows[0][1], summaries[0].fairness
+    assert live is not None and live.backlogged is not None and f.backlogged is not None
+    assert f.max_share_error == pytest.approx(live.max_share_error, abs=0.01)
+    assert f.backlogged.seconds == pytest.approx(live.backlogged.seconds)  # the queued requests: 22 s
+    assert f.backlogged.max_share_error == pytest.approx(live.backlogged.max_share_error, abs=0.01)
 
 
 def test_long_slices_are_recognised_from_the_picker_flags() -> None:

@@ -35,6 +35,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                            "`tokenslice bench micro picker --help`")
     micro.add_argument("part", choices=("picker", "sidecar", "slices"))
     micro.add_argument("args", nargs=argparse.REMAINDER, help="the part's own flags")
+    refair = sub.add_parser("fairness", help="re-read a stored results.json: fair share over the whole window "
+                            "(old) and while both batch tenants were backlogged (approximate: no per-token times)")
+    refair.add_argument("results", type=Path, help="a results.json written by `tokenslice bench run`")
     sub.add_parser("list", help="list the built-in scenarios")
     trace = sub.add_parser("trace", help="print a scenario's arrival trace summary (no engines needed)")
     trace.add_argument("scenario")
@@ -71,12 +74,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bench_command == "affinity":
         return _affinity(args)
+    if args.bench_command == "fairness":
+        return _fairness(args.results)
     if args.bench_command == "micro":
         from tokenslice.bench.micro import picker, sidecar, slices
 
         return {"picker": picker.main, "sidecar": sidecar.main, "slices": slices.main}[args.part](args.args)
     if args.bench_command not in ("demo", "run", "trace"):
-        print("usage: tokenslice bench {demo,run,affinity,micro,list,trace} ...  (see --help)", file=sys.stderr)
+        print("usage: tokenslice bench {demo,run,affinity,micro,fairness,list,trace} ...  (see --help)",
+              file=sys.stderr)
         return 2
     name = "demo" if args.bench_command == "demo" else args.scenario
     try:
@@ -120,6 +126,28 @@ def _affinity(args: argparse.Namespace) -> int:
     rows = asyncio.run(affinity.probe(engines=args.engines, chunk_size=args.chunk_size, tokens=args.tokens,
                                       requests=args.requests, model_dir=args.model, progress=progress))
     print(affinity.markdown(rows, engines=args.engines, chunk_size=args.chunk_size, tokens=args.tokens))
+    return 0
+
+
+def _fairness(path: Path) -> int:
+    from tokenslice.bench.report import fairness_from_json
+
+    try:
+        doc = json.loads(path.read_text())
+        rows = fairness_from_json(doc)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"tokenslice bench fairness: cannot read {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    print("| system | share error whole window (old; cost / tokens) | both backlogged | seconds both backlogged "
+          "| output tokens while both backlogged |\n|---|---:|---:|---:|---|")
+    for label, f in rows:
+        b = f.backlogged
+        assert b is not None
+        toks = " : ".join(f"{t} {v:.0f}" for t, v in sorted(b.output_tokens.items()))
+        print(f"| {label} | {f.max_share_error:.1%} / {f.token_share_error:.1%} | {b.max_share_error:.1%} / "
+              f"{b.token_share_error:.1%} | {b.seconds:.1f} | {toks} |")
+    print("\n(approximate: tokens spread evenly between each request's first token and its end; a tenant counts "
+          "as backlogged only while a request of it waits for its first token -- the rows keep no pauses)")
     return 0
 
 

@@ -12,7 +12,7 @@ from typing import Any
 from tokenslice.bench import kvcache
 from tokenslice.bench.runner import SystemResult
 from tokenslice.bench.scenario import Scenario, Stream
-from tokenslice.bench.stats import STALL_S, Fairness, GroupSummary, fairness, summarize_group, throughput
+from tokenslice.bench.stats import STALL_S, Fairness, GroupSummary, RequestResult, fairness, summarize_group, throughput
 
 
 @dataclass
@@ -356,3 +356,46 @@ def write_json(path: Path, scenario: Scenario, results: list[SystemResult], summ
         "checks": _jsonable(checks(summaries, scenario)),
     }
     path.write_text(json.dumps(doc, indent=1))
+
+
+# --- re-reading a stored run ----------------------------------------------------------------------------
+
+def fairness_from_json(doc: dict[str, Any]) -> list[tuple[str, Fairness]]:
+    """Fair share of every loaded system of a stored ``results.json``, old and backlogged, from its request rows.
+
+    The rows keep no per-token times, so this is an approximation: each request's tokens are spread evenly
+    between its first token and its end, and mid-answer pauses are unknown (a tenant counts as backlogged
+    only while it has a request waiting for its first token) -- good for re-reading runs made before the
+    backlogged measure existed, not a replacement for it.
+    """
+    sc = doc["scenario"]
+    policy = sc["policy"]
+    weights = {t["name"]: float(t.get("weight", 1.0)) for t in policy.get("tenants", [])}
+    cost = policy.get("fairness") or {}
+    classes = {c["name"]: c.get("priority", 0) for c in policy.get("priorityClasses", [])}
+    fclass = min({s["priority_class"] for s in sc["streams"]}, key=lambda c: classes.get(c, 0))
+    out: list[tuple[str, Fairness]] = []
+    for system in doc["systems"]:
+        if system["summary"].get("unloaded"):
+            continue
+        rows: list[RequestResult] = []
+        for q in system["requests"]:
+            if q["class"] != fclass or q["sent"] is None:
+                continue
+            r = RequestResult(q["index"], q["stream"], q["tenant"], q["class"], q["scheduled"], sent=q["sent"],
+                              completion_tokens=q["completion_tokens"], prompt_tokens=q["prompt_tokens"],
+                              status=q["status"])
+            if q["ttft"] is not None:
+                r.first_token = q["sent"] + q["ttft"]
+                end = q["sent"] + q["e2e"] if q["e2e"] is not None else float(system["cutoff"])
+                r.end = end if q["e2e"] is not None else None
+                n = max(int(q["completion_tokens"]), 1)
+                r.token_times = [r.first_token + (end - r.first_token) * k / max(n - 1, 1) for k in range(n)]
+                r.token_counts = [1] * n
+            rows.append(r)
+        if len({r.tenant for r in rows}) >= 2:
+            out.append((system["summary"]["label"], fairness(
+                rows, fclass, weights, float(sc["warmup_s"]), float(sc["window_s"]),
+                input_cost=float(cost.get("input", 0.0)), output_cost=float(cost.get("output", 1.0)),
+                stall_s=math.inf)))
+    return out
