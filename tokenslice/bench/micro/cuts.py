@@ -143,6 +143,8 @@ class Background:
                  headers: dict[str, str]) -> None:
         self.session, self.base, self.model, self.tokens, self.headers = session, base, model, tokens, headers
         self.lanes = [Lane(i) for i in range(count)]
+        self.errors: list[str] = []
+        """Streams that broke after their first token (restarted; reported)."""
         self._tasks: list[asyncio.Task[None]] = []
 
     async def _lane(self, lane: Lane) -> None:
@@ -152,8 +154,10 @@ class Background:
             await run_stream(self.session, self.base, self.model, f"{uuid.uuid4().hex[:8]} {PROMPT}",
                              self.tokens, self.headers, s)
             lane.done.append(s)
-            if s.error:
+            if s.error and not s.times:  # refused outright: a broken setup, not a hiccup worth riding out
                 raise RuntimeError(f"background stream {lane.index} failed: {s.error}")
+            if s.error:
+                self.errors.append(s.error)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(self._lane(lane)) for lane in self.lanes]
@@ -322,7 +326,9 @@ async def cut_part(plane: DataPlane, engine_metrics: str, model: str, *, slots: 
                                      + (f" ({x.cuts:g} cut)" if x.case == "cut" else "") for x in done))
         finally:
             await bg.stop()
-    return cut_summary(out, hists)
+    summary = cut_summary(out, hists)
+    summary["background_errors"] = bg.errors
+    return summary
 
 
 def high_class(headers: dict[str, str]) -> str:
@@ -407,7 +413,8 @@ def cut_markdown(s: dict[str, Any], *, slots: int, waiter_tokens: int) -> str:
         f"Cuts: {s['cuts']:g} in {s['rounds']} cut rounds ({s['cut_rounds_without_cut']} rounds found a slot "
         f"without one), {s['cuts_in_free_rounds']:g} in free rounds; rounds whose picker had not settled to "
         f"{slots - 1} granted slots and an empty queue: {s['unsettled_rounds']}; waiter errors: "
-        f"{len(s['waiter_errors'])}.", "",
+        f"{len(s['waiter_errors'])}; background streams broken mid-answer: {len(s.get('background_errors', []))}.",
+        "",
         "The picker's own view (histogram quantiles, as coarse as its buckets 1/5/10/50/100 ms): waiter "
         f"queued -> slot p50 / p99: free {_f(pq['p50_ms'])} / {_f(pq['p99_ms'])} ms, cut {_f(pc['p50_ms'])} / "
         f"{_f(pc['p99_ms'])} ms; cut sent -> slot handed over: {_f(cf['p50_ms'])} / {_f(cf['p99_ms'])} ms "
@@ -538,7 +545,8 @@ async def cutrate_part(plane: DataPlane, engine_metrics: str, key: bytes, model:
                            recomputed_vllm=(computed - first_prompts) / total_cuts if total_cuts else None,
                            continuations=continuations,
                            picker_cuts=promtext.total(picker_after, PICKER + "preemptions_total")
-                           - promtext.total(picker_before, PICKER + "preemptions_total"))
+                           - promtext.total(picker_before, PICKER + "preemptions_total")) | {
+                               "background_errors": bg.errors}
 
 
 def _continuations(samples: list[promtext.Sample]) -> float:
@@ -605,7 +613,8 @@ def cutrate_markdown(s: dict[str, Any], *, period_s: float, settle_s: float) -> 
         f"less the first chunks' prompts) vs the picker's estimate {_f(s['recomputed_per_cut_estimate'])} (context "
         f"past the last full {s['block_size']}-token block); the cut chunks had produced "
         f"{_f(s['produced_per_cut_chunk'])} tokens each. Continuation chunks the picker granted: "
-        f"{s['continuations_granted']:g}; cuts the picker itself sent: {s['picker_cuts']:g}.", ""]
+        f"{s['continuations_granted']:g}; cuts the picker itself sent: {s['picker_cuts']:g}; background streams "
+        f"broken mid-answer: {len(s.get('background_errors', []))}.", ""]
     return "\n".join(lines)
 
 
