@@ -5,14 +5,15 @@ only through this model, so all of them accept and refuse the same objects.  It 
 Go types (``api/v1/inferencepool_types.go`` of kubernetes-sigs/gateway-api-inference-extension) with
 their defaults; unknown fields are kept (a newer upstream release may add some) and never rejected.
 The two CEL rules of the upstream CRD ("port number must be unique", "port is required when kind is
-'Service'") are checked here too, so an API server that does not enforce them still gets them.
+'Service'") are part of the model (``parse`` refuses what breaks them), so an API server that does not
+enforce them still gets them.  ``served`` is the one rule of which pools tokenslice serves.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 API_GROUP = "inference.networking.k8s.io"
 API_VERSION = "v1"
@@ -60,12 +61,27 @@ class EndpointPickerRef(_Model):
     port: Port | None = None
     failure_mode: Literal["FailOpen", "FailClose"] = Field(default="FailClose", alias="failureMode")
 
+    @model_validator(mode="after")
+    def _port_required_for_services(self) -> EndpointPickerRef:
+        # upstream CEL: self.kind != 'Service' || has(self.port)
+        if self.kind == "Service" and self.port is None:
+            raise ValueError("endpointPickerRef.port is required when kind is 'Service'")
+        return self
+
 
 class InferencePoolSpec(_Model):
     selector: LabelSelector
     target_ports: list[Port] = Field(alias="targetPorts", min_length=1, max_length=8)
     app_protocol: Literal["http", "kubernetes.io/h2c"] = Field(default="http", alias="appProtocol")
     endpoint_picker_ref: EndpointPickerRef | None = Field(default=None, alias="endpointPickerRef")
+
+    @model_validator(mode="after")
+    def _unique_ports(self) -> InferencePoolSpec:
+        # upstream CEL: self.all(p1, self.exists_one(p2, p1.number == p2.number))
+        ports = [p.number for p in self.target_ports]
+        if len(ports) != len(set(ports)):
+            raise ValueError("spec.targetPorts: port number must be unique")
+        return self
 
 
 class InferencePool(_Model):
@@ -100,11 +116,8 @@ class InferencePool(_Model):
         return ",".join(f"{k}={v}" for k, v in sorted(self.spec.selector.match_labels.items()))
 
     def target_ports(self) -> list[int]:
-        """Every target port, in order; each is a distinct endpoint ``podIP:port`` (upstream CEL: unique)."""
-        ports = [p.number for p in self.spec.target_ports]
-        if len(ports) != len(set(ports)):
-            raise PoolError("spec.targetPorts: port number must be unique")
-        return ports
+        """Every target port, in order; each is a distinct endpoint ``podIP:port`` (unique: checked by parse)."""
+        return [p.number for p in self.spec.target_ports]
 
     def picker_ref(self) -> tuple[str, int]:
         """(Service name, service port) of the pool's endpoint picker; PoolError when it names none usable."""
@@ -113,9 +126,8 @@ class InferencePool(_Model):
             raise PoolError("spec.endpointPickerRef is not set; tokenslice needs it to name its picker Service")
         if ref.group != "" or ref.kind != "Service":
             raise PoolError(f"endpointPickerRef must be a core Service, not {ref.group}/{ref.kind}")
-        if ref.port is None:
+        if ref.port is None:  # parse refuses it already (the CEL rule); kept for a model built by hand
             raise PoolError("endpointPickerRef.port is required when kind is 'Service'")
-        self.target_ports()
         return ref.name, ref.port.number
 
     def check_supported(self) -> None:
@@ -132,6 +144,19 @@ class InferencePool(_Model):
         """The ownerReference that makes an object the pool's child (garbage-collected with it)."""
         return {"apiVersion": self.api_version, "kind": self.kind, "name": self.metadata.name,
                 "uid": self.metadata.uid, "controller": True, "blockOwnerDeletion": True}
+
+
+def served(obj: dict[str, Any]) -> InferencePool:
+    """The pool if tokenslice serves it, else PoolError (UnsupportedPool) saying why: the one rule.
+
+    Valid upstream v1 (schema and both CEL rules), its endpointPickerRef a core Service, and nothing that
+    tokenslice declines (``check_supported``).  The operator's reconciler, its webhook and the picker all
+    decide by this, so a pool one of them refuses is neither given a picker, nor injected, nor served.
+    """
+    pool = InferencePool.parse(obj)
+    pool.picker_ref()
+    pool.check_supported()
+    return pool
 
 
 def path(namespace: str, name: str | None = None, subresource: str | None = None) -> str:

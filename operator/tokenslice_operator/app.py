@@ -17,42 +17,31 @@ import logging
 import random
 import threading
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import kopf
+from kubernetes_asyncio import client
 
-from tokenslice import inferencepool, policy
+from tokenslice import inferencepool, kubeapi, policy
 from tokenslice_operator.config import MANAGED_BY, POOL_LABEL, OperatorConfig
-from tokenslice_operator.kube import KubeClient, connection_from_kubeconfig
+from tokenslice_operator.kube import FIELD_MANAGER, KubeClient, connection_info
 from tokenslice_operator.reconcile import Reconciler
 from tokenslice_operator.webhook import Webhook, serve
 
 log = logging.getLogger("tokenslice.operator")
 PEERING_NAME = "tokenslice"
-SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 # no secrets: the operator may not read any Secret (its signing Secret is only ever created or deleted)
 CHILD_RESOURCES = (("apps", "v1", "deployments"), ("", "v1", "services"), ("", "v1", "configmaps"),
                    ("", "v1", "serviceaccounts"),
                    ("rbac.authorization.k8s.io", "v1", "roles"), ("rbac.authorization.k8s.io", "v1", "rolebindings"))
 
 
-def connection(kubeconfig: str | None) -> tuple[kopf.ConnectionInfo, str | None]:
-    """Credentials from a kubeconfig, else the pod's service account; (info, token file to re-read)."""
-    if kubeconfig:
-        return connection_from_kubeconfig(kubeconfig), None
-    info = kopf.login_with_service_account(settings=kopf.OperatorSettings())
-    if info is None:
-        raise kopf.LoginError("no --kubeconfig/$KUBECONFIG and not running in a pod with a service account")
-    return info, str(SA_DIR / "token")
-
-
-def build_registry(reconciler: Reconciler, info: kopf.ConnectionInfo) -> kopf.OperatorRegistry:
+def build_registry(reconciler: Reconciler, cfg: client.Configuration) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
 
     @kopf.on.login(registry=registry)
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return info
+    async def login(**_: Any) -> kopf.ConnectionInfo:
+        return await connection_info(cfg)  # the client's credentials; a rotated token is re-read
 
     @kopf.on.event(inferencepool.API_GROUP, inferencepool.API_VERSION, inferencepool.PLURAL, registry=registry)
     async def pool_event(namespace: str, name: str, **_: Any) -> None:
@@ -100,18 +89,23 @@ class RunOptions:
 async def run_operator(opts: RunOptions, stop_flag: asyncio.Event | threading.Event | None = None,
                        ready_flag: asyncio.Event | threading.Event | None = None) -> None:
     """Run until ``stop_flag`` is set (or forever): kopf + the webhook when certificates are given."""
-    info, token_file = connection(opts.kubeconfig)
-    client = KubeClient(info, token_file=token_file)
+    try:
+        kube_cfg = await kubeapi.configuration(opts.kubeconfig)
+    except kubeapi.KubeConfigError as exc:
+        raise kopf.LoginError(f"no --kubeconfig/$KUBECONFIG and no usable service account: {exc}") from None
+    api = client.ApiClient(kube_cfg)
+    api.user_agent = FIELD_MANAGER
+    kube = KubeClient(api)
     runner = None
     try:
-        reconciler = Reconciler(client=client, config=opts.config)
+        reconciler = Reconciler(client=kube, config=opts.config)
         cfg = opts.config
         if cfg.webhook_cert and cfg.webhook_key and cfg.webhook_port:
-            native = await client.server_version() >= (1, 29)
-            runner = await serve(Webhook(client, cfg, native_sidecars=native), opts.webhook_host, cfg.webhook_port,
+            native = await kube.server_version() >= (1, 29)
+            runner = await serve(Webhook(kube, cfg, native_sidecars=native), opts.webhook_host, cfg.webhook_port,
                                  cfg.webhook_cert, cfg.webhook_key)
         await kopf.operator(
-            registry=build_registry(reconciler, info),
+            registry=build_registry(reconciler, kube_cfg),
             settings=settings(opts.priority, opts.peering_name),
             clusterwide=True,
             standalone=opts.standalone,
@@ -122,4 +116,4 @@ async def run_operator(opts: RunOptions, stop_flag: asyncio.Event | threading.Ev
     finally:
         if runner is not None:
             await runner.cleanup()
-        await client.close()
+        await kube.close()

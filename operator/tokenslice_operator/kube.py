@@ -1,28 +1,21 @@
-"""A small asyncio Kubernetes REST client: exactly the verbs the operator and webhook use.
+"""The operator's Kubernetes verbs over the ``kubernetes_asyncio`` client (``tokenslice.kubeapi``).
 
-kopf does its own watching; for writing children we need get/list/create/delete,
-server-side apply and status patches.  The client is built from the same
-``kopf.ConnectionInfo`` kopf logs in with, so both always talk to the same server
-with the same identity (kubeconfig in development and tests, the pod's service
-account in a cluster).
+kopf does its own watching; for writing children we need get/list/create/delete, server-side apply and
+status patches of ten kinds.  They go through the client's ``ApiClient`` by REST path (one table below)
+rather than through its typed classes, which would need one method per kind and verb.  kopf logs in with
+the credentials the same client loaded (``connection_info``), so both always talk to the same server with
+the same identity (kubeconfig in development and tests, the pod's service account in a cluster).
 """
 
 from __future__ import annotations
 
-import base64
-import json
-import os
-import ssl
-import tempfile
-from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-import aiohttp
 import kopf
-import yaml
+from kubernetes_asyncio import client
 
-from tokenslice import inferencepool, policy
+from tokenslice import inferencepool, kubeapi, policy
+from tokenslice.kubeapi import ApiException
 
 FIELD_MANAGER = "tokenslice-operator"
 
@@ -41,16 +34,6 @@ RESOURCES: dict[str, tuple[str, str]] = {
 }
 
 
-class ApiError(Exception):
-    """A non-2xx answer from the API server, with its Status message."""
-
-    def __init__(self, status: int, message: str, reason: str = "") -> None:
-        super().__init__(f"{status} {reason}: {message}")
-        self.status = status
-        self.reason = reason
-        self.message = message
-
-
 def path(kind: str, namespace: str | None = None, name: str | None = None, subresource: str | None = None) -> str:
     """REST path of a collection or object of one of the known kinds."""
     prefix, plural = RESOURCES[kind]
@@ -62,90 +45,41 @@ def path(kind: str, namespace: str | None = None, name: str | None = None, subre
     return out
 
 
-def connection_from_kubeconfig(kubeconfig: str | os.PathLike[str]) -> kopf.ConnectionInfo:
-    """Credentials of a kubeconfig's current context (token or client certificate)."""
-    config = yaml.safe_load(Path(kubeconfig).read_text()) or {}
-    by_name = {key: {item["name"]: item.get(key[:-1]) or {} for item in config.get(key, [])}
-               for key in ("contexts", "clusters", "users")}
-    try:
-        context = by_name["contexts"][config["current-context"]]
-        cluster = by_name["clusters"][context["cluster"]]
-        user = by_name["users"][context["user"]]
-    except KeyError as exc:
-        raise kopf.LoginError(f"kubeconfig {kubeconfig}: no usable current context ({exc})") from None
+async def connection_info(cfg: client.Configuration) -> kopf.ConnectionInfo:
+    """kopf's login from the client's loaded configuration (called again by kopf on a 401: token re-read)."""
+    header = await cfg.get_api_key_with_prefix("BearerToken") or ""
+    scheme, _, token = header.partition(" ")
     return kopf.ConnectionInfo(
-        server=cluster["server"],
-        ca_path=cluster.get("certificate-authority"),
-        ca_data=cluster.get("certificate-authority-data"),
-        insecure=cluster.get("insecure-skip-tls-verify"),
-        token=user.get("token"),
-        scheme="Bearer" if user.get("token") else None,
-        certificate_path=user.get("client-certificate"),
-        certificate_data=user.get("client-certificate-data"),
-        private_key_path=user.get("client-key"),
-        private_key_data=user.get("client-key-data"),
-        default_namespace=context.get("namespace"),
+        server=cfg.host,
+        ca_path=cfg.ssl_ca_cert,
+        insecure=not cfg.verify_ssl,
+        scheme=scheme if token else None,
+        token=token or None,
+        certificate_path=cfg.cert_file,
+        private_key_path=cfg.key_file,
     )
 
 
-def _ssl_context(info: kopf.ConnectionInfo) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=os.fspath(info.ca_path) if info.ca_path else None)
-    if info.ca_data:
-        ctx.load_verify_locations(cadata=base64.b64decode(info.ca_data).decode())
-    if info.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-    cert, key = info.certificate_path, info.private_key_path
-    if info.certificate_data and info.private_key_data:
-        with tempfile.TemporaryDirectory() as tmp:  # ssl wants files; they are read right away
-            cert, key = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-            cert.write_bytes(base64.b64decode(info.certificate_data))
-            key.write_bytes(base64.b64decode(info.private_key_data))
-            ctx.load_cert_chain(cert, key)
-    elif cert and key:
-        ctx.load_cert_chain(os.fspath(cert), os.fspath(key))
-    return ctx
-
-
 class KubeClient:
-    """JSON over HTTPS to one API server; one aiohttp session, closed with ``close()``."""
+    """The operator's verbs as JSON dicts; ``ApiException`` (``.status``) on a non-2xx answer."""
 
-    def __init__(self, info: kopf.ConnectionInfo, timeout_s: float = 30.0,
-                 token_file: str | None = None) -> None:
-        """``token_file``: re-read the bearer token per request (in-cluster tokens are rotated)."""
-        self._token_file = token_file
-        headers = {"Accept": "application/json", "User-Agent": FIELD_MANAGER}
-        if info.token:
-            headers["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
-        self._server = info.server.rstrip("/")
-        self._session = aiohttp.ClientSession(
-            headers=headers,
-            connector=aiohttp.TCPConnector(ssl=_ssl_context(info)),
-            timeout=aiohttp.ClientTimeout(total=timeout_s),
-        )
+    def __init__(self, api: client.ApiClient, timeout_s: float = 30.0) -> None:
+        self.api = api
+        self.timeout_s = timeout_s
 
     async def close(self) -> None:
-        await self._session.close()
+        await self.api.close()
 
-    async def request(self, method: str, url: str, *, body: Any = None, params: Mapping[str, str] | None = None,
+    async def request(self, method: str, url: str, *, body: Any = None, params: dict[str, str] | None = None,
                       content_type: str = "application/json") -> dict[str, Any]:
-        data = None if body is None else json.dumps(body)
-        headers = {"Content-Type": content_type} if data is not None else {}
-        if self._token_file:
-            headers["Authorization"] = "Bearer " + Path(self._token_file).read_text().strip()
-        async with self._session.request(method, self._server + url, data=data, params=params,
-                                         headers=headers) as resp:
-            text = await resp.text()
-            payload = json.loads(text) if text and resp.content_type == "application/json" else {}
-            if resp.status >= 400:
-                raise ApiError(resp.status, payload.get("message") or text[:500], payload.get("reason", ""))
-            return payload
+        return await kubeapi.request(self.api, method, url, query=params, body=body, content_type=content_type,
+                                     timeout_s=self.timeout_s)
 
     async def get(self, url: str) -> dict[str, Any] | None:
         """The object, or None when it does not exist."""
         try:
             return await self.request("GET", url)
-        except ApiError as exc:
+        except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
@@ -162,7 +96,7 @@ class KubeClient:
         try:
             await self.request("DELETE", url, body={"propagationPolicy": "Background"})
             return True
-        except ApiError as exc:
+        except ApiException as exc:
             if exc.status == 404:
                 return False
             raise

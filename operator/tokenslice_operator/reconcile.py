@@ -17,8 +17,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from tokenslice import policy
+from tokenslice import inferencepool, policy
 from tokenslice.inferencepool import InferencePool, PoolError, UnsupportedPool
+from tokenslice.kubeapi import ApiException
 from tokenslice_operator import children
 from tokenslice_operator.config import (
     CONTROLLER_NAME,
@@ -30,7 +31,7 @@ from tokenslice_operator.config import (
     endpoints_service_name,
     policy_configmap_name,
 )
-from tokenslice_operator.kube import ApiError, KubeClient, path
+from tokenslice_operator.kube import KubeClient, path
 
 log = logging.getLogger("tokenslice.operator")
 Manifest = dict[str, Any]
@@ -83,9 +84,8 @@ class Reconciler:
                                               f"InferencePool {name} lacks the label {MANAGED_LABEL}: \"true\"")
             return
         try:
-            model = InferencePool.parse(pool)
+            model = inferencepool.served(pool)  # the one rule: the webhook and the picker decide by it too
             picker, port = model.picker_ref()
-            model.check_supported()
             await self._check_not_foreign(namespace, picker)
             await self._check_not_foreign(namespace, self.config.gateway_service_name(name))
             if children.fail_open(model):
@@ -158,7 +158,7 @@ class Reconciler:
         try:
             await self.client.create(path("Secret", m["namespace"]), secret)
             log.info("created signing secret %s/%s", m["namespace"], m["name"])
-        except ApiError as exc:
+        except ApiException as exc:
             if exc.status != 409:  # it exists (or another writer won the race): its key stands
                 raise
 
@@ -206,7 +206,7 @@ class Reconciler:
             try:
                 await self.client.merge_patch(url, body)
                 return
-            except ApiError as exc:
+            except ApiException as exc:
                 if exc.status != 409:
                     raise
             fresh = await self.client.get(path("InferencePool", m["namespace"], m["name"]))
@@ -224,7 +224,7 @@ class Reconciler:
             await self.client.merge_patch(path("InferencePool", m["namespace"], m["name"], "status"),
                                           {"metadata": {"resourceVersion": m["resourceVersion"]},
                                            "status": {"parents": others}})
-        except ApiError as exc:
+        except ApiException as exc:
             if exc.status not in (404, 409):  # 409: a newer version is on its way and brings another event
                 raise
 
@@ -270,7 +270,7 @@ class Reconciler:
         try:
             await self.client.merge_patch(path("SchedulingPolicy", meta["namespace"], meta["name"], "status"),
                                           {"status": status})
-        except ApiError as exc:
+        except ApiException as exc:
             if exc.status != 404:
                 raise
 

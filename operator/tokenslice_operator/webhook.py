@@ -99,13 +99,12 @@ class Webhook:
 
 
 def _valid_pools(objs: list[dict[str, Any]]) -> list[inferencepool.InferencePool]:
-    """The pools by name, leaving out any the model refuses (its status already says why)."""
+    """The pools by name that tokenslice serves (``inferencepool.served``, the reconciler's rule): a pool it
+    declines or refuses keeps its pods as they are (its status already says why)."""
     pools = []
     for obj in objs:
         try:
-            pool = inferencepool.InferencePool.parse(obj)
-            pool.check_supported()  # a pool tokenslice declines keeps its pods as they are
-            pools.append(pool)
+            pools.append(inferencepool.served(obj))
         except inferencepool.PoolError as exc:
             log.warning("ignoring pool: %s", exc)
     return sorted(pools, key=lambda p: p.metadata.name)
