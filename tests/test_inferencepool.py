@@ -97,3 +97,29 @@ def test_model_fields_and_defaults_match_the_crd() -> None:
         if "default" in prop:
             assert model_ref[name].default == prop["default"], name
     assert inferencepool.InferencePoolSpec.model_fields["app_protocol"].default == spec["appProtocol"]["default"]
+
+
+READERS_REFUSE = [
+    pytest.param(lambda s: s.update(targetPorts=[{"number": 8000}, {"number": 8000}]), id="duplicate-port"),
+    pytest.param(lambda s: s["endpointPickerRef"].pop("port"), id="service-ref-without-port"),
+    pytest.param(lambda s: s.pop("endpointPickerRef"), id="no-picker-ref"),
+    pytest.param(lambda s: s.update(appProtocol="kubernetes.io/h2c"), id="h2c"),
+    pytest.param(lambda s: s.update(selector={"app": "llama"}), id="v1alpha2-selector"),
+]
+
+
+@pytest.mark.parametrize("change", READERS_REFUSE)
+def test_the_three_readers_refuse_the_same_pools(change) -> None:
+    """The reconciler, the webhook and the picker decide by ``served``: a pool one of them refuses is neither
+    given a picker, nor injected, nor served (before, the webhook injected pods of pools with duplicate ports
+    or no picker, and the picker served h2c pools the operator declined)."""
+    from tokenslice_operator.webhook import _valid_pools
+    from tokenslice_picker.datastore.kube import KubeSources
+
+    pool = _with(change)
+    with pytest.raises(PoolError):
+        inferencepool.served(pool)
+    assert _valid_pools([pool, POOL]) == [InferencePool.parse(POOL)]
+    picker = KubeSources(settings=None, datastore=None, set_policy=print, on_result=print)  # type: ignore[arg-type]
+    assert picker._served(pool) is None
+    assert picker._served(POOL) == InferencePool.parse(POOL)

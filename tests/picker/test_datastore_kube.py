@@ -156,3 +156,39 @@ async def test_alive_at_once_ready_only_after_the_first_listing_of_the_pool(kube
         await gw.stop(0)
         await api.session.close()
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+
+
+async def test_a_pool_the_operator_would_decline_is_not_served(kube_cluster):
+    """The picker reads its pool by ``inferencepool.served``, the operator's rule: a pool edited into one
+    tokenslice declines (appProtocol h2c) has no endpoints until edited back, and neither has a deleted one."""
+    cluster = kube_cluster
+    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / "inference.networking.k8s.io_inferencepools.yaml"))
+    ns = f"gw-{secrets.token_hex(3)}"
+    cluster.kubectl("create", "namespace", ns)
+    api = Api(cluster)
+    pools = f"/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools"
+    try:
+        await _wait_crds(api, groups=("/apis/inference.networking.k8s.io/v1",))
+        await api.call("POST", pools, {
+            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool", "metadata": {"name": "pool"},
+            "spec": {"selector": {"matchLabels": {"app": "llm"}}, "targetPorts": [{"number": 8000}],
+                     "endpointPickerRef": {"name": "picker", "port": {"number": 9002}}}})
+        await api.call("POST", f"/api/v1/namespaces/{ns}/pods", _pod("p1", {"app": "llm"}))
+        await api.call("PATCH", f"/api/v1/namespaces/{ns}/pods/p1/status", {"status": {
+            "phase": "Running", "podIP": "10.1.0.1", "conditions": [{"type": "Ready", "status": "True"}]}}, patch=True)
+        gw = await start_picker(signing_key=b"k" * 32, kube=True, pool="pool", namespace=ns,
+                                 policy=SchedulingPolicySpec(), kubeconfig=cluster.kubeconfig, scrape_interval_s=0)
+        try:
+            ds = gw.datastore
+            await until(lambda: ds.addresses() == ["10.1.0.1:8000"], what="p1 in the pool")
+            await api.call("PATCH", f"{pools}/pool", {"spec": {"appProtocol": "kubernetes.io/h2c"}}, patch=True)
+            await until(lambda: ds.addresses() == [], what="an h2c pool is not served")
+            await api.call("PATCH", f"{pools}/pool", {"spec": {"appProtocol": "http"}}, patch=True)
+            await until(lambda: ds.addresses() == ["10.1.0.1:8000"], what="served again once http")
+            await api.call("DELETE", f"{pools}/pool")
+            await until(lambda: ds.addresses() == [], what="a deleted pool has no endpoints")
+        finally:
+            await gw.stop(0)
+    finally:
+        await api.session.close()
+        cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)
