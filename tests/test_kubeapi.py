@@ -152,3 +152,16 @@ def test_backoff_doubles_up_to_its_cap_and_resets() -> None:
         assert low <= b.next_delay() <= high
     b.reset()
     assert 0.5 <= b.next_delay() <= 1.0
+
+
+async def test_a_failing_loop_is_restarted_not_left_dead() -> None:
+    """A watch loop that raises (here: on its first two runs) is started again after a back-off."""
+    runs: list[int] = []
+
+    async def loop() -> None:
+        runs.append(len(runs))
+        if len(runs) < 3:
+            raise KeyError("uid")
+
+    await asyncio.wait_for(kubeapi.supervised("test loop", loop, kubeapi.Backoff(first_s=0.01, cap_s=0.02)), 10)
+    assert runs == [0, 1, 2]

@@ -23,14 +23,16 @@ from kubernetes_asyncio import client, config, watch
 from kubernetes_asyncio.client.exceptions import ApiException
 from kubernetes_asyncio.config.config_exception import ConfigException
 
-__all__ = ["ApiException", "Backoff", "KubeConfigError", "ListWatch", "api_client", "configuration", "request"]
+__all__ = ["ApiException", "Backoff", "KubeConfigError", "ListWatch", "api_client", "configuration", "request",
+           "supervised"]
 
 log = logging.getLogger("tokenslice.kube")
 WATCH_TIMEOUT_S = 300
 """Server-side end of each watch request (``timeoutSeconds``); the loop then resumes where it was."""
 CONNECT_TIMEOUT_S = 10.0
-# errors of one request that a retry may cure: connection lost or refused, a timed-out read, a truncated body
-TRANSIENT = (ApiException, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError)
+# errors of one request that a retry may cure: connection lost or refused, a timed-out read, a truncated or
+# malformed body
+TRANSIENT = (ApiException, aiohttp.ClientError, OSError, asyncio.TimeoutError, ValueError, KeyError)
 
 
 class KubeConfigError(RuntimeError):
@@ -109,6 +111,20 @@ class Backoff:
         """The next wait: first_s, doubling up to cap_s, each scaled by a random 0.5-1.0 (no thundering herd)."""
         self._delay_s = min(self.cap_s, self._delay_s * 2 if self._delay_s else self.first_s)
         return self._delay_s * random.uniform(0.5, 1.0)
+
+
+async def supervised(name: str, loop: Callable[[], Awaitable[None]], backoff: Backoff | None = None) -> None:
+    """Run ``loop`` for ever: if it fails (a bug, an object shaped unlike any API server sends), log the
+    traceback and start it again after a back-off, rather than leave a task dead that nobody awaits."""
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            await loop()
+            return
+        except Exception:
+            delay = backoff.next_delay()
+            log.exception("%s failed; restarting", name, extra={"retry_in_s": round(delay, 2)})
+            await asyncio.sleep(delay)  # back-off before the restart, not synchronisation
 
 
 class ListWatch:

@@ -51,9 +51,10 @@ class KubeSources:
     async def start(self) -> None:
         """Load the credentials (``KubeConfigError`` when there are none), then follow the pool and policy."""
         self.api = await kubeapi.api_client(self.settings.kubeconfig)
-        self._tasks.append(asyncio.create_task(self._pool_loop(), name="kube-pool"))
+        self._tasks.append(asyncio.create_task(kubeapi.supervised("pool watch", self._pool_loop), name="kube-pool"))
         if self.settings.policy_path is None and self.settings.policy is None:
-            self._tasks.append(asyncio.create_task(self._policy_loop(), name="kube-policy"))
+            self._tasks.append(asyncio.create_task(kubeapi.supervised("policy watch", self._policy_loop),
+                                                   name="kube-policy"))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -116,7 +117,8 @@ class KubeSources:
                         self._pods = {}
                         self._publish([])
                     else:
-                        pods = asyncio.create_task(self._follow_pods(pool), name="kube-pods")
+                        pods = asyncio.create_task(
+                            kubeapi.supervised("pod watch", lambda p=pool: self._follow_pods(p)), name="kube-pods")
         finally:
             if pods is not None:
                 pods.cancel()
