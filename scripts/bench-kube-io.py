@@ -13,7 +13,9 @@ rounds alternating, it measures
   first list),
 * RSS (VmRSS) of that picker once it holds the pool, and after the changes below,
 * watch latency: a pod's status is patched Ready, until the picker's /metrics counts it (polled every 2 ms),
-  ``--changes`` times, one at a time.
+  ``--changes`` times, one at a time,
+* the operator (``tokenslice operator run --webhook-port 0``, the chart's peering object): RSS once it has
+  converged a new managed pool, and the time from creating that pool to its status written by the operator.
 
 Prints a table; nothing passes or fails on a number.
 """
@@ -112,6 +114,45 @@ def picker_round(cluster: KubeCluster, checkout: Path, ns: str, pods: int, chang
         proc.wait(15)
 
 
+def operator_round(cluster: KubeCluster, checkout: Path, ns: str, pool: str, work: Path) -> dict[str, float]:
+    health = free_port()
+    argv = [str(checkout / ".venv/bin/python"), "-m", "tokenslice", "operator", "run", "--kubeconfig",
+            str(cluster.kubeconfig), "--webhook-port", "0", "--health-port", str(health),
+            "--health-host", "127.0.0.1", "--log-level", "WARNING"]
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=checkout, stdout=subprocess.DEVNULL, stderr=open(work / "operator.log", "ab"))  # noqa: SIM115
+
+    def healthy() -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{health}/healthz", timeout=2) as resp:
+                return resp.status == 200
+        except OSError:
+            return False
+
+    def converged() -> bool:
+        obj = cluster.get("inferencepool", pool, ns) or {}
+        return any(p.get("controllerName") == "tokenslice.io/operator"
+                   for p in (obj.get("status") or {}).get("parents") or [])
+
+    try:
+        _until(healthy, 120, "operator healthy")
+        out = {"operator_startup_s": time.perf_counter() - start}
+        cluster.apply({"apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
+                       "metadata": {"name": pool, "namespace": ns, "labels": {"tokenslice.io/managed": "true"}},
+                       "spec": {"selector": {"matchLabels": {"app": pool}}, "targetPorts": [{"number": 8000}],
+                                "endpointPickerRef": {"name": f"{pool}-epp", "port": {"number": 9002}}}})
+        t0 = time.perf_counter()
+        _until(converged, 120, "the operator wrote the pool's status")
+        out.update(operator_converge_s=time.perf_counter() - t0, operator_rss_mib=_rss_mib(proc.pid))
+        return out
+    except TimeoutError:
+        print((work / "operator.log").read_text()[-3000:], cluster.get("inferencepool", pool, ns), file=sys.stderr)
+        raise
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkouts", nargs="+", help="NAME=PATH of a checkout with its own .venv")
@@ -125,7 +166,9 @@ def main() -> None:
         for module in IMPORTS:
             rows.append((name, f"import {module} (s)", import_time(checkout, module)))
     with tempfile.TemporaryDirectory() as tmp, running_cluster(Path(tmp)) as cluster:
-        cluster.kubectl("apply", "-f", str(REPO / "crds" / "inference.networking.k8s.io_inferencepools.yaml"))
+        cluster.kubectl("apply", "-f", str(REPO / "crds"))
+        _until(lambda: cluster.kubectl("get", "clusterkopfpeerings", check=False).returncode == 0, 60, "CRDs")
+        cluster.apply({"apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": "tokenslice"}})
         ns = "bench"
         cluster.kubectl("create", "namespace", ns)
         _until(lambda: cluster.kubectl("get", "inferencepools", "-n", ns, check=False).returncode == 0, 60, "CRD")
@@ -144,6 +187,7 @@ def main() -> None:
                     cluster.api("POST", f"/api/v1/namespaces/{ns}/pods", _pod(c))
                 res = picker_round(cluster, checkout, ns, pods, changes, ip, Path(tmp))
                 pods, ip = pods + args.changes, ip + args.changes
+                res.update(operator_round(cluster, checkout, ns, f"op-{r}-{name}", Path(tmp)))
                 rows += [(name, f"{k} (round {r + 1})", v) for k, v in res.items()]
     print(f"{'checkout':<10} {'measure':<58} {'value':>10}")
     for name, measure, value in rows:
