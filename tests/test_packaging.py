@@ -35,7 +35,7 @@ OPT_IN = {"httpx": "tokenslice bench micro sidecar --clients httpx (`pip install
 CORE_MODULES = ("__init__", "__main__", "cli", "contract", "errors", "inferencepool", "paths", "policy", "sse")
 PARTS = {
     # part: (its files, the extras it installs)
-    # the contracts every part imports; tokenslice/{envoy,procs,promtext,fairness}.py are shared helpers,
+    # the contracts every part imports; tokenslice/{envoy,procs,promtext,fairness,kubeapi}.py are shared helpers,
     # checked through the parts that import them
     "core": ([REPO_ROOT / "tokenslice" / f"{m}.py" for m in CORE_MODULES], []),
     "sidecar": (sorted((REPO_ROOT / "sidecar" / "tokenslice_sidecar").rglob("*.py")), ["sidecar"]),
