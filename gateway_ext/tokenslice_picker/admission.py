@@ -20,7 +20,8 @@ from tokenslice_picker.scheduling.profile import SchedulerProfile
 
 class Admission:
     def __init__(self, datastore: Datastore, queues: FlowQueues, ledger: ServiceLedger, limits: TenantLimits,
-                 profile: SchedulerProfile, cost_model: CostModel, *, max_slice_tokens: int = 0) -> None:
+                 profile: SchedulerProfile, cost_model: CostModel, *, max_slice_tokens: int) -> None:
+        """``max_slice_tokens``: as ``PickerSettings.max_slice_tokens`` (its one default); 0 = per-slice."""
         self.datastore = datastore
         self.queues = queues
         self.ledger = ledger

@@ -60,9 +60,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-preemption", dest="preemption", action="store_false",
                         help="never cut a running chunk (a waiter waits for a slice end)")
     parser.add_argument("--cut-timeout", type=float, default=2.0, help="seconds a worker has to acknowledge a cut")
-    parser.add_argument("--max-slice-tokens", type=int, default=0,
-                        help="long slices: admit requests with this slice; the class's chunk size stays the fairness "
-                             "quantum (0 = slices of the class's chunk size)")
+    slice_default = PickerSettings.model_fields["max_slice_tokens"].default
+    parser.add_argument("--max-slice-tokens", type=int, default=slice_default,
+                        help=f"long slices (default {slice_default}): admit requests with this slice, cut a running "
+                             "one when a more important chunk or an owed tenant waits; the class's chunk size stays "
+                             "the fairness quantum. 0 = per-slice mode (slices of the class's chunk size; the old "
+                             "behaviour, for comparison)")
     parser.add_argument("--kv-residency", action="store_true",
                         help="residency-aware scheduling: resume continuations whose KV is probably still cached "
                              "first (within a class, bounded by --residency-bonus-tokens), no fair-share cut that "

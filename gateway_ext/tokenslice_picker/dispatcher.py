@@ -74,8 +74,10 @@ class Dispatcher:
     def __init__(self, policy: SchedulingPolicySpec, datastore: Datastore, metrics: PickerMetrics, *,
                  cost_model: CostModel | None = None, profile: SchedulerProfile | None = None,
                  idle_grace_s: float = 2.0, ledger_size: int = 100_000, cut: CutFn | None = None,
-                 max_slice_tokens: int = 0, preempt_scan: int = 32,
+                 max_slice_tokens: int, preempt_scan: int = 32,
                  residency: ResidencyTracker | None = None) -> None:
+        """``max_slice_tokens`` has no default here: the picker's one default is ``PickerSettings``'s
+        (long slices); 0 is per-slice mode."""
         self.limits = TenantLimits()
         self.ledger = ServiceLedger(policy, self.limits, metrics, idle_grace_s=idle_grace_s, ledger_size=ledger_size)
         self.queues = FlowQueues(policy, self.ledger)

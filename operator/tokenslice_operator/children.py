@@ -189,6 +189,8 @@ def deployment(pool: InferencePool, picker: str, config: OperatorConfig) -> Mani
             "--metrics-host", "0.0.0.0", "--metrics-port", str(config.picker_metrics_port),
             "--policy", f"{POLICY_MOUNT}/{POLICY_FILE}", "--signing-key-file", f"{SIGNING_MOUNT}/{SIGNING_KEY_FILE}",
             "--kube", "--pool", m.name, "--namespace", m.namespace]
+    if config.picker_max_slice_tokens is not None:  # else the picker's own default: long slices
+        args += ["--max-slice-tokens", str(config.picker_max_slice_tokens)]
     if config.kv_residency:
         args.append("--kv-residency")
     if config.kv_offload_tokens:

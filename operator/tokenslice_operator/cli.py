@@ -39,6 +39,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--priority", type=int, help="peering priority (default: random, so replicas never tie)")
     parser.add_argument("--health-port", type=int, default=0, help="serve kopf's liveness /healthz here (0: off)")
     parser.add_argument("--health-host", default="0.0.0.0", help="address of the liveness endpoint")
+    parser.add_argument("--picker-max-slice-tokens", type=int, default=d.picker_max_slice_tokens,
+                        help="every pool's picker: --max-slice-tokens N (default: the picker's own, long slices; "
+                             "0 = per-slice mode)")
     parser.add_argument("--kv-residency", action="store_true", help="every pool's picker: --kv-residency")
     parser.add_argument("--kv-offload-gib", type=float, default=d.kv_offload_gib,
                         help="injected vLLM containers get vLLM's native CPU KV offload of this size (0: off)")
@@ -73,6 +76,7 @@ def run(args: argparse.Namespace) -> int:
         picker_api_keys_secret=args.picker_api_keys_secret or None, picker_api_keys_key=args.picker_api_keys_key,
         picker_trusted_proxies=[c for c in args.picker_trusted_proxies.split(",") if c],
         picker_identity_header=args.picker_identity_header or None,
+        picker_max_slice_tokens=args.picker_max_slice_tokens,
     )
     opts = RunOptions(kubeconfig=args.kubeconfig, config=config, webhook_host=args.webhook_host,
                       standalone=args.standalone, priority=args.priority, peering_name=args.peering_name,

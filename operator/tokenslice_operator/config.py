@@ -74,6 +74,9 @@ class OperatorConfig(BaseModel):
             return self.chunk_url.format(pool=pool, namespace=namespace)
         return f"http://{self.gateway_service_name(pool)}.{namespace}.svc:{self.gateway_port}"
     gpu_resource: str = "nvidia.com/gpu"
+    picker_max_slice_tokens: int | None = Field(default=None, ge=0, description=(
+        "every pool's picker: `tokenslice picker --max-slice-tokens N`; None = the picker's own default (long "
+        "slices, cut on demand), 0 = per-slice mode (slices of the class's chunk size, the old behaviour)"))
     kv_residency: bool = Field(default=False, description="every pool's picker schedules residency-aware "
                                "(`tokenslice picker --kv-residency`: resume continuations whose KV is still cached)")
     kv_offload_gib: float = Field(default=0.0, ge=0, description="vLLM's native CPU KV offload per injected vLLM "

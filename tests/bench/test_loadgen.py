@@ -13,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from tokenslice.bench.report import checks, fairness_from_json, markdown, preemption_markdown, summarize, write_json
-from tokenslice.bench.runner import Plan, SystemResult, plan_systems, reusable_tokens, salted, sweep_policy
+from tokenslice.bench.runner import Plan, SystemResult, long_slices, plan_systems, reusable_tokens, salted, sweep_policy
 from tokenslice.bench.scenario import SYSTEMS, Arrivals, LengthDist, Scenario, resolve_scenario
 from tokenslice.bench.stats import RequestResult, fairness, jain_index, percentile, summarize_group, throughput
 from tokenslice.bench.trace import arrival_times, build_trace
+
+GPU_HEADLINE = Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "headline-gpu.yaml"
 
 
 def _scenario(**update: object) -> Scenario:
@@ -213,11 +215,11 @@ def test_reusable_tokens_hand_values() -> None:
 def test_plan_and_sweep_policy() -> None:
     sc = _scenario(chunk_sizes=[16, 64])
     labels = [p.label for p in plan_systems(sc)]
-    assert labels[:2] == ["tokenslice-c16", "tokenslice-c64"]
+    assert labels[:2] == ["tokenslice-q16", "tokenslice-q64"]  # the default policy: long slices, quantum 16/64
     assert labels[-1] == "vllm-priority"                    # needs its own engine: last
-    assert any(p.unloaded for p in plan_systems(sc))
+    assert "unloaded-tokenslice-q32" in labels
     with_reserve = [p.label for p in plan_systems(_scenario(chunk_sizes=[16], reserved_slots=[0, 1]))]
-    assert with_reserve[:2] == ["tokenslice-c16", "tokenslice-c16-r1"]
+    assert with_reserve[:2] == ["tokenslice-q16", "tokenslice-q16-r1"]
     assert sweep_policy(sc, 16, 1).reserved_slots_per_endpoint == 1
     with pytest.raises(ValueError, match="reserved_slots"):
         _scenario(reserved_slots=[4])
@@ -228,9 +230,37 @@ def test_plan_and_sweep_policy() -> None:
     assert a[0].prompt != b[0].prompt and a[0].at == b[0].at
 
 
+def test_the_per_slice_comparison_runs_beside_the_default_with_its_own_labels() -> None:
+    """``tokenslice-per-slice`` is the old mode (--max-slice-tokens 0, winning over the scenario's flags);
+    ``tokenslice`` run with an explicit 0 is per slice too, labelled so, and the same plan is not run twice."""
+    sc = _scenario(chunk_sizes=[32], systems=["tokenslice", "tokenslice-per-slice", "vllm-fcfs"])
+    plans = {p.label: p for p in plan_systems(sc)}
+    assert plans["tokenslice-q32"].picker_args == () and plans["tokenslice-q32"].kind == "tokenslice"
+    per = plans["tokenslice-c32"]
+    assert per.kind == "tokenslice-per-slice" and per.mode == "tokenslice"
+    assert not long_slices([*sc.picker_args, *per.picker_args])
+    long_asked = type(sc).model_validate({**sc.model_dump(), "picker_args": ["--max-slice-tokens", "4096"]})
+    assert not long_slices([*long_asked.picker_args, *plan_systems(long_asked)[1].picker_args])  # 0 wins
+    explicit = _scenario(chunk_sizes=[32], systems=["tokenslice", "tokenslice-per-slice"],
+                         picker_args=["--max-slice-tokens", "0"])
+    labels = [p.label for p in plan_systems(explicit)]
+    assert labels.count("tokenslice-c32") == 1 and "unloaded-tokenslice-c32" in labels
+
+
+def test_shipped_headline_scenarios_run_the_default_policy_without_a_reserve() -> None:
+    """Issue 12: the headline must meet its targets with the default policy and no reserved slots."""
+    gpu = resolve_scenario(str(GPU_HEADLINE))
+    for sc in (resolve_scenario("headline"), resolve_scenario("demo"), gpu):
+        plans = [p for p in plan_systems(sc) if p.kind == "tokenslice"]
+        assert plans and all(p.reserved == 0 and not p.picker_args for p in plans), sc.name
+        assert long_slices(sc.picker_args) and all(p.label.startswith(("tokenslice-q", "unloaded-tokenslice-q"))
+                                                   for p in plans), sc.name
+
+
 def test_the_policys_own_reserve_is_kept_unless_swept() -> None:
-    """headline-gpu.yaml sets reservedSlotsPerEndpoint: 2; the run must use it without --reserved."""
-    gpu = resolve_scenario(str(Path(__file__).resolve().parents[2] / "scripts" / "gpu" / "headline-gpu.yaml"))
+    """A policy with reservedSlotsPerEndpoint: 2 (headline-gpu.yaml had it); the run uses it without --reserved."""
+    shipped = resolve_scenario(str(GPU_HEADLINE))
+    gpu = shipped.model_copy(update={"policy": shipped.policy.model_copy(update={"reserved_slots_per_endpoint": 2})})
     assert gpu.policy.reserved_slots_per_endpoint == 2
     plans = [p for p in plan_systems(gpu) if p.kind == "tokenslice" and not p.unloaded]
     assert plans and all(p.reserved == 2 and p.label.endswith("-r2") for p in plans)
@@ -306,10 +336,12 @@ def test_a_stored_run_is_re_read_for_both_fair_share_numbers(tmp_path: Path) -> 
 
 
 def test_long_slices_are_recognised_from_the_picker_flags() -> None:
-    from tokenslice.bench.runner import long_slices
-
+    """No flag is the picker's default, long slices; 0 is per-slice mode; the last flag wins (as in argparse)."""
     assert long_slices(["--max-slice-tokens", "4096"]) and long_slices(["--max-slice-tokens=4096"])
-    assert not long_slices([]) and not long_slices(["--max-slice-tokens", "0"]) and not long_slices(["--x", "1"])
+    assert long_slices([]) and long_slices(["--x", "1"])
+    assert not long_slices(["--max-slice-tokens", "0"]) and not long_slices(["--max-slice-tokens=0"])
+    assert not long_slices(["--max-slice-tokens", "4096", "--max-slice-tokens", "0"])
+    assert long_slices(["--max-slice-tokens=0", "--max-slice-tokens", "512"])
 
 
 def test_the_kv_hit_target_is_judged_only_where_it_can_fail() -> None:

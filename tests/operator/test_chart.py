@@ -103,6 +103,19 @@ def test_picker_identity_values_reach_the_operator(kube_cluster: KubeCluster) ->
     assert proc.returncode != 0 and "trustedProxies" in proc.stderr
 
 
+def test_picker_max_slice_tokens_reaches_the_operator_only_when_set(kube_cluster: KubeCluster) -> None:
+    """Unset (null): no flag, every picker runs its default (long slices); 0 (per-slice mode) is passed, not dropped."""
+    def args(*sets: str) -> list[str]:
+        op = next(d for d in _template(kube_cluster, *sets) if d["kind"] == "Deployment")
+        return op["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert not any(a.startswith("--picker-max-slice-tokens") for a in args())
+    per_slice = args("--set", "picker.maxSliceTokens=0")
+    assert "--picker-max-slice-tokens=0" in per_slice
+    assert build_parser().parse_args(per_slice).picker_max_slice_tokens == 0
+    proc = kube_cluster.helm("template", "ts", str(CHART), "--set", "picker.maxSliceTokens=-1", check=False)
+    assert proc.returncode != 0 and "maxSliceTokens" in proc.stderr
+
+
 def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread) -> None:
     ns, release = "tokenslice-system", "ts"
     args = ["--namespace", ns, "--create-namespace", *FULL]

@@ -20,6 +20,7 @@ from tokenslice.envoy import FAIL_OPEN_CLUSTER, envoy_binary
 from tokenslice.inferencepool import InferencePool
 from tokenslice_operator import children
 from tokenslice_operator.config import OperatorConfig
+from tokenslice_picker.server import PickerSettings
 
 pytestmark = pytest.mark.k8s
 POOL = InferencePool.parse({
@@ -155,3 +156,13 @@ def test_identity_settings_reach_the_picker_command_line() -> None:
         OperatorConfig(picker_trusted_proxies=["not-a-cidr"])
     with pytest.raises(ValueError):
         OperatorConfig(picker_identity_header="x-auth")  # believed from whom?
+
+
+def test_the_picker_runs_its_default_long_slices_unless_the_operator_sets_a_slice() -> None:
+    """No flag by default, so the pool's picker runs the picker's one default (long slices); 0 opts out."""
+    def picker_args(config: OperatorConfig) -> list[str]:
+        return children.deployment(POOL, "llama-epp", config)["spec"]["template"]["spec"]["containers"][0]["args"]
+    plain = picker_args(OperatorConfig())
+    assert "--max-slice-tokens" not in plain
+    assert build_parser().parse_args(plain).max_slice_tokens == PickerSettings.model_fields["max_slice_tokens"].default
+    assert build_parser().parse_args(picker_args(OperatorConfig(picker_max_slice_tokens=0))).max_slice_tokens == 0

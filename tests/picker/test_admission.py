@@ -10,6 +10,7 @@ from tokenslice_picker.datastore.endpoints import Datastore
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import ClientRequest, NoEndpoints, Shed
 from tokenslice_picker.metrics import PickerMetrics
+from tokenslice_picker.server import PickerSettings
 
 POLICY = SchedulingPolicySpec(chunk_size=32, priority_classes=[
     PriorityClass(name="chat", priority=10, chunk_size=16), PriorityClass(name="batch", priority=1)],
@@ -17,7 +18,7 @@ POLICY = SchedulingPolicySpec(chunk_size=32, priority_classes=[
 
 
 def admission(addresses: list[str], max_slice_tokens: int = 0) -> Admission:
-    d = Dispatcher(POLICY, Datastore(addresses), PickerMetrics())
+    d = Dispatcher(POLICY, Datastore(addresses), PickerMetrics(), max_slice_tokens=max_slice_tokens)
     return Admission(d.datastore, d.queues, d.ledger, d.limits, d.profile, d.cost_model,
                      max_slice_tokens=max_slice_tokens)
 
@@ -43,3 +44,11 @@ def test_slice_is_the_class_chunk_size_or_the_long_slice():
     assert short.slice_tokens(classes["chat"]) == 16 and short.slice_tokens(classes["batch"]) == 32
     long = admission(["10.0.0.1:80"], max_slice_tokens=4096)
     assert long.slice_tokens(classes["chat"]) == 4096 and long.slice_tokens(classes["batch"]) == 4096
+
+
+def test_the_picker_default_is_long_slices_and_0_is_per_slice():
+    """Issue 12: one slice per request unless cut is the default; the class chunk size only with 0."""
+    default = PickerSettings(signing_key=b"k" * 32).max_slice_tokens
+    classes = {c.name: c for c in POLICY.priority_classes}
+    adm = admission(["10.0.0.1:80"], max_slice_tokens=default)
+    assert adm.slice_tokens(classes["chat"]) == default and adm.slice_tokens(classes["batch"]) == default

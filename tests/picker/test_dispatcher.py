@@ -12,10 +12,14 @@ from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, make_chunk
 from tokenslice_picker.metrics import PickerMetrics
 
+PER_SLICE = 0
+"""``max_slice_tokens`` for the tests that drive chunks slice end by slice end: per-slice mechanics are their
+point (the picker's default is long slices, ``PickerSettings``; those tests pass 4096)."""
+
 
 async def test_dispatcher_slots_cancel_and_reconcile():
     ds = Datastore(["10.0.0.1:80"])
-    d = Dispatcher(SchedulingPolicySpec(slots_per_endpoint=1), ds, PickerMetrics())
+    d = Dispatcher(SchedulingPolicySpec(slots_per_endpoint=1), ds, PickerMetrics(), max_slice_tokens=PER_SLICE)
     first = make_chunk("r1", "t", "standard", index=1, slice=32, generated=0)
     ep = await d.acquire(first)
     assert ep.granted == 1
@@ -43,7 +47,7 @@ async def test_dispatcher_drains_a_large_backlog_in_priority_then_fair_order():
     policy = SchedulingPolicySpec(slots_per_endpoint=2, priority_classes=[
         PriorityClass(name="hi", priority=10), PriorityClass(name="lo", priority=1)],
         tenants=[Tenant(name="a", weight=3), Tenant(name="b", weight=1)])
-    d = Dispatcher(policy, ds, PickerMetrics())
+    d = Dispatcher(policy, ds, PickerMetrics(), max_slice_tokens=PER_SLICE)
     held = []
     for i in range(4):  # fill every slot
         c = make_chunk(f"fill{i}", "a", "hi", index=1, slice=1)
@@ -78,7 +82,7 @@ async def test_reserved_slots_are_for_non_preemptible_classes_only():
     ds = Datastore(["10.0.0.1:80"])
     policy = SchedulingPolicySpec(slots_per_endpoint=3, reserved_slots_per_endpoint=1, priority_classes=[
         PriorityClass(name="rt", priority=5, preemptible=False), PriorityClass(name="lo", priority=1)])
-    d = Dispatcher(policy, ds, PickerMetrics())
+    d = Dispatcher(policy, ds, PickerMetrics(), max_slice_tokens=PER_SLICE)
     (ep,) = ds.endpoints()
     order: list[str] = []
 
@@ -121,7 +125,7 @@ async def test_a_slice_beyond_the_class_chunk_size_is_accounted_at_the_chunk_siz
     policy = SchedulingPolicySpec(chunk_size=32, priority_classes=[
         PriorityClass(name="small", priority=5, chunk_size=8), PriorityClass(name="std", priority=1)])
     m = PickerMetrics()
-    d = Dispatcher(policy, ds, m)
+    d = Dispatcher(policy, ds, m, max_slice_tokens=PER_SLICE)
     big = make_chunk("r1", "t", "small", index=1, slice=100)
     await d.acquire(big)
     assert big.slice == 8 and d.ledger.counters.get("small", "t") == pytest.approx(2 * 8)
@@ -163,7 +167,7 @@ async def _settle() -> None:
 async def test_a_higher_class_waiter_cuts_one_victim_and_gets_its_slot(preemption: bool):
     ds = Datastore(["10.0.0.1:80", "10.0.0.2:80"])
     worker = Worker()
-    d = Dispatcher(HI_LO, ds, PickerMetrics(), cut=worker if preemption else None)
+    d = Dispatcher(HI_LO, ds, PickerMetrics(), cut=worker if preemption else None, max_slice_tokens=PER_SLICE)
     a, b = ds.endpoints()
     lo_a = make_chunk("lo-a", "t", "lo", index=1, kv_holder=a.address, prompt_tokens=10**6)
     lo_b = make_chunk("lo-b", "t", "lo", index=3, kv_holder=b.address, prompt_tokens=10**6)
@@ -202,7 +206,7 @@ async def test_a_higher_class_waiter_cuts_one_victim_and_gets_its_slot(preemptio
 async def test_a_cut_the_worker_refuses_frees_the_waiter_to_look_again():
     ds = Datastore(["10.0.0.1:80"])
     worker = Worker(status=404)  # the chunk had already ended there
-    d = Dispatcher(HI_LO, ds, PickerMetrics(), cut=worker)
+    d = Dispatcher(HI_LO, ds, PickerMetrics(), cut=worker, max_slice_tokens=PER_SLICE)
     (ep,) = ds.endpoints()
     lo = make_chunk("lo", "t", "lo", index=1)
     await d.acquire(lo)
@@ -220,7 +224,7 @@ async def test_a_non_preemptible_or_equal_class_is_never_cut():
         PriorityClass(name="hi", priority=10), PriorityClass(name="rt", priority=5, preemptible=False)])
     ds = Datastore(["10.0.0.1:80"])
     worker = Worker()
-    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker)
+    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker, max_slice_tokens=PER_SLICE)
     rt = make_chunk("rt", "t", "rt", index=1)
     await d.acquire(rt)
     waiters = [asyncio.ensure_future(d.acquire(make_chunk(f"hi{i}", "u", "hi", index=1))) for i in range(2)]

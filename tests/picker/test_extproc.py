@@ -16,6 +16,7 @@ from tests.picker.conftest import until
 from tokenslice import contract
 from tokenslice.envoy import ProcessingModes
 from tokenslice.policy import PriorityClass, QueueLimits, SchedulingPolicySpec, Tenant
+from tokenslice_picker.server import PickerSettings
 
 POLICY = SchedulingPolicySpec(
     priority_classes=[PriorityClass(name="interactive", priority=200),
@@ -52,10 +53,11 @@ async def test_client_request_gets_signed_admission_and_internal_headers_strippe
 
 
 async def test_admission_carries_the_class_chunk_size_and_larger_slices_are_capped(gateway_stack, upstreams):
+    """Per-slice mode (``max_slice_tokens=0``, the opt-out) is this test's point: the signed slice is the class's."""
     (a,) = await upstreams(1)
     policy = SchedulingPolicySpec(chunk_size=24, priority_classes=[
         PriorityClass(name="interactive", priority=200, chunk_size=8), PriorityClass(name="batch", priority=100)])
-    stack = await gateway_stack(endpoints=[a.address], policy=policy)
+    stack = await gateway_stack(endpoints=[a.address], policy=policy, max_slice_tokens=0)
     # a client's own x-tokenslice-slice is stripped; the signed one is the class's chunk size
     for klass, size in (("interactive", 8), ("batch", 24)):
         status, _, _ = await stack.post(headers={"x-priority-class": klass, contract.SLICE: "4096"})
@@ -69,6 +71,27 @@ async def test_admission_carries_the_class_chunk_size_and_larger_slices_are_capp
     gw = stack.picker
     assert gw.metrics.slices_capped.labels("interactive")._value.get() == 1
     assert gw.dispatcher.ledger.counters.get("interactive", "t") == 2 * 8  # fairness.output x 8, not x 100
+
+
+async def test_by_default_admission_carries_a_long_slice_charged_one_quantum(gateway_stack, upstreams):
+    """The default (no ``max_slice_tokens``): every class is admitted with the long slice, and a chunk claiming
+    it is not counted as capped but charged one quantum (its class's chunk size) at grant."""
+    (a,) = await upstreams(1)
+    policy = SchedulingPolicySpec(chunk_size=24, priority_classes=[
+        PriorityClass(name="interactive", priority=200, chunk_size=8), PriorityClass(name="batch", priority=100)])
+    stack = await gateway_stack(endpoints=[a.address], policy=policy)
+    long = PickerSettings.model_fields["max_slice_tokens"].default
+    for klass in ("interactive", "batch"):
+        status, _, _ = await stack.post(headers={"x-priority-class": klass})
+        assert status == 200
+        admit = contract.AdmitHeaders.verify(a.received[-1].headers, stack.key)
+        assert (admit.priority_class, admit.chunk_size) == (klass, long)
+    status, _, _ = await stack.post(headers=stack.chunk_headers(tenant="t", priority_class="interactive",
+                                                                chunk_index=1, slice=100))
+    assert status == 200 and a.received[-1].slice == 100
+    gw = stack.picker
+    assert gw.metrics.slices_capped.labels("interactive")._value.get() == 0
+    assert gw.dispatcher.ledger.counters.get("interactive", "t") == 2 * 8  # one quantum, corrected later
 
 
 async def test_forged_or_unsigned_chunk_headers_are_rejected(gateway_stack, upstreams):

@@ -246,8 +246,7 @@ async def test_a_long_slice_is_cut_for_another_tenant_after_its_quantum(gateway_
     (up,) = await upstreams(1)
     policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
         PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a"), Tenant(name="b")])
-    stack = await gateway_stack(endpoints=[up.address], policy=policy, max_slice_tokens=4096,
-                                default_chunk_seconds=0.05)
+    stack = await gateway_stack(endpoints=[up.address], policy=policy, default_chunk_seconds=0.05)  # long: default
     up.key = stack.key
     up.block()
 
@@ -273,8 +272,7 @@ async def test_a_long_slice_is_charged_while_it_runs_and_cut_once_its_tenant_is_
     (up,) = await upstreams(1)
     policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
         PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a"), Tenant(name="b")])
-    stack = await gateway_stack(endpoints=[up.address], policy=policy, max_slice_tokens=4096,
-                                default_chunk_seconds=0.05)
+    stack = await gateway_stack(endpoints=[up.address], policy=policy, default_chunk_seconds=0.05)  # long: default
     up.key = stack.key
 
     def chunk(tenant: str, rid: str, index: int, generated: int, slice: int) -> dict[str, str]:

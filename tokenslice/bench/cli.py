@@ -47,8 +47,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
     p.add_argument("--out", type=Path, default=default_out, help="output directory (default results/<scenario>)")
     p.add_argument("--systems", default=None,
-                   help="comma list of vllm-fcfs,vllm-priority,chunked,tokenslice (default: the scenario's)")
-    p.add_argument("--chunk-sizes", default=None, help="comma list, e.g. 16,32,64 (default: the scenario's)")
+                   help="comma list of vllm-fcfs,vllm-priority,chunked,tokenslice,tokenslice-per-slice (default: the "
+                   "scenario's); tokenslice is the default policy (long slices), tokenslice-per-slice the old "
+                   "per-slice mode beside it")
+    p.add_argument("--chunk-sizes", default=None,
+                   help="comma list, e.g. 16,32,64 (default: the scenario's): the policy's chunk size, i.e. the "
+                   "fairness quantum of long slices (the slice itself in per-slice mode)")
     p.add_argument("--reserved", default=None,
                    help="comma list of reserved slots for non-preemptible classes, one tokenslice run each "
                    "(e.g. 0,1; default: the scenario's)")
@@ -58,7 +62,8 @@ def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
                    "turns calibration on for a scenario without it")
     p.add_argument("--no-calibrate", action="store_true", help="replay the scenario's rates as written")
     p.add_argument("--picker-args", default=None,
-                   help="extra picker flags for the tokenslice systems, one string, e.g. '--max-slice-tokens 4096'")
+                   help="extra picker flags for the tokenslice systems, one string, e.g. '--max-slice-tokens 0' "
+                   "(per-slice mode instead of the default long slices)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--model", type=Path, default=None, help="local model directory (default: the tiny model)")
     p.add_argument("--keep-logs", action="store_true", help="keep the run directory with every component's log")

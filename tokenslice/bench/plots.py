@@ -16,6 +16,10 @@ from tokenslice.bench.runner import SystemResult  # noqa: E402
 from tokenslice.bench.scenario import SYSTEMS, Scenario  # noqa: E402
 from tokenslice.bench.stats import ttft_censored  # noqa: E402
 
+SWEPT = {"tokenslice": "tokenslice (long slices, quantum = chunk size)",
+         "tokenslice-per-slice": "tokenslice per slice (slice = chunk size)"}
+"""The systems drawn as lines over the chunk size sweep, and their legend."""
+
 
 def _style(res: SystemResult, i: int, n: int) -> tuple[str, str]:
     """Baselines in their system's colour; tokenslice runs spread over a colormap, reserved-slot runs dash-dotted."""
@@ -77,7 +81,7 @@ def latency_cdfs(results: list[SystemResult], scenario: Scenario, path: Path) ->
 
 def versus_chunk_size(summaries: list[SystemSummary], scenario: Scenario, path: Path) -> None:
     hi = focus_stream(scenario)
-    sweep = sorted((s for s in summaries if s.kind == "tokenslice" and not s.unloaded and s.chunk_size),
+    sweep = sorted((s for s in summaries if s.kind in SWEPT and not s.unloaded and s.chunk_size),
                    key=lambda s: s.chunk_size or 0)
     if not sweep:
         return
@@ -88,14 +92,16 @@ def versus_chunk_size(summaries: list[SystemSummary], scenario: Scenario, path: 
         g = s.groups.get(hi)
         return g.ttft.p99 if g else math.nan
 
-    for r, color in zip(sorted({s.reserved for s in sweep}), ("tab:blue", "tab:green", "tab:purple", "tab:cyan")):
-        line = [s for s in sweep if s.reserved == r]
-        label = "tokenslice" + (f", {r} slot(s) reserved for non-preemptible" if r else "")
-        ax1.plot([s.chunk_size for s in line], [p99(s) for s in line], "o-", color=color, linewidth=2, label=label)
-        ax2.plot([s.chunk_size for s in line], [s.throughput_tps for s in line], "o-", color=color, linewidth=2,
+    lines = sorted({(s.kind, s.reserved) for s in sweep})
+    for (kind, r), color in zip(lines, ("tab:blue", "tab:purple", "tab:green", "tab:pink", "tab:cyan", "tab:olive")):
+        line = [s for s in sweep if (s.kind, s.reserved) == (kind, r)]
+        label = SWEPT[kind] + (f", {r} slot(s) reserved for non-preemptible" if r else "")
+        style = "o-" if kind == "tokenslice" else "s-."
+        ax1.plot([s.chunk_size for s in line], [p99(s) for s in line], style, color=color, linewidth=2, label=label)
+        ax2.plot([s.chunk_size for s in line], [s.throughput_tps for s in line], style, color=color, linewidth=2,
                  label=label)
     for s in summaries:
-        if s.kind == "tokenslice" and not s.unloaded:
+        if s.kind in SWEPT and not s.unloaded:
             continue
         color, ls = ("black", ":") if s.unloaded else _baseline_style(s.kind)
         ax1.axhline(p99(s), color=color, linestyle=ls, label=s.label)
@@ -110,7 +116,7 @@ def versus_chunk_size(summaries: list[SystemSummary], scenario: Scenario, path: 
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_xlabel("chunk size (decode tokens per time slice)")
+        ax.set_xlabel("chunk size (long slices: the fairness quantum; per slice: tokens per slice)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"{scenario.name}: tokenslice chunk size sweep vs the baselines")

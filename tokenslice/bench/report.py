@@ -166,7 +166,7 @@ def checks(summaries: list[SystemSummary], scenario: Scenario) -> list[Check]:
                              f"{_pct(f.token_share_error)}",
                              None if math.isnan(b.token_share_error) else b.token_share_error <= 0.05))
     for s in summaries:
-        if s.affinity_hit_rate is not None and s.kind in ("tokenslice", "no-affinity"):
+        if s.affinity_hit_rate is not None and s.kind in ("tokenslice", "tokenslice-per-slice", "no-affinity"):
             # judged only where it can fail: with one engine and no cut, every continuation finds its own
             # KV on the only engine, so the figure says nothing about routing
             can_fail = scenario.engines >= 2 or bool(s.preemptions)
@@ -174,7 +174,7 @@ def checks(summaries: list[SystemSummary], scenario: Scenario) -> list[Check]:
                              f"{_hit_range(s)} of reusable prefix tokens"
                              + ("" if can_fail else " (not judged: 1 engine and no preemption, it cannot fail)"),
                              s.affinity_hit_rate_high >= 0.95  # type: ignore[operator]
-                             if s.kind == "tokenslice" and can_fail else None))
+                             if s.kind in ("tokenslice", "tokenslice-per-slice") and can_fail else None))
     return out
 
 

@@ -30,6 +30,7 @@ from tokenslice.bench.stats import RequestResult
 from tokenslice.bench.trace import TraceRequest, build_trace
 from tokenslice.local.stack import DataPlane, Engine, EnginePool, Mode, RunDir
 from tokenslice.policy import SchedulingPolicySpec
+from tokenslice_picker.server import PickerSettings
 
 Progress = Callable[[str], None]
 
@@ -89,20 +90,39 @@ class SystemResult:
     """The picker's preemption numbers (tokenslice.bench.preemption.summarize); empty without a picker."""
 
 
+def _slice_tag(picker_args: list[str] | tuple[str, ...]) -> str:
+    """``q`` (the chunk size is the fairness quantum of long slices) or ``c`` (it is the slice: per-slice mode)."""
+    return "q" if long_slices(list(picker_args)) else "c"
+
+
 def plan_systems(scenario: Scenario) -> list[Plan]:
-    """The run order: tokenslice sweep first, then the FCFS-engine baselines, then baseline (b)."""
+    """The run order: tokenslice sweep first (the default policy, then per slice), then the FCFS-engine
+    baselines, then baseline (b).
+
+    Labels say what the chunk size meant: ``tokenslice-q32`` -- long slices (the default), quantum 32;
+    ``tokenslice-c32`` -- per-slice mode, a slice end every 32 tokens (``tokenslice-per-slice``, or the
+    ``tokenslice`` system run with ``--max-slice-tokens 0``).
+    """
     default = scenario.policy.chunk_size
     plans: list[Plan] = []
-    if "tokenslice" in scenario.systems:
-        # the policy's own reserve unless the scenario (or --reserved) sweeps it: never silently 0
-        reserves = scenario.reserved_slots or [scenario.policy.reserved_slots_per_endpoint]
-        variants = {"": (), **{f"-{k}": tuple(v) for k, v in scenario.picker_variants.items()}}
-        engines = {"": ((), ()), **{f"-{k}": (tuple(v.vllm_args), tuple(v.picker_args))
-                                    for k, v in scenario.engine_variants.items()}}
-        plans += [Plan(f"tokenslice-c{n}" + (f"-r{r}" if r else "") + suffix + esuffix, SYSTEMS["tokenslice"], n,
-                       reserved=r, picker_args=(*args, *eargs[1]), vllm_args=eargs[0])
-                  for esuffix, eargs in engines.items()
-                  for n in scenario.chunk_sizes for r in reserves for suffix, args in variants.items()]
+    # the policy's own reserve unless the scenario (or --reserved) sweeps it: never silently 0
+    reserves = scenario.reserved_slots or [scenario.policy.reserved_slots_per_endpoint]
+    variants = {"": (), **{f"-{k}": tuple(v) for k, v in scenario.picker_variants.items()}}
+    engines = {"": ((), ()), **{f"-{k}": (tuple(v.vllm_args), tuple(v.picker_args))
+                                for k, v in scenario.engine_variants.items()}}
+    for name in ("tokenslice", "tokenslice-per-slice"):
+        if name not in scenario.systems:
+            continue
+        system = SYSTEMS[name]
+        for esuffix, eargs in engines.items():
+            for n in scenario.chunk_sizes:
+                for r in reserves:
+                    for suffix, args in variants.items():
+                        own = (*system.picker_args, *args, *eargs[1])
+                        tag = _slice_tag([*scenario.picker_args, *own])
+                        label = f"tokenslice-{tag}{n}" + (f"-r{r}" if r else "") + suffix + esuffix
+                        if all(p.label != label for p in plans):  # per slice twice (an explicit 0): run once
+                            plans.append(Plan(label, system, n, reserved=r, picker_args=own, vllm_args=eargs[0]))
     if "chunked" in scenario.systems:
         plans.append(Plan(f"chunked-c{default}", SYSTEMS["chunked"], default))
     if scenario.no_affinity:
@@ -110,7 +130,8 @@ def plan_systems(scenario: Scenario) -> list[Plan]:
     if "vllm-fcfs" in scenario.systems:
         plans.append(Plan("vllm-fcfs", SYSTEMS["vllm-fcfs"], None))
     if scenario.unloaded_stream:
-        plans.append(Plan(f"unloaded-tokenslice-c{default}", SYSTEMS["tokenslice"], default, unloaded=True))
+        tag = _slice_tag(scenario.picker_args)
+        plans.append(Plan(f"unloaded-tokenslice-{tag}{default}", SYSTEMS["tokenslice"], default, unloaded=True))
     if "vllm-priority" in scenario.systems:
         plans.append(Plan("vllm-priority", SYSTEMS["vllm-priority"], None))
     return plans
@@ -132,14 +153,18 @@ def sweep_policy(scenario: Scenario, chunk_size: int | None, reserved: int | Non
 
 
 def long_slices(picker_args: list[str]) -> bool:
-    """Whether the picker runs long slices (``--max-slice-tokens N`` with N > 0): slices end at cuts, not
-    every chunk-size tokens."""
+    """Whether a picker started with these flags runs long slices: slices end at cuts, not every chunk-size
+    tokens.  No ``--max-slice-tokens``: the picker's default (``PickerSettings``, long slices); the last one
+    given wins, as in argparse; 0 is per-slice mode."""
+    value: str | None = None
     for i, arg in enumerate(picker_args):
-        value = arg.split("=", 1)[1] if arg.startswith("--max-slice-tokens=") else (
-            picker_args[i + 1] if arg == "--max-slice-tokens" and i + 1 < len(picker_args) else None)
-        if value is not None:
-            return value.strip().isdigit() and int(value) > 0
-    return False
+        if arg.startswith("--max-slice-tokens="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--max-slice-tokens" and i + 1 < len(picker_args):
+            value = picker_args[i + 1]
+    if value is None:
+        return PickerSettings.model_fields["max_slice_tokens"].default > 0
+    return value.strip().isdigit() and int(value) > 0
 
 
 def salted(trace: list[TraceRequest], label: str) -> list[TraceRequest]:
@@ -243,13 +268,14 @@ async def observe(plane: DataPlane, engines: list[Engine]) -> tuple[list[list[pr
 
 async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_dir: RunDir,
                      trace: list[TraceRequest], progress: Progress) -> SystemResult:
-    policy = sweep_policy(scenario, plan.chunk_size, plan.reserved if plan.kind == "tokenslice" else None)
+    policy = sweep_policy(scenario, plan.chunk_size, plan.reserved if plan.mode == "tokenslice" else None)
+    picker_args = [*scenario.picker_args, *plan.picker_args]
     trace = salted(trace, plan.label)
     prompt_counts = await _tokenize_counts(engines[0], [r.prompt for r in trace])
     await wait_idle(engines)
     draining = {s.name for s in scenario.streams if s.drain}
     async with DataPlane(engines, policy, run_dir, mode=plan.mode, progress=progress, log_level="WARNING",
-                         name=f"{plan.label}-", picker_args=[*scenario.picker_args, *plan.picker_args]) as plane:
+                         name=f"{plan.label}-", picker_args=picker_args) as plane:
         gw_urls = [plane.picker_metrics_url] if plane.picker_metrics_url else []
         before, first = await observe(plane, engines)
         block = int(promtext.label(before[0], promtext.CACHE_CONFIG, "block_size") or 0)
@@ -277,7 +303,8 @@ async def run_system(plan: Plan, scenario: Scenario, engines: list[Engine], run_
         result.preemption = preemption.summarize(after[n], last.seconds, waiter)
     for r, count in zip(results, prompt_counts):
         r.prompt_tokens = r.prompt_tokens or count
-    if plan.chunk_size and plan.kind != "vllm-fcfs" and block and not long_slices(scenario.picker_args):
+    if plan.chunk_size and plan.kind != "vllm-fcfs" and block and (plan.mode != "tokenslice"
+                                                                    or not long_slices(picker_args)):
         # chunk k starts at prompt + k x chunk: true only when every slice ends at the chunk size. With long
         # slices a continuation starts wherever a cut landed, which the client cannot see: no figure then
         result.reusable_tokens = float(sum(

@@ -34,7 +34,12 @@ class System:
     """Fixed plot colour; None = spread over a colormap (the tokenslice sweep)."""
     linestyle: str
     description: str
+    picker_args: tuple[str, ...] = ()
+    """Picker flags that make this system (after the scenario's own ``picker_args``, so they win)."""
 
+
+PER_SLICE_ARGS = ("--max-slice-tokens", "0")
+"""The picker's per-slice mode: a new vLLM request every chunk-size tokens (the default before issue 12)."""
 
 SYSTEMS: dict[str, System] = {s.name: s for s in (
     System("vllm-fcfs", "direct", "fcfs", "tab:red", "-", "(a) vLLM direct, FCFS"),
@@ -44,9 +49,14 @@ SYSTEMS: dict[str, System] = {s.name: s for s in (
            "(c) chunking without the scheduler: each sidecar straight to its own vLLM"),
     System("no-affinity", "chunked-rr", "fcfs", "tab:gray", "--",
            "chunking through a round-robin gateway: no KV affinity"),
-    System("tokenslice", "tokenslice", "fcfs", None, "-", "(d) tokenslice: sidecars, gateway and picker"),
+    System("tokenslice", "tokenslice", "fcfs", None, "-",
+           "(d) tokenslice, the default policy: sidecars, gateway and picker; long slices cut on demand, the "
+           "chunk size is the fairness quantum"),
+    System("tokenslice-per-slice", "tokenslice", "fcfs", "tab:purple", "-.",
+           "(d') tokenslice per slice: a slice end (a new vLLM request) every chunk-size tokens -- the old "
+           "default, for comparison", picker_args=PER_SLICE_ARGS),
 )}
-SystemName = Literal["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"]
+SystemName = Literal["vllm-fcfs", "vllm-priority", "chunked", "tokenslice", "tokenslice-per-slice"]
 """The systems a scenario lists (no-affinity is switched on by ``no_affinity``)."""
 
 
@@ -143,7 +153,8 @@ class Scenario(_Model):
     vllm_args: list[str] = Field(default_factory=list, description="extra vLLM flags for every engine")
     picker_args: list[str] = Field(default_factory=list,
                                    description="extra `tokenslice picker` flags for the tokenslice systems, "
-                                   "e.g. [--max-slice-tokens, '4096'] (long slices, cut on demand)")
+                                   "e.g. [--max-slice-tokens, '0'] (per-slice mode instead of the default long "
+                                   "slices)")
     picker_variants: dict[str, list[str]] = Field(
         default_factory=dict, description="also run every tokenslice plan with these extra picker flags, one "
         "run per entry, labelled with its key -- e.g. {kvres: [--kv-residency]}: a feature on and off side by side")
@@ -153,7 +164,9 @@ class Scenario(_Model):
         "{offload: {vllm_args: [--kv-offloading-size, '8', --kv-offloading-backend, native]}}")
     systems: list[SystemName] = Field(
         default_factory=lambda: ["vllm-fcfs", "vllm-priority", "chunked", "tokenslice"])
-    chunk_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256])
+    chunk_sizes: list[int] = Field(default_factory=lambda: [16, 32, 64, 128, 256], description=(
+        "one tokenslice run each, the policy's chunkSize for every class: with the default long slices the "
+        "fairness quantum, in per-slice mode (tokenslice-per-slice) the slice"))
     reserved_slots: list[int] | None = Field(
         default=None,
         description="tokenslice runs once per value: slots of the engine kept for non-preemptible classes "

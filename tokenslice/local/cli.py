@@ -25,6 +25,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     up.add_argument("--port", type=int, default=None, help="Envoy listener port (default: a free one)")
     up.add_argument("--max-num-seqs", type=int, default=None,
                     help="vLLM --max-num-seqs (default: the policy's slotsPerEndpoint)")
+    up.add_argument("--max-slice-tokens", type=int, default=None,
+                    help="the picker's --max-slice-tokens (default: the picker's own, long slices cut on demand; "
+                         "0 = per-slice mode, a new vLLM request every chunk-size tokens)")
     up.add_argument("--mode", choices=["tokenslice", "chunked", "chunked-rr", "direct"], default="tokenslice",
                     help="what runs in front of the engines (default: tokenslice)")
     up.add_argument("--keep-logs", action="store_true", help="keep the run directory (logs, configs)")
@@ -40,9 +43,13 @@ def run(args: argparse.Namespace) -> int:
     if extra and extra[0] == "--":
         extra = extra[1:]
     try:
+        if args.max_slice_tokens is not None and args.max_slice_tokens < 0:
+            raise ValueError(f"--max-slice-tokens must be >= 0 (0 = per-slice mode), not {args.max_slice_tokens}")
         config = LocalConfig(engines=args.engines, model_dir=args.model, policy_file=args.policy,
                              chunk_size=args.chunk_size, port=args.port, max_num_seqs=args.max_num_seqs,
-                             vllm_args=extra, mode=args.mode, keep_run_dir=args.keep_logs)
+                             vllm_args=extra, mode=args.mode, keep_run_dir=args.keep_logs,
+                             picker_args=[] if args.max_slice_tokens is None
+                             else ["--max-slice-tokens", str(args.max_slice_tokens)])
         config.resolved_policy()
     except (ValueError, OSError) as exc:
         print(f"tokenslice local up: {exc}", file=sys.stderr)

@@ -218,7 +218,8 @@ class DataPlane:
     name: str = ""
     """Prefix of this data plane's log names (the benchmark runs several over one run directory)."""
     picker_args: list[str] = field(default_factory=list)
-    """Extra ``tokenslice picker`` flags (e.g. ``--max-slice-tokens``, ``--no-preemption``)."""
+    """Extra ``tokenslice picker`` flags (e.g. ``--max-slice-tokens 0`` for per-slice mode, ``--no-preemption``);
+    none: the picker's defaults (long slices, cut on demand)."""
     processes: list[ManagedProcess] = field(default_factory=list)
     sidecar_addresses: list[str] = field(default_factory=list)
     url: str = ""
