@@ -5,6 +5,10 @@ high-priority request arrives. Without a chunk scheduler the high-priority reque
 whole long generation (vLLM runs one sequence at a time); with tokenslice it takes the slot at the next
 chunk boundary and finishes while the long one is still going. Its greedy text must equal what vLLM
 itself produces unchunked. Then the stack stops and every process it started must be gone.
+
+The picker runs per-slice mode (``--max-slice-tokens 0``): a slice end every chunk size is this test's point
+(the high request takes the slot at a chunk boundary, and the low one is counted in chunks).  The default,
+long slices with a cut instead of a boundary, is e2e/test_preemption.py.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ async def _wait_gone(pids: list[int], timeout_s: float = 20.0) -> list[int]:
 
 async def test_priority_request_overtakes_a_long_generation_and_the_stack_cleans_up() -> None:
     lines: list[str] = []
-    stack = LocalStack(LocalConfig(engines=1, chunk_size=8, max_num_seqs=1), progress=lines.append)
+    stack = LocalStack(LocalConfig(engines=1, chunk_size=8, max_num_seqs=1, picker_args=["--max-slice-tokens", "0"]),
+                       progress=lines.append)
     await stack.start()
     pids = stack.pids()
     run_dir = stack.run_dir.path if stack.run_dir else None

@@ -1,15 +1,19 @@
-"""End to end on real vLLM: with long slices, a high-priority request gets an engine's one slot by a cut.
+"""End to end on real vLLM: the DEFAULT picker runs a request as one slice and cuts it for a higher class.
 
-One engine with ONE sequence slot (vLLM ``--max-num-seqs 1`` = ``slotsPerEndpoint: 1``) and long slices
-(``tokenslice picker --max-slice-tokens 4096``): a 1000-token low-priority generation runs as ONE chunk,
-so there is no slice end before it finishes.  A high-priority request arriving meanwhile can only run
-if the picker cuts the low chunk, and then it finishes first: the slot is handed to it and the low
-request's continuation waits for it.  With ``--no-preemption`` it waits for the whole low generation and
-the first assertion below fails (checked by hand when this test was written).  The picker sends exactly
-one signed cut to the worker sidecar, and the low request continues from its token ids: both greedy
-answers equal what vLLM itself produces uninterrupted.  With two engines (each slot held by one low
-request) the cut must reach the worker that runs its victim, and both low answers stay exact (both
-variants fail with ``--no-preemption``, checked by hand).
+One engine with ONE sequence slot (vLLM ``--max-num-seqs 1`` = ``slotsPerEndpoint: 1``) and the picker as
+``tokenslice local`` starts it, with no ``--max-slice-tokens`` flag: the default is long slices.  A
+1000-token low-priority generation runs as ONE chunk while nobody waits (the policy's chunkSize, 32, is only
+the fairness quantum), so there is no slice end before it finishes.  A high-priority request arriving
+meanwhile can only run if the picker cuts the low chunk, and then it finishes first: the slot is handed to
+it and the low request's continuation waits for it.  The picker sends exactly one signed cut to the worker
+sidecar, and the low request continues from its token ids: both greedy answers equal what vLLM itself
+produces uninterrupted.  With two engines (each slot held by one low request) the cut must reach the worker
+that runs its victim, and both low answers stay exact.
+
+Every low request is counted in slices: one each, plus one continuation for the cut.  With the default set
+back to per-slice mode (``PickerSettings.max_slice_tokens = 0``) that count fails (a slice end every 32
+tokens: ~31 continuations per request), checked when this test was written; with ``--no-preemption`` the
+first assertion fails (the high request waits for the whole low slice), checked by hand.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ async def test_a_high_priority_request_cuts_a_long_low_slice_and_both_answers_st
     """With two engines each slot holds one low request: the cut must go to the worker running its victim."""
     base = LocalConfig().resolved_policy()
     policy = base.model_copy(update={"slots_per_endpoint": 1, "reserved_slots_per_endpoint": 0})
-    stack = LocalStack(LocalConfig(engines=engines, policy=policy, max_num_seqs=1,
-                                   picker_args=["--max-slice-tokens", "4096"]), progress=lambda _: None)
+    assert policy.chunk_size < LOW_TOKENS  # per slice this would be many slices; by default it is one
+    stack = LocalStack(LocalConfig(engines=engines, policy=policy, max_num_seqs=1), progress=lambda _: None)
+    assert stack.config.picker_args == []  # the picker's defaults, as `tokenslice local up` runs it
     await stack.start()
     try:
         client = openai.AsyncOpenAI(base_url=stack.openai_base_url, api_key="unused", max_retries=0)
@@ -76,6 +81,10 @@ async def test_a_high_priority_request_cuts_a_long_low_slice_and_both_answers_st
         assert _value(samples, "tokenslice_picker_preemptions_total", reason="priority", **{"class": "batch"}) == 1
         assert _value(samples, "tokenslice_picker_cut_failures_total") == 0
         assert _value(samples, "tokenslice_picker_cut_tokens_total", kind="produced") > 0
+        # one slice per low request while nobody waited, and one continuation after the one cut
+        dispatched = {kind: _value(samples, "tokenslice_picker_dispatches_total", tenant="batch-a", kind=kind)
+                      for kind in ("first", "continuation")}
+        assert dispatched == {"first": engines, "continuation": 1}, dispatched
 
         direct = openai.AsyncOpenAI(base_url=stack.engines[0].url + "/v1", api_key="unused", max_retries=0)
         ref_high = await direct.chat.completions.create(model=stack.model, messages=HIGH_PROMPT, max_tokens=24,

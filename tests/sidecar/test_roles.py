@@ -84,7 +84,9 @@ async def test_policy_class_chunk_size_through_the_real_gateway(http, vllm, gate
     """Client -> Envoy -> picker (admits with the class's chunk size) -> driver -> chunks -> Envoy -> worker.
 
     The sidecar's own --chunk-size (16) loses to the policy: class ``small`` slices by 5, class ``std`` by
-    the policy's chunkSize 8, each counted by the picker's dispatches and the sidecar's chunks.
+    the policy's chunkSize 8, each counted by the picker's dispatches and the sidecar's chunks.  The picker
+    runs per-slice mode (``max_slice_tokens=0``): slices of the class's chunk size are this test's point (by
+    default a request runs as one long slice, e2e/test_preemption.py).
     """
     from tokenslice.policy import PriorityClass, SchedulingPolicySpec
     from tokenslice_sidecar.app import SidecarConfig, start
@@ -92,7 +94,7 @@ async def test_policy_class_chunk_size_through_the_real_gateway(http, vllm, gate
 
     policy = SchedulingPolicySpec(chunk_size=8, priority_classes=[
         PriorityClass(name="small", priority=2, chunk_size=5), PriorityClass(name="std", priority=1)])
-    stack = await gateway_stack(endpoints=[], policy=policy)
+    stack = await gateway_stack(endpoints=[], policy=policy, max_slice_tokens=0)
     metrics = SidecarMetrics()
     runner, port = await start(SidecarConfig(vllm_url=vllm.url, chunk_url=stack.url, chunk_size=16, key=stack.key),
                                metrics=metrics)
