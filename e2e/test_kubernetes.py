@@ -227,7 +227,8 @@ def test_the_docs_quick_start_on_kubernetes(cluster: KubeCluster, node: Kubelet,
         drivers = lambda: sum(_driver_chunks(p) for p in (a, b))  # noqa: E731
         issued = drivers()
         text, tokens = stream(gateway, body["prompt"], body["max_tokens"])
-        assert tokens == 64 and drivers() - issued == 2, "64 tokens in two time slices of the policy's 32"
+        # the default policy: one long slice (per slice it was two of the policy's 32)
+        assert tokens == 64 and drivers() - issued == 1, "64 tokens in one time slice: nobody waited"
 
         # chunks of concurrent requests ran on both pods
         before = {p.name: _worker_chunks(p) for p in (a, b)}
@@ -235,16 +236,16 @@ def test_the_docs_quick_start_on_kubernetes(cluster: KubeCluster, node: Kubelet,
             results = list(pool.map(lambda i: stream(gateway, f"Request {i} about mountains", 64), range(6)))
         assert [n for _, n in results] == [64] * 6
         ran = {p.name: _worker_chunks(p) - before[p.name] for p in (a, b)}
-        assert all(n > 0 for n in ran.values()) and sum(ran.values()) >= 6 * 2, f"chunks per pod: {ran}"
+        assert all(n > 0 for n in ran.values()) and sum(ran.values()) >= 6, f"chunks per pod: {ran}"
 
-        # kubectl patch: the next request's slices are 16 tokens
+        # kubectl patch: the picker reloads the policy, whose chunkSize (the fairness quantum) is now 16
         reloads = lambda: _sum(_scrape(picker_metrics), "tokenslice_picker_policy_reloads_total")  # noqa: E731
         seen = reloads()
         run(commands[8])
         wait_for(lambda: reloads() > seen, 60, "the picker to reload the edited policy (ConfigMap -> mounted file)")
         issued = drivers()
         assert stream(gateway, body["prompt"], 64)[1] == 64
-        assert drivers() - issued == 4, "64 tokens in time slices of 16 after the edit"
+        assert drivers() - issued == 1, "still one long slice: the quantum is not a slice end"
 
         # beyond the docs: a pod that leaves the pool stops getting chunks (its processes still run, as during
         # a termination grace period)
@@ -255,7 +256,7 @@ def test_the_docs_quick_start_on_kubernetes(cluster: KubeCluster, node: Kubelet,
             results = list(pool.map(lambda i: stream(gateway, f"After the deletion {i}", 32), range(3)))
         assert [n for _, n in results] == [32] * 3
         assert _worker_chunks(b) == before[b.name], "the deleted pod still got chunks"
-        assert _worker_chunks(a) - before[a.name] >= 3 * 2
+        assert _worker_chunks(a) - before[a.name] >= 3
     finally:
         if operator is not None:
             operator.stop()  # the pods' processes stop with the kubelet fixture
