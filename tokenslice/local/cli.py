@@ -37,7 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.local_command != "up":
         print("usage: tokenslice local up [--engines N] [--model DIR] [--chunk-size N] [--policy FILE] "
-              "[--port P] [-- vLLM args]", file=sys.stderr)
+              "[--max-slice-tokens N] [--port P] [-- vLLM args]", file=sys.stderr)
         return 2
     extra = list(args.vllm_args)
     if extra and extra[0] == "--":
