@@ -4,7 +4,8 @@ One real vLLM engine (the tiny model on CPU unless ``--model``), ``--slots`` seq
 planes a part needs over it, measured interleaved round by round so that load drift hits all alike:
 
 * ``direct``  -- straight to vLLM (no sidecar, no picker): the reference throughput;
-* ``cN``      -- tokenslice with slices of N tokens (a slice end every N tokens, nobody waiting);
+* ``cN``      -- tokenslice in per-slice mode (``--max-slice-tokens 0``), slices of N tokens (a slice end every
+  N tokens, nobody waiting);
 * ``long``    -- tokenslice with long slices (``--max-slice-tokens 4096``, quantum 32): one slice per request.
 
 Part ``slices``: ``--slots`` concurrent greedy streams of ``--tokens`` tokens (``ignore_eos``); aggregate
@@ -33,6 +34,7 @@ import openai
 
 from tokenslice import contract
 from tokenslice.bench.micro import cuts
+from tokenslice.bench.scenario import PER_SLICE_ARGS
 from tokenslice.local.stack import DataPlane, EnginePool, LocalConfig, RunDir
 
 PROMPT = "a long batch job about rivers and mountains"
@@ -140,7 +142,7 @@ async def _run(args: argparse.Namespace, parts: set[str]) -> int:
                 planes["direct"] = DataPlane(engines, policy, run_dir, mode="direct", name="d-", progress=quiet)
                 for c in map(int, args.chunk_sizes.split(",")):
                     planes[f"c{c}"] = DataPlane(engines, policy.model_copy(update={"chunk_size": c}), run_dir,
-                                                name=f"c{c}-", progress=quiet)
+                                                name=f"c{c}-", progress=quiet, picker_args=list(PER_SLICE_ARGS))
             planes["long"] = DataPlane(engines, policy.model_copy(update={"chunk_size": 32}), run_dir, name="long-",
                                        progress=quiet, picker_args=["--max-slice-tokens", "4096",
                                                                     *shlex.split(args.picker_args)])
