@@ -6,6 +6,9 @@ import argparse
 import asyncio
 import logging
 import os
+import sys
+
+from pydantic import ValidationError
 
 from tokenslice_operator import crdgen
 from tokenslice_operator.config import OperatorConfig
@@ -67,17 +70,24 @@ def run(args: argparse.Namespace) -> int:
     from tokenslice_operator.app import RunOptions, run_operator
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = OperatorConfig(
-        picker_image=args.picker_image, sidecar_image=args.sidecar_image, gateway_image=args.gateway_image,
-        gateway_port=args.gateway_port, gateway_service=args.gateway_service,
-        image_pull_policy=args.image_pull_policy, chunk_url=args.chunk_url, gpu_resource=args.gpu_resource,
-        webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
-        kv_residency=args.kv_residency, kv_offload_gib=args.kv_offload_gib, kv_offload_tokens=args.kv_offload_tokens,
-        picker_api_keys_secret=args.picker_api_keys_secret or None, picker_api_keys_key=args.picker_api_keys_key,
-        picker_trusted_proxies=[c for c in args.picker_trusted_proxies.split(",") if c],
-        picker_identity_header=args.picker_identity_header or None,
-        picker_max_slice_tokens=args.picker_max_slice_tokens,
-    )
+    try:
+        config = OperatorConfig(
+            picker_image=args.picker_image, sidecar_image=args.sidecar_image, gateway_image=args.gateway_image,
+            gateway_port=args.gateway_port, gateway_service=args.gateway_service,
+            image_pull_policy=args.image_pull_policy, chunk_url=args.chunk_url, gpu_resource=args.gpu_resource,
+            webhook_port=args.webhook_port, webhook_cert=args.webhook_cert, webhook_key=args.webhook_key,
+            kv_residency=args.kv_residency, kv_offload_gib=args.kv_offload_gib,
+            kv_offload_tokens=args.kv_offload_tokens, picker_api_keys_secret=args.picker_api_keys_secret or None,
+            picker_api_keys_key=args.picker_api_keys_key,
+            picker_trusted_proxies=[c for c in args.picker_trusted_proxies.split(",") if c],
+            picker_identity_header=args.picker_identity_header or None,
+            picker_max_slice_tokens=args.picker_max_slice_tokens,
+        )
+    except ValidationError as exc:  # a bad flag value: one readable line per problem, no traceback
+        problems = "; ".join((f"--{str(e['loc'][0]).replace('_', '-')}: " if e["loc"] else "") + e["msg"]
+                             for e in exc.errors())
+        print(f"tokenslice operator: {problems}", file=sys.stderr)
+        return 2
     opts = RunOptions(kubeconfig=args.kubeconfig, config=config, webhook_host=args.webhook_host,
                       standalone=args.standalone, priority=args.priority, peering_name=args.peering_name,
                       liveness_endpoint=(f"http://{args.health_host}:{args.health_port}/healthz"

@@ -166,3 +166,11 @@ def test_the_picker_runs_its_default_long_slices_unless_the_operator_sets_a_slic
     assert "--max-slice-tokens" not in plain
     assert build_parser().parse_args(plain).max_slice_tokens == PickerSettings.model_fields["max_slice_tokens"].default
     assert build_parser().parse_args(picker_args(OperatorConfig(picker_max_slice_tokens=0))).max_slice_tokens == 0
+
+
+def test_a_bad_operator_flag_value_is_one_line_and_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    """Before, ``tokenslice operator run --picker-max-slice-tokens -1`` ended in a pydantic traceback."""
+    args = build_parser().parse_args(["operator", "run", "--picker-max-slice-tokens", "-1"])
+    assert args._run(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tokenslice operator: --picker-max-slice-tokens:") and "Traceback" not in err
