@@ -61,6 +61,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="never cut a running chunk (a waiter waits for a slice end)")
     parser.add_argument("--cut-timeout", type=float, default=2.0, help="seconds a worker has to acknowledge a cut")
     slice_default = PickerSettings.model_fields["max_slice_tokens"].default
+    slack_default = PickerSettings.model_fields["fair_share_slack_quanta"].default
+    parser.add_argument("--fair-share-slack", type=float, default=slack_default, metavar="QUANTA",
+                        help=f"a fair-share cut only when the running slice's tenant is ahead of the waiter's by "
+                             f"this many of the class's quanta (default {slack_default:g}; 0 = at any lead)")
     parser.add_argument("--max-slice-tokens", type=int, default=slice_default,
                         help=f"long slices (default {slice_default}): admit requests with this slice, cut a running "
                              "one when a more important chunk or an owed tenant waits; the class's chunk size stays "
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
             default_chunk_seconds=args.default_chunk_seconds, idle_grace_s=args.idle_grace,
             policy_poll_s=args.policy_poll, load_weight=args.load_weight, prefix_weight=args.prefix_weight,
             kv_cache_weight=args.kv_cache_weight, driver_weight=args.driver_weight, preemption=args.preemption,
-            cut_timeout_s=args.cut_timeout, max_slice_tokens=args.max_slice_tokens, kv_residency=args.kv_residency,
+            cut_timeout_s=args.cut_timeout, max_slice_tokens=args.max_slice_tokens,
+            fair_share_slack_quanta=args.fair_share_slack, kv_residency=args.kv_residency,
             kv_capacity_tokens=args.kv_capacity_tokens, kv_offload_tokens=args.kv_offload_tokens,
             residency_bonus_tokens=args.residency_bonus_tokens, kube=args.kube, pool=args.pool,
             namespace=args.namespace, kubeconfig=args.kubeconfig, policy_name=args.policy_name,

@@ -74,7 +74,7 @@ class Dispatcher:
     def __init__(self, policy: SchedulingPolicySpec, datastore: Datastore, metrics: PickerMetrics, *,
                  cost_model: CostModel | None = None, profile: SchedulerProfile | None = None,
                  idle_grace_s: float = 2.0, ledger_size: int = 100_000, cut: CutFn | None = None,
-                 max_slice_tokens: int, preempt_scan: int = 32,
+                 max_slice_tokens: int, fair_share_slack_quanta: float = 0.0, preempt_scan: int = 32,
                  residency: ResidencyTracker | None = None) -> None:
         """``max_slice_tokens`` has no default here: the picker's one default is ``PickerSettings``'s
         (long slices); 0 is per-slice mode."""
@@ -91,6 +91,8 @@ class Dispatcher:
         self.cut = cut
         """Sends a cut; None: never preempt (every chunk runs to its slice end)."""
         self.preempt_scan = preempt_scan
+        self.fair_share_slack_quanta = fair_share_slack_quanta
+        """A fair-share cut needs the victim's tenant ahead by this many quanta (``PickerSettings`` default)."""
         """At most this many queued chunks (in dispatch order) look for a victim per pass."""
         self.running: set[Chunk] = set()
         self.residency = residency
@@ -315,7 +317,10 @@ class Dispatcher:
         def served(klass: str, tenant: str) -> float:
             return counters.get(klass, tenant) + ahead.get((klass, tenant), 0.0)
 
-        ctx = VictimContext(self.queues.resolve_class, lambda c: self._rule(c).chunk_size, served, now)
+        def slack(klass: str) -> float:
+            return self.fair_share_slack_quanta * output * self._rule(klass).chunk_size
+
+        ctx = VictimContext(self.queues.resolve_class, lambda c: self._rule(c).chunk_size, served, now, slack)
         unserved = False
         for n, waiter in enumerate(self.queues.in_order(now)):
             if n >= self.preempt_scan:

@@ -61,3 +61,19 @@ def test_fair_share_cuts_only_a_long_slice_past_its_quantum_of_a_tenant_not_behi
     assert sel.select(waiter, [long_over, older], ctx()).victim is older  # the most over its quantum
 
 
+
+
+def test_fair_share_waits_for_the_victims_tenant_to_lead_by_the_slack():
+    """Hysteresis: a lead under the slack is no reason to cut (each cut costs a continuation)."""
+    sel = LowestClassFirst()
+    waiter = make_chunk("w", "b", "lo", index=1)
+    long_over = running("long", "lo", tenant="a", since=8.0, slice=4096)
+    classes = {c.name: c for c in POLICY.priority_classes}
+
+    def with_slack(lead: float) -> VictimContext:
+        return VictimContext(classes.__getitem__, lambda c: 16, lambda c, t: {"a": lead}.get(t, 0.0), 10.0,
+                             lambda c: 512.0)
+
+    assert sel.select(waiter, [long_over], with_slack(100.0)) is None  # ahead, but by less than the slack
+    assert sel.select(waiter, [long_over], with_slack(511.9)) is None
+    assert sel.select(waiter, [long_over], with_slack(512.0)).reason == FAIR_SHARE
