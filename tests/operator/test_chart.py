@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import json
+from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 import yaml
 
-from tests.fixtures.kube import KubeCluster, wait_for
+from tests.fixtures.kube import KubeCluster, chart_for_test_server, wait_for
 from tests.operator.conftest import CHART, OperatorThread, condition
 from tokenslice.cli import build_parser
 
@@ -116,15 +117,21 @@ def test_picker_max_slice_tokens_reaches_the_operator_only_when_set(kube_cluster
     assert proc.returncode != 0 and "maxSliceTokens" in proc.stderr
 
 
-def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread) -> None:
+def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: OperatorThread, tmp_path: Path) -> None:
     ns, release = "tokenslice-system", "ts"
     args = ["--namespace", ns, "--create-namespace", *FULL]
+    install = [*args, "--server-side=false"]  # Helm 4: chart crds/ skip existing CRDs only this way (docs)
     pools_crd = "inferencepools.inference.networking.k8s.io"
-    # an InferencePool CRD already there, as a Gateway API Inference Extension install leaves it
+    # an InferencePool CRD already there, as a Gateway API Inference Extension install leaves it -- of another
+    # release than the chart's (a different description), so re-applying the chart's would change it
     kube_cluster.kubectl("annotate", "crd", pools_crd, "installed-by=gateway-api-inference-extension", "--overwrite")
+    kube_cluster.kubectl("patch", "crd", pools_crd, "--type=json", "-p", json.dumps([{
+        "op": "replace", "path": "/spec/versions/0/schema/openAPIV3Schema/description",
+        "value": "InferencePool of another Inference Extension release."}]))
     before = kube_cluster.get("crd", pools_crd, None)["spec"]
+    chart = chart_for_test_server(CHART, tmp_path / "chart")
     try:
-        out = kube_cluster.helm("install", release, str(CHART), *args).stdout
+        out = kube_cluster.helm("install", release, str(chart), *install).stdout
         assert "STATUS: deployed" in out
         # the CRDs were already installed: Helm left them alone, so an existing upstream install coexists
         crd = kube_cluster.get("crd", pools_crd, None)
@@ -144,7 +151,7 @@ def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: Ope
         ca = hook["webhooks"][0]["clientConfig"]["caBundle"]
         secret = kube_cluster.get("secret", "ts-tokenslice-webhook-tls", ns)
         assert base64.b64decode(ca) == base64.b64decode(secret["data"]["ca.crt"])
-        kube_cluster.helm("upgrade", release, str(CHART), *args)
+        kube_cluster.helm("upgrade", release, str(chart), *args)
         hook = kube_cluster.get("mutatingwebhookconfiguration", "ts-tokenslice-sidecar-injector", None)
         assert hook["webhooks"][0]["clientConfig"]["caBundle"] == ca, "upgrade must keep the webhook certificate"
         assert kube_cluster.get("crd", pools_crd, None)["spec"] == before
@@ -154,12 +161,19 @@ def test_helm_install_upgrade_uninstall(kube_cluster: KubeCluster, operator: Ope
 
 
 def test_helm_install_on_an_empty_cluster_installs_the_crds(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """A cluster without any of our CRDs: `helm install` alone brings them (chart crds/) and the CRs."""
+    """A cluster without any of our CRDs: `helm install` alone brings them (chart crds/) and the CRs.
+
+    The chart's crds/ go through ``for_test_server`` first: the InferencePool CRD (CEL rules, an
+    empty-string default) cannot be installed on this v1.20 test server; test_crd_cel.py installs it unchanged.
+    """
     from tests.fixtures.kube import running_cluster
 
-    with running_cluster(tmp_path_factory.mktemp("fresh-kube")) as fresh:
+    work = tmp_path_factory.mktemp("fresh-kube")
+    chart = chart_for_test_server(CHART, work / "chart")
+    with running_cluster(work) as fresh:
         assert fresh.get("crd", "inferencepools.inference.networking.k8s.io", None) is None
-        fresh.helm("install", "ts", str(CHART), "--namespace", "tokenslice-system", "--create-namespace", *FULL)
+        fresh.helm("install", "ts", str(chart), "--namespace", "tokenslice-system", "--create-namespace", *FULL,
+                   "--server-side=false")
         for crd in ("inferencepools.inference.networking.k8s.io", "schedulingpolicies.tokenslice.io",
                     "clusterkopfpeerings.kopf.dev"):
             assert fresh.get("crd", crd, None), crd

@@ -48,7 +48,7 @@ def _pod(name: str, labels: dict[str, str]) -> dict:
 async def test_pool_endpoints_follow_ready_pods_and_policy_follows_cr(kube_cluster):
     cluster = kube_cluster
     for crd in ("inference.networking.k8s.io_inferencepools.yaml", "tokenslice.io_schedulingpolicies.yaml"):
-        cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / crd))
+        cluster.install_crds(REPO_ROOT / "crds" / crd)  # as the v1.20 test server takes it (no CEL)
     ns = f"gw-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", ns)
     api = Api(cluster)
@@ -132,7 +132,7 @@ async def test_alive_at_once_ready_only_after_the_first_listing_of_the_pool(kube
     """The GIE health services: ``liveness`` SERVING at start, ``readiness`` (and the ext_proc service) only
     once the pool's pods were listed -- here the pool does not exist yet when the picker starts."""
     cluster = kube_cluster
-    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / "inference.networking.k8s.io_inferencepools.yaml"))
+    cluster.install_crds(REPO_ROOT / "crds" / "inference.networking.k8s.io_inferencepools.yaml")  # no CEL on 1.20
     ns = f"gw-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", ns)
     api = Api(cluster)
@@ -162,7 +162,7 @@ async def test_a_pool_the_operator_would_decline_is_not_served(kube_cluster):
     """The picker reads its pool by ``inferencepool.served``, the operator's rule: a pool edited into one
     tokenslice declines (appProtocol h2c) has no endpoints until edited back, and neither has a deleted one."""
     cluster = kube_cluster
-    cluster.kubectl("apply", "-f", str(REPO_ROOT / "crds" / "inference.networking.k8s.io_inferencepools.yaml"))
+    cluster.install_crds(REPO_ROOT / "crds" / "inference.networking.k8s.io_inferencepools.yaml")  # no CEL on 1.20
     ns = f"gw-{secrets.token_hex(3)}"
     cluster.kubectl("create", "namespace", ns)
     api = Api(cluster)
