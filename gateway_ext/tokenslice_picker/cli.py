@@ -64,8 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     slack_default = PickerSettings.model_fields["fair_share_slack_quanta"].default
     parser.add_argument("--fair-share-slack", type=float, default=slack_default, metavar="QUANTA",
                         help=f"a fair-share cut only when the running slice's tenant is ahead of the waiter's by "
-                             f"this many of the class's quanta per slot of an endpoint (default {slack_default:g}; "
-                             "0 = at any lead)")
+                             f"this many of the class's quanta (default {slack_default:g}; 0 = at any lead)")
     parser.add_argument("--max-slice-tokens", type=int, default=slice_default,
                         help=f"long slices (default {slice_default}): admit requests with this slice, cut a running "
                              "one when a more important chunk or an owed tenant waits; the class's chunk size stays "

@@ -92,7 +92,7 @@ class Dispatcher:
         """Sends a cut; None: never preempt (every chunk runs to its slice end)."""
         self.preempt_scan = preempt_scan
         self.fair_share_slack_quanta = fair_share_slack_quanta
-        """A fair-share cut needs the victim's tenant ahead by this many quanta per slot (``PickerSettings``)."""
+        """A fair-share cut needs the victim's tenant ahead by this many quanta (``PickerSettings`` default)."""
         """At most this many queued chunks (in dispatch order) look for a victim per pass."""
         self.running: set[Chunk] = set()
         self.residency = residency
@@ -318,8 +318,7 @@ class Dispatcher:
             return counters.get(klass, tenant) + ahead.get((klass, tenant), 0.0)
 
         def slack(klass: str) -> float:
-            rule = self._rule(klass)
-            return self.fair_share_slack_quanta * rule.slots * output * rule.chunk_size
+            return self.fair_share_slack_quanta * output * self._rule(klass).chunk_size
 
         ctx = VictimContext(self.queues.resolve_class, lambda c: self._rule(c).chunk_size, served, now, slack)
         unserved = False

@@ -38,10 +38,9 @@ DEFAULT_MAX_SLICE_TOKENS = 4096
 """Long slices by default (issue 12): one slice per request unless cut, so a slice end costs nothing while
 nobody waits; the class's ``chunkSize`` is only the fairness quantum.  Measured: 95.7-97.5% of vLLM FCFS
 throughput where slices of 32 tokens kept 37-77% (docs/picker.md).  Read it through ``PickerSettings``."""
-DEFAULT_FAIR_SHARE_SLACK_QUANTA = 1.0
-"""A fair-share cut waits until the victim's tenant is one quantum per slot ahead (virtual cost; 16 quanta on
-16 slots): tenants' counters drift apart in proportion to the slots they rotate through.  The H200 headline cut
-39 times a second and kept 73% of FCFS throughput when any lead triggered one (docs/benchmarks.md)."""
+DEFAULT_FAIR_SHARE_SLACK_QUANTA = 16.0
+"""A fair-share cut waits until the victim's tenant is 16 quanta ahead (virtual cost): the H200 headline cut 39
+times a second and kept 73% of FCFS throughput when any lead triggered one (docs/benchmarks.md)."""
 # gRPC health service names, as the GIE endpoint picker answers them: alive once serving; ready (and the
 # ext_proc service itself) once the pool's endpoints are known
 LIVENESS = ("", "liveness")
@@ -75,8 +74,7 @@ class PickerSettings(BaseModel):
         "waits; 0 = per-slice mode, slices of the class's chunk size (the old behaviour, for comparison)."))
     fair_share_slack_quanta: float = Field(default=DEFAULT_FAIR_SHARE_SLACK_QUANTA, ge=0, description=(
         "A fair-share cut only when the running slice's tenant is ahead of the waiter's by this many of the "
-        "class's quanta per slot of an endpoint (virtual cost): hysteresis, so long slices are not cut at every "
-        "crossing of two "
+        "class's quanta (virtual cost): hysteresis, so long slices are not cut at every crossing of two "
         "tenants' counters (each cut costs a continuation); 0 = cut as soon as the waiter's tenant is behind."))
     kv_residency: bool = Field(default=False, description=(
         "Residency-aware scheduling: model each engine's prefix-cache LRU, resume resident continuations "
