@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from tokenslice.policy import PriorityClass, SchedulingPolicySpec, Tenant
-from tokenslice_picker.datastore.endpoints import Datastore
+from tokenslice_picker.datastore.endpoints import Datastore, Endpoint
 from tokenslice_picker.dispatcher import Dispatcher
 from tokenslice_picker.flowcontrol.chunk import Chunk, NoEndpoints, make_chunk
 from tokenslice_picker.metrics import PickerMetrics
@@ -276,20 +276,28 @@ async def test_a_long_slice_is_cut_for_another_tenant_once_it_ran_its_quantum():
     await d.close()
 
 
-async def test_a_running_long_slice_is_charged_as_it_runs_so_a_tenant_it_overtook_cuts_it():
-    """Long slices are charged one quantum at grant and the truth at their end; without charging them
-    while they run, a tenant holding slots with long slices looks owed, and the other tenant's waiter
-    never cuts it (issue 12: 17% share error on the H200, 85% on CPU)."""
-    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
-        PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a", weight=2), Tenant(name="b", weight=1)])
+async def _long_slices_after_b_served(policy: SchedulingPolicySpec,
+                                      b_tokens: int) -> tuple[Dispatcher, Endpoint, Worker]:
+    """A long-slice dispatcher on one endpoint whose tenant b was already served ``b_tokens``, decoding at an
+    observed 100 tokens/s (10 ms a token), with a worker that records cuts."""
     ds = Datastore(["10.0.0.1:80"])
     (ep,) = ds.endpoints()
     worker = Worker()
     d = Dispatcher(policy, ds, PickerMetrics(), cut=worker, max_slice_tokens=4096)
     b_done = make_chunk("b-0", "b", "batch", index=1, slice=4096)
     await d.acquire(b_done)
-    d.release(b_done, 50)  # b was served 50 tokens: counter 2 x 50 / 1 = 100
-    ep.tokens_per_s = 100.0  # the decode rate observed (10 ms a token), not this instant chunk's
+    d.release(b_done, b_tokens)
+    ep.tokens_per_s = 100.0  # the decode rate observed, not this instant chunk's
+    return d, ep, worker
+
+
+async def test_a_running_long_slice_is_charged_as_it_runs_so_a_tenant_it_overtook_cuts_it():
+    """Long slices are charged one quantum at grant and the truth at their end; without charging them
+    while they run, a tenant holding slots with long slices looks owed, and the other tenant's waiter
+    never cuts it (issue 12: 17% share error on the H200, 85% on CPU)."""
+    policy = SchedulingPolicySpec(slots_per_endpoint=1, chunk_size=8, priority_classes=[
+        PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a", weight=2), Tenant(name="b", weight=1)])
+    d, ep, worker = await _long_slices_after_b_served(policy, 50)  # b: counter 2 x 50 / 1 = 100
     a_long = make_chunk("a-long", "a", "batch", index=1, slice=4096)
     await d.acquire(a_long)
     assert d.ledger.counters.get("batch", "a") == pytest.approx(2 * 8 / 2)  # one quantum at grant
@@ -310,14 +318,7 @@ async def test_fair_share_cuts_in_one_pass_stop_once_the_owed_tenant_is_charged_
     advance, so one pass cuts only as many slices as the gap is worth, not every slot the other tenant holds."""
     policy = SchedulingPolicySpec(slots_per_endpoint=4, chunk_size=8, priority_classes=[
         PriorityClass(name="batch", priority=1)], tenants=[Tenant(name="a"), Tenant(name="b")])
-    ds = Datastore(["10.0.0.1:80"])
-    (ep,) = ds.endpoints()
-    worker = Worker()
-    d = Dispatcher(policy, ds, PickerMetrics(), cut=worker, max_slice_tokens=4096)
-    b_done = make_chunk("b-0", "b", "batch", index=1, slice=4096)
-    await d.acquire(b_done)
-    d.release(b_done, 30)  # b: 2 x 30 = 60
-    ep.tokens_per_s = 100.0  # the decode rate observed (10 ms a token), not this instant chunk's
+    d, ep, worker = await _long_slices_after_b_served(policy, 30)  # b: 2 x 30 = 60
     longs = [make_chunk(f"a-{i}", "a", "batch", index=1, slice=4096) for i in range(4)]
     for c in longs:
         await d.acquire(c)
