@@ -44,13 +44,16 @@ def test_cutrate_arithmetic_by_hand() -> None:
     periods = []
     for r, (none, cut) in enumerate(((100.0, 98.0), (110.0, 106.0))):
         for case, tps, n in (("none", none, 0), ("cuts", cut, 8)):
-            periods.append(cuts.Period(r, case, 0.0, 5.0, 1.0, tokens=int(tps * 4), cuts=n))
+            periods.append(cuts.Period(r, case, 0.0, 5.0, 1.0, tokens=int(tps * 4), cuts=n,
+                                       engine_tokens=tps * 5 + 10, engine_seconds=5.0))
     cutter = cuts.Cutter(None, "", b"", None, 16)  # type: ignore[arg-type]
     cutter.estimates, cutter.produced = [3, 5], [100, 200]
     s = cuts.cutrate_summary(periods, cutter, block=16, interval=0.5, streams=4, recomputed_vllm=4.0,
                              continuations=16, picker_cuts=0)
     assert s["tps_none_mean"] == 105 and s["tps_cuts_mean"] == 102 and s["cuts_per_s"] == 2   # 16 cuts in 8 s
     assert s["lost_fraction"] == pytest.approx(3 / 105)
+    assert s["lost_fraction_upper"] == pytest.approx(3 / 105 + 2 * 1 / 105)       # diffs 2 and 4: s.e. 1
+    assert s["engine_lost_fraction"] == pytest.approx(3 / 107) and s["engine_lost_fraction_sem"] == pytest.approx(1 / 107)
     assert s["lost_tokens_per_cut"] == pytest.approx(1.5)                 # 3 tok/s lost at 2 cuts/s
     assert s["lost_fraction_at_2_per_s"] == pytest.approx(2 * 1.5 / 105)
     assert s["lost_slot_ms_per_cut"] == pytest.approx(1.5 / (105 / 4) * 1e3)  # one stream decodes 26.25 tok/s
@@ -87,6 +90,7 @@ async def test_cutrate_part_cuts_running_chunks_at_the_set_rate_and_they_continu
     assert all(x["tps"] > 0 for x in s["samples"])
     none, with_cuts = s["samples"]
     assert none["cuts"] == 0 and with_cuts["cuts"] >= 2          # ticks at 0.5 s over 2.5 s: up to 5
+    assert none["engine_tokens"] > 0 and with_cuts["engine_tokens"] > 0
     # every cut the worker acted on came back through the picker as a continuation chunk
     assert s["continuations_granted"] >= s["cuts"] and s["picker_cuts"] == 0
     assert not s["background_errors"]                             # a cut stream continues, it does not break
@@ -96,3 +100,11 @@ async def test_cutrate_part_cuts_running_chunks_at_the_set_rate_and_they_continu
     assert s["recomputed_per_cut_estimate"] is not None and s["block_size"] > 0
     text = cuts.cutrate_markdown(s, period_s=3.0, settle_s=0.5)
     assert "| 1 | none |" in text and "| 1 | cuts |" in text and "output tokens per cut" in text
+
+
+def test_staggered_background_spreads_the_first_streams_ends() -> None:
+    """cutrate's lanes end their first streams at 1/4, 2/4, ... of the length, so restarts do not come all at once."""
+    bg = cuts.Background(None, "", "m", 4, 1000, {}, stagger=True)  # type: ignore[arg-type]
+    assert [bg.first_tokens(lane) for lane in bg.lanes] == [250, 500, 750, 1000]
+    flat = cuts.Background(None, "", "m", 4, 1000, {})  # type: ignore[arg-type]
+    assert {flat.first_tokens(lane) for lane in flat.lanes} == {1000}

@@ -72,6 +72,8 @@ class Stream:
     counts: list[int] = field(default_factory=list)
     end: float | None = None
     error: str | None = None
+    max_tokens: int = 0
+    """What it asked for (the cutter leaves a stream alone near its end); 0: not recorded."""
     started: asyncio.Event = field(default_factory=asyncio.Event)
     """Set at the first token."""
 
@@ -140,19 +142,32 @@ class Background:
     """``count`` long low-priority streams, each restarted when it ends (a fresh prompt each time)."""
 
     def __init__(self, session: aiohttp.ClientSession, base: str, model: str, count: int, tokens: int,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], *, stagger: bool = False) -> None:
         self.session, self.base, self.model, self.tokens, self.headers = session, base, model, tokens, headers
         self.lanes = [Lane(i) for i in range(count)]
+        self.stagger = stagger
+        """Lane i's first stream asks for (i + 1) / count of ``tokens``: the streams then end (and restart) spread
+        evenly instead of all at once, so the engine's batch -- its contexts, its prefills -- looks the same in
+        every period. Without it the lanes restart together every ``tokens`` decode steps and the throughput of
+        a period depends on where in that cycle it falls (6.4% spread between equal periods on the H200)."""
         self.errors: list[str] = []
         """Streams that broke after their first token (restarted; reported)."""
         self._tasks: list[asyncio.Task[None]] = []
 
+    def first_tokens(self, lane: Lane) -> int:
+        if not self.stagger:
+            return self.tokens
+        return max(1, self.tokens * (lane.index + 1) // len(self.lanes))
+
     async def _lane(self, lane: Lane) -> None:
+        tokens = self.first_tokens(lane)
         while True:
             s = Stream(sent=time.perf_counter())
             lane.current, lane.chunk_index, lane.tokens_at_cut, lane.generated_before_chunk = s, 0, 0, 0
+            s.max_tokens = tokens
             await run_stream(self.session, self.base, self.model, f"{uuid.uuid4().hex[:8]} {PROMPT}",
-                             self.tokens, self.headers, s)
+                             tokens, self.headers, s)
+            tokens = self.tokens
             lane.done.append(s)
             if s.error and not s.times:  # refused outright: a broken setup, not a hiccup worth riding out
                 raise RuntimeError(f"background stream {lane.index} failed: {s.error}")
@@ -241,7 +256,8 @@ async def settle(session: aiohttp.ClientSession, picker_url: str, granted: int, 
 
 def engine_counters(samples: list[promtext.Sample]) -> dict[str, float]:
     hits = promtext.total(samples, promtext.PREFIX_HITS) or promtext.total(samples, promtext.PREFIX_HITS_OLD)
-    return {"prompt_tokens": promtext.total(samples, promtext.PROMPT_TOKENS), "prefix_hits": hits}
+    return {"prompt_tokens": promtext.total(samples, promtext.PROMPT_TOKENS), "prefix_hits": hits,
+            "generation_tokens": promtext.total(samples, promtext.GENERATION_TOKENS)}
 
 
 def block_size(samples: list[promtext.Sample], default: int) -> int:
@@ -437,6 +453,10 @@ class Period:
     misses: int = 0
     first_prompt_tokens: int = 0
     computed_prefill: float = 0.0
+    engine_tokens: float = 0.0
+    """vLLM's own output-token counter over the whole period (settling included): the engine-side check on
+    the client-side count, which a slow client could skew."""
+    engine_seconds: float = 0.0
 
     @property
     def tps(self) -> float:
@@ -461,7 +481,7 @@ class Cutter:
             lane = lanes[(self.next + k) % len(lanes)]
             s = lane.current
             if (s is None or not s.request_id or s.end is not None or s.tokens <= lane.tokens_at_cut
-                    or self.bg.tokens - s.tokens < 8):
+                    or (s.max_tokens or self.bg.tokens) - s.tokens < 8):
                 continue  # not started, (nearly) ended, or its continuation has not produced a token yet
             headers = contract.CutHeaders(s.request_id, lane.chunk_index, "bench").sign(self.key)
             try:
@@ -505,7 +525,7 @@ async def cutrate_part(plane: DataPlane, engine_metrics: str, key: bytes, model:
     periods: list[Period] = []
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as session:
         block = block_size(await scrape(session, engine_metrics), default_block)
-        bg = Background(session, plane.url, model, streams, tokens, low)
+        bg = Background(session, plane.url, model, streams, tokens, low, stagger=True)
         cutter = Cutter(session, plane.sidecar_addresses[0], key, bg, block)
         await bg.start()
         first_engine = engine_counters(await scrape(session, engine_metrics))
@@ -528,6 +548,8 @@ async def cutrate_part(plane: DataPlane, engine_metrics: str, key: bytes, model:
                                                 if s.times and t0 <= s.times[0] < p.stop)
                     p.computed_prefill = ((e1["prompt_tokens"] - e0["prompt_tokens"])
                                           - (e1["prefix_hits"] - e0["prefix_hits"]))
+                    p.engine_tokens = e1["generation_tokens"] - e0["generation_tokens"]
+                    p.engine_seconds = time.perf_counter() - t0
                     periods.append(p)
                 done = periods[-2:]
                 progress(f"[cutrate] round {r + 1}/{rounds} ({time.perf_counter() - started:.0f}s): "
@@ -569,12 +591,21 @@ def cutrate_summary(periods: list[Period], cutter: Cutter, *, block: int, interv
     diffs = [a.tps - b.tps for a, b in pairs]
     sem = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
     spread = statistics.stdev(a.tps for a, _ in pairs) / tps_none if len(pairs) > 1 and tps_none else math.nan
+    engine = [(a.engine_tokens / a.engine_seconds, b.engine_tokens / b.engine_seconds) for a, b in pairs
+              if a.engine_seconds and b.engine_seconds]
+    engine_none = statistics.mean(a for a, _ in engine) if engine else math.nan
+    engine_lost = (engine_none - statistics.mean(b for _, b in engine)) / engine_none if engine else math.nan
+    engine_sem = (statistics.stdev(a - b for a, b in engine) / math.sqrt(len(engine)) / engine_none
+                  if len(engine) > 1 else math.nan)
+    lost = (tps_none - tps_cuts) / tps_none if tps_none else math.nan
+    lost_sem = sem / tps_none if tps_none else math.nan
     return {
         "streams": streams, "interval_s": interval, "block_size": block,
         "periods": len(periods), "rounds": len(pairs),
         "tps_none_mean": tps_none, "tps_cuts_mean": tps_cuts, "tps_none_spread": spread,
-        "lost_fraction": (tps_none - tps_cuts) / tps_none if tps_none else math.nan,
-        "lost_fraction_sem": sem / tps_none if tps_none else math.nan,
+        "lost_fraction": lost, "lost_fraction_sem": lost_sem,
+        "lost_fraction_upper": lost + 2 * lost_sem,
+        "engine_lost_fraction": engine_lost, "engine_lost_fraction_sem": engine_sem,
         "cuts": n_cuts, "cuts_per_s": cuts_per_s,
         "ticks_without_cut": sum(p.misses for p in cuts),
         "lost_tokens_per_cut": lost_per_cut,
@@ -587,6 +618,7 @@ def cutrate_summary(periods: list[Period], cutter: Cutter, *, block: int, interv
         "worker_refusals": cutter.failures,
         "continuations_granted": continuations, "picker_cuts": picker_cuts,
         "samples": [{"round": p.round, "case": p.case, "tps": p.tps, "tokens": p.tokens, "cuts": p.cuts,
+                     "engine_tokens": p.engine_tokens, "engine_seconds": p.engine_seconds,
                      "seconds": p.stop - p.measured_from, "computed_prefill": p.computed_prefill,
                      "first_prompt_tokens": p.first_prompt_tokens} for p in periods],
     }
@@ -608,7 +640,10 @@ def cutrate_markdown(s: dict[str, Any], *, period_s: float, settle_s: float) -> 
         f"Throughput lost with cuts: **{_f(100 * s['lost_fraction'], 2)}%** (+- {_f(100 * s['lost_fraction_sem'], 2)}"
         f" s.e. of the paired rounds) = **{_f(s['lost_tokens_per_cut'])} output tokens per cut** "
         f"(+- {_f(s['lost_tokens_per_cut_sem'])}) = {_f(s['lost_slot_ms_per_cut'])} ms of one stream's decoding; "
-        f"at 2 cuts/s: **{_f(100 * s['lost_fraction_at_2_per_s'], 2)}%** of throughput.", "",
+        f"at 2 cuts/s: **{_f(100 * s['lost_fraction_at_2_per_s'], 2)}%** of throughput; mean + 2 s.e. "
+        f"{_f(100 * s['lost_fraction_upper'], 2)}%. vLLM's own output-token counter over the same periods "
+        f"(settling included): {_f(100 * s['engine_lost_fraction'], 2)}% "
+        f"(+- {_f(100 * s['engine_lost_fraction_sem'], 2)}).", "",
         f"Tokens recomputed per cut: {_f(s['recomputed_per_cut_vllm'])} (vLLM: prompt tokens - prefix-cache hits, "
         f"less the first chunks' prompts) vs the picker's estimate {_f(s['recomputed_per_cut_estimate'])} (context "
         f"past the last full {s['block_size']}-token block); the cut chunks had produced "
