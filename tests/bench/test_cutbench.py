@@ -53,7 +53,8 @@ def test_cutrate_arithmetic_by_hand() -> None:
     assert s["tps_none_mean"] == 105 and s["tps_cuts_mean"] == 102 and s["cuts_per_s"] == 2   # 16 cuts in 8 s
     assert s["lost_fraction"] == pytest.approx(3 / 105)
     assert s["lost_fraction_upper"] == pytest.approx(3 / 105 + 2 * 1 / 105)       # diffs 2 and 4: s.e. 1
-    assert s["engine_lost_fraction"] == pytest.approx(3 / 107) and s["engine_lost_fraction_sem"] == pytest.approx(1 / 107)
+    assert s["engine_lost_fraction"] == pytest.approx(3 / 107)
+    assert s["engine_lost_fraction_sem"] == pytest.approx(1 / 107)
     assert s["lost_tokens_per_cut"] == pytest.approx(1.5)                 # 3 tok/s lost at 2 cuts/s
     assert s["lost_fraction_at_2_per_s"] == pytest.approx(2 * 1.5 / 105)
     assert s["lost_slot_ms_per_cut"] == pytest.approx(1.5 / (105 / 4) * 1e3)  # one stream decodes 26.25 tok/s
