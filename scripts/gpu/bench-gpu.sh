@@ -69,7 +69,7 @@ bench_cmd() {  # the benchmark writes its per-chunk breakdown (chunk_breakdown.*
   # BENCH_CMD replaces it only in tests/gpu (no GPU there to run the real one)
   if [ -n "${BENCH_CMD:-}" ]; then echo "$BENCH_CMD"
   elif [ -n "$BENCH_MICRO" ]; then echo "python3 -m tokenslice bench micro $BENCH_MICRO --model $MODEL --out $RES --keep-logs"
-  else echo "python3 -m tokenslice bench run $SCENARIO --model $MODEL --out $RES --keep-logs ${BENCH_ARGS:-}"
+  else echo "python3 -m tokenslice bench run $SCENARIO --model $MODEL --out $RES --keep-logs --no-isolate-cpus ${BENCH_ARGS:-}"
   fi
 }
 

@@ -67,6 +67,9 @@ def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--model", type=Path, default=None, help="local model directory (default: the tiny model)")
     p.add_argument("--keep-logs", action="store_true", help="keep the run directory with every component's log")
+    p.add_argument("--isolate-cpus", action=argparse.BooleanOptionalAction, default=True,
+                   help="give each vLLM engine core a CPU of its own and everything else the others, for every "
+                   "system alike (default on; a no-op with fewer CPUs than engines + 1)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,7 +184,8 @@ async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: i
     command = "tokenslice bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 2 \
         else f"tokenslice bench {args.bench_command}"
     meta = {"command": command, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "host": platform.node(), "python": platform.python_version(), "cpus": _cpus()}
+            "host": platform.node(), "python": platform.python_version(), "cpus": _cpus(),
+            "isolate_cpus": args.isolate_cpus}
     done: list[SystemResult] = []
     calibrated: list = []  # the scaled scenario and its Calibrated, once measured
 
@@ -215,7 +219,7 @@ async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: i
     started = time.monotonic()
     try:
         await run_benchmark(scenario, model_dir=args.model, on_result=on_result, keep_run_dir=args.keep_logs,
-                            on_calibrated=on_calibrated)
+                            on_calibrated=on_calibrated, isolate_cpus=args.isolate_cpus)
     except Exception as exc:  # keep what was measured; say what broke
         print(f"tokenslice bench: run failed after {len(done)} system(s): {type(exc).__name__}: {exc}",
               file=sys.stderr)

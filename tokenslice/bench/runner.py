@@ -334,11 +334,13 @@ async def calibrate_on(engines: list[Engine], scenario: Scenario, progress: Prog
 async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, model_dir=None,
                         on_result: Callable[[SystemResult], None] | None = None,
                         keep_run_dir: bool = False,
-                        on_calibrated: Callable[[Scenario, Calibrated], None] | None = None) -> list[SystemResult]:
+                        on_calibrated: Callable[[Scenario, Calibrated], None] | None = None,
+                        isolate_cpus: bool = False) -> list[SystemResult]:
     """Run every planned system; ``on_result`` sees each result as soon as it exists (partial reports).
 
     With ``scenario.calibrate`` the first engines (FCFS unless only vLLM priority runs) first measure
     their capacity and every system then replays the trace of the scaled scenario (``on_calibrated``).
+    ``isolate_cpus``: each engine core on a CPU of its own while its engines run (:mod:`tokenslice.engine.cpus`).
     """
     plans = plan_systems(scenario)
     trace = build_trace(scenario)
@@ -359,7 +361,8 @@ async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, mod
             async with EnginePool(scenario.engines, run_dir=run_dir, model_dir=model_dir,
                                   max_num_seqs=scenario.max_num_seqs, scheduling_policy=engine_policy,
                                   vllm_args=[*scenario.vllm_args, *extra], progress=progress,
-                                  tag=f"engine-{engine_policy}" + (f"-{n_start}" if extra else "")) as engines:
+                                  tag=f"engine-{engine_policy}" + (f"-{n_start}" if extra else ""),
+                                  isolate_cpus=isolate_cpus) as engines:
                 if scenario.calibrate is not None and calibrated is None:
                     scenario, calibrated = await calibrate_on(engines, scenario, progress)
                     trace = build_trace(scenario)

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from tokenslice.engine import cpus
 from tokenslice.envoy import ExtProc, Static, start_envoy
 from tokenslice.paths import cache_dir
 from tokenslice.policy import SchedulingPolicySpec, load_policy
@@ -135,8 +136,13 @@ class EnginePool:
 
     def __init__(self, count: int, *, run_dir: RunDir, model_dir: Path | None = None, max_num_seqs: int = 4,
                  scheduling_policy: str = "fcfs", vllm_args: list[str] | None = None,
-                 timeout_s: float = 900.0, progress: Progress = _stderr, tag: str = "engine") -> None:
+                 timeout_s: float = 900.0, progress: Progress = _stderr, tag: str = "engine",
+                 isolate_cpus: bool = False) -> None:
         self.count = count
+        self.isolate_cpus = isolate_cpus
+        """Each engine core on a core of its own, everything else (this process included) on the others, while the
+        pool runs (:mod:`tokenslice.engine.cpus`); this process's own affinity is restored on stop."""
+        self._own_cpus: frozenset[int] | None = None
         self.run_dir = run_dir
         self.model_dir = model_dir
         self.max_num_seqs = max_num_seqs
@@ -181,7 +187,25 @@ class EnginePool:
         if failures:
             await self.stop()
             raise failures[0]
+        if self.isolate_cpus:
+            self.isolate()
         return self.engines
+
+    def isolate(self) -> None:
+        """Pin the running engines and this process (see ``isolate_cpus``); a no-op where the cores do not go round."""
+        iso = cpus.plan(len(self.engines))
+        if iso is None:
+            self.progress(f"  cpus: not isolating ({len(cpus.available())} cpus for {len(self.engines)} engine(s))")
+            return
+        self._own_cpus = cpus.affinity(0)
+        for engine, own in zip(self.engines, iso.engine_cpus):
+            cores = cpus.engine_cores(engine.pid)
+            for pid in [engine.pid, *cpus.descendants(engine.pid)]:
+                cpus.pin(pid, own if pid in cores else iso.rest)
+            if not cores:
+                self.progress(f"  cpus: {engine.name} has no {cpus.ENGINE_CORE_NAME} process; left unpinned")
+        cpus.pin(os.getpid(), iso.rest)  # and so every sidecar, picker and Envoy started from here
+        self.progress(f"  cpus: {iso.describe()}")
 
     async def _tick(self, tasks: list[asyncio.Task[Engine]], started: float) -> None:
         while True:
@@ -192,6 +216,9 @@ class EnginePool:
     async def stop(self) -> None:
         await asyncio.gather(*(e.server.stop() for e in self.engines), return_exceptions=True)
         self.engines = []
+        if self._own_cpus is not None:
+            cpus.pin(os.getpid(), self._own_cpus)
+            self._own_cpus = None
 
     async def __aenter__(self) -> list[Engine]:
         return await self.start()
