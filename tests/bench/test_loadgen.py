@@ -12,8 +12,26 @@ from pathlib import Path
 
 import pytest
 
-from tokenslice.bench.report import checks, fairness_from_json, markdown, preemption_markdown, summarize, write_json
-from tokenslice.bench.runner import Plan, SystemResult, long_slices, plan_systems, reusable_tokens, salted, sweep_policy
+from tokenslice.bench.report import (
+    checks,
+    fairness_from_json,
+    markdown,
+    pooled_markdown,
+    preemption_markdown,
+    summarize,
+    write_json,
+)
+from tokenslice.bench.runner import (
+    Plan,
+    SystemResult,
+    base_label,
+    long_slices,
+    plan_systems,
+    reusable_tokens,
+    rounds_of,
+    salted,
+    sweep_policy,
+)
 from tokenslice.bench.scenario import SYSTEMS, Arrivals, LengthDist, Scenario, resolve_scenario
 from tokenslice.bench.stats import RequestResult, fairness, jain_index, percentile, summarize_group, throughput
 from tokenslice.bench.trace import arrival_times, build_trace
@@ -361,3 +379,44 @@ def test_the_kv_hit_target_is_judged_only_where_it_can_fail() -> None:
     two = _scenario(window_s=30, warmup_s=8, engines=2)
     res.gateway_counters = {}
     assert kv_check(res, two).met is False
+
+
+def test_rounds_run_each_engines_systems_in_abba_order_with_a_label_per_round() -> None:
+    sc = _scenario(systems=["tokenslice", "vllm-fcfs"], chunk_sizes=[32], rounds=3)
+    group = [p for p in plan_systems(sc) if p.engine_policy == "fcfs"]
+    labels = [p.label for p in rounds_of(group, sc.rounds)]
+    first = [p.label for p in group]
+    assert labels == first + [f"{x}#2" for x in reversed(first)] + [f"{x}#3" for x in first]
+    assert {base_label(x) for x in labels} == set(first)
+    assert [p.label for p in rounds_of(group, 1)] == first               # one round: the labels of old
+
+
+def test_pooled_targets_judge_every_round_together() -> None:
+    """Round 1 alone misses throughput; pooled with a faster round 2 the mean meets it -- and it says so per round."""
+    sc = _scenario(window_s=30, warmup_s=8, rounds=2)
+    results = [
+        _system("tokenslice-c16", "tokenslice", 0.3, 400, 200, chunk=16),
+        _system("vllm-fcfs", "vllm-fcfs", 9.0, 500, 250),
+        _system("vllm-fcfs#2", "vllm-fcfs", 9.0, 500, 250),
+        _system("tokenslice-c16#2", "tokenslice", 0.3, 600, 300, chunk=16),
+        _system("unloaded-tokenslice-c32", "tokenslice", 0.2, 0, 0, unloaded=True, chunk=32),
+        _system("unloaded-tokenslice-c32#2", "tokenslice", 0.2, 0, 0, unloaded=True, chunk=32),
+    ]
+    summaries = [summarize(r, sc) for r in results]
+    tps = {s.label: s.throughput_tps for s in summaries}
+    r1, r2 = tps["tokenslice-c16"] / tps["vllm-fcfs"], tps["tokenslice-c16#2"] / tps["vllm-fcfs#2"]
+    pooled = (tps["tokenslice-c16"] + tps["tokenslice-c16#2"]) / (tps["vllm-fcfs"] + tps["vllm-fcfs#2"])
+    assert r1 < 0.95 <= pooled < r2
+    by = {c.claim: c for c in checks(summaries, sc)}
+    assert by["throughput >= 95% of vLLM FCFS (tokenslice-c16)"].met is False          # round 1 alone
+    assert not any("#2" in claim for claim in by)
+    text = pooled_markdown(results, summaries, sc)
+    assert "Pooled over 2 rounds" in text
+    assert (f"| throughput >= 95% of vLLM FCFS, pooled (tokenslice-c16) | {pooled:.1%} (per round: {r1:.0%}, "
+            f"{r2:.0%}) | yes |") in text
+    assert "| hi p99 TTFT >= 10x better than vLLM FCFS, pooled (tokenslice-c16) | 9.000s / 0.300s = 30.0x | yes |" in text
+    assert "| hi p99 TTFT <= 2x unloaded, pooled (tokenslice-c16) | 0.300s vs 2x0.200s = 1.5x | yes |" in text
+    assert "| batch tenants within 5% of their weights while backlogged, pooled (tokenslice-c16) |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| tokenslice-c16 | 2 |"))
+    assert f"| {tps['tokenslice-c16']:.0f}, {tps['tokenslice-c16#2']:.0f} |" in row
+    assert pooled_markdown(results[:2], summaries[:2], _scenario(window_s=30, warmup_s=8)) == ""   # one round

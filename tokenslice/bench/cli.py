@@ -67,6 +67,9 @@ def _common(p: argparse.ArgumentParser, default_out: Path | None) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--model", type=Path, default=None, help="local model directory (default: the tiny model)")
     p.add_argument("--keep-logs", action="store_true", help="keep the run directory with every component's log")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="run each engine's systems this many times in alternating order (ABBA) and judge the "
+                   "targets pooled over the rounds as well (default: the scenario's, 1)")
     p.add_argument("--isolate-cpus", action=argparse.BooleanOptionalAction, default=True,
                    help="give each vLLM engine core a CPU of its own and everything else the others, for every "
                    "system alike (default on; a no-op with fewer CPUs than engines + 1)")
@@ -107,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
                 update["reserved_slots"] = [int(x) for x in args.reserved.split(",") if x.strip()]
             if args.window:
                 update["window_s"] = args.window
+            if args.rounds:
+                update["rounds"] = args.rounds
             if args.picker_args is not None:
                 update["picker_args"] = shlex.split(args.picker_args)
             if args.no_calibrate:
@@ -196,6 +201,7 @@ async def _run(scenario, out: Path, args: argparse.Namespace) -> int:  # type: i
         if calibrated:
             table = table.replace("\n", f"\n\nLoad calibrated in this run: {calibrated[1].describe()}.\n", 1)
             meta["calibration"] = calibrated[1].as_json()
+        table += report.pooled_markdown(done, summaries, sc)
         table += report.preemption_markdown(done, summaries, sc)
         table += report.kv_markdown(done, summaries, sc)
         (out / "results.md").write_text(table)

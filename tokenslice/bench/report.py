@@ -10,9 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from tokenslice.bench import kvcache
-from tokenslice.bench.runner import SystemResult
+from tokenslice.bench.runner import ROUND_MARK, SystemResult, base_label
 from tokenslice.bench.scenario import Scenario, Stream
-from tokenslice.bench.stats import STALL_S, Fairness, GroupSummary, RequestResult, fairness, summarize_group, throughput
+from tokenslice.bench.stats import (
+    STALL_S,
+    Fairness,
+    GroupSummary,
+    RequestResult,
+    fairness,
+    percentile,
+    share_error,
+    summarize_group,
+    throughput,
+    ttft_censored,
+)
 
 
 @dataclass
@@ -118,7 +129,9 @@ def _p99(s: SystemSummary | None, stream: str) -> float | None:
 
 
 def checks(summaries: list[SystemSummary], scenario: Scenario) -> list[Check]:
+    """The targets on one run's systems (with ``rounds`` > 1: on round 1; :func:`pooled_markdown` pools them)."""
     hi = focus_stream(scenario)
+    summaries = [s for s in summaries if ROUND_MARK not in s.label]
     by = {s.label: s for s in summaries}
     loaded = [s for s in summaries if s.kind == "tokenslice" and not s.unloaded]
     unloaded = next((s for s in summaries if s.unloaded), None)
@@ -268,6 +281,94 @@ def markdown(summaries: list[SystemSummary], scenario: Scenario, command: str | 
     errs = [s for s in summaries if s.first_error]
     for s in errs:
         lines.append(f"\n{s.label}: {s.errors} error(s), first: `{s.first_error}`")
+    return "\n".join(lines) + "\n"
+
+
+def pooled_markdown(results: list[SystemResult], summaries: list[SystemSummary], scenario: Scenario) -> str:
+    """With ``rounds`` > 1: every system pooled over its rounds, and the targets judged on the pooled numbers.
+
+    Pooled: the focus stream's TTFT p99 over all rounds' requests (censored ones as lower bounds), throughput as
+    the mean over rounds (and each round's ratio to FCFS of the same round), batch shares summed over the
+    seconds in which every batch tenant was backlogged, in every round.
+    """
+    if scenario.rounds < 2:
+        return ""
+    hi = focus_stream(scenario)
+    by: dict[str, list[tuple[SystemResult, SystemSummary]]] = {}
+    for r, s in zip(results, summaries):
+        by.setdefault(base_label(s.label), []).append((r, s))
+
+    def p99(label: str) -> float | None:
+        vals = [v for r, _ in by.get(label, []) for x in r.results
+                if x.stream == hi and (v := ttft_censored(x, r.cutoff)) is not None]
+        return percentile(vals, 99) if vals else None
+
+    def tps(label: str) -> list[float]:
+        return [s.throughput_tps for _, s in by.get(label, [])]
+
+    def shares(label: str) -> tuple[float, float, float] | None:
+        service: dict[str, float] = {}
+        tokens: dict[str, float] = {}
+        seconds, weights = 0.0, {}
+        for _, s in by.get(label, []):
+            b = s.fairness.backlogged if s.fairness else None
+            if b is None:
+                continue
+            seconds += b.seconds
+            weights = s.fairness.weights  # type: ignore[union-attr]
+            for t, v in b.service.items():
+                service[t] = service.get(t, 0.0) + v
+            for t, v in b.output_tokens.items():
+                tokens[t] = tokens.get(t, 0.0) + v
+        if not service or sum(service.values()) <= 0:
+            return None
+        return share_error(service, weights), share_error(tokens, weights), seconds
+
+    lines = ["", f"Pooled over {scenario.rounds} rounds (ABBA order on each engine, the same trace each round; "
+             f"`{hi}` TTFT p99 over every round's requests, throughput the mean of the rounds, batch shares summed "
+             "over the seconds every batch tenant was backlogged):", "",
+             f"| system | rounds | {hi} TTFT p99 pooled | per round | throughput tok/s (mean) | per round "
+             "| share error both backlogged (cost / tokens; s) |", "|---|---:|---:|---|---:|---|---:|"]
+    for label, pairs in by.items():
+        per = ", ".join(_f(s.groups[hi].ttft.p99) if hi in s.groups else "-" for _, s in pairs)
+        t = tps(label)
+        sh = shares(label)
+        unloaded = pairs[0][1].unloaded
+        lines.append(f"| {label} | {len(pairs)} | {_f(p99(label), 's')} | {per} "
+                     f"| {'(unloaded)' if unloaded else _f(sum(t) / len(t), '', 0)} "
+                     f"| {'-' if unloaded else ', '.join(_f(x, '', 0) for x in t)} "
+                     f"| {'-' if sh is None else f'{_pct(sh[0])} / {_pct(sh[1])}; {sh[2]:.0f}s'} |")
+    loaded = [label for label, pairs in by.items() if pairs[0][1].kind == "tokenslice" and not pairs[0][1].unloaded]
+    unloaded = next((label for label, pairs in by.items() if pairs[0][1].unloaded), None)
+    out: list[Check] = []
+    fcfs = tps("vllm-fcfs")
+    for label in loaded:
+        bp = p99(label)
+        if bp is None:
+            continue
+        up = p99(unloaded) if unloaded else None
+        if up:
+            out.append(Check(f"{hi} p99 TTFT <= 2x unloaded, pooled ({label})",
+                             f"{bp:.3f}s vs 2x{up:.3f}s = {bp / up:.1f}x", bp <= 2 * up))
+        for base, times, name in (("vllm-fcfs", 10, "FCFS"), ("vllm-priority", 5, "priority")):
+            other = p99(base)
+            if other:
+                out.append(Check(f"{hi} p99 TTFT >= {times}x better than vLLM {name}, pooled ({label})",
+                                 f"{other:.3f}s / {bp:.3f}s = {other / bp:.1f}x", other / bp >= times))
+        mine = tps(label)
+        if fcfs and mine and sum(fcfs) > 0:
+            ratio = (sum(mine) / len(mine)) / (sum(fcfs) / len(fcfs))
+            rounds = ", ".join(f"{a / b:.0%}" for a, b in zip(mine, fcfs) if b > 0)
+            out.append(Check(f"throughput >= 95% of vLLM FCFS, pooled ({label})",
+                             f"{ratio:.1%} (per round: {rounds})", ratio >= 0.95))
+        sh = shares(label)
+        if sh is not None:
+            out.append(Check(f"batch tenants within 5% of their weights while backlogged, pooled ({label})",
+                             f"{_pct(sh[0])} (cost) / {_pct(sh[1])} (output tokens) over {sh[2]:.0f}s",
+                             sh[0] <= 0.05 and sh[1] <= 0.05))
+    if out:
+        lines += ["", "Targets, pooled over the rounds:", "", "| claim | measured | met |", "|---|---|---|"]
+        lines += [f"| {c.claim} | {c.measured} | {'yes' if c.met else 'no'} |" for c in out]
     return "\n".join(lines) + "\n"
 
 

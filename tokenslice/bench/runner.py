@@ -11,12 +11,11 @@ cache left behind by the previous system.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import aiohttp
 
@@ -137,6 +136,23 @@ def plan_systems(scenario: Scenario) -> list[Plan]:
     return plans
 
 
+ROUND_MARK = "#"
+"""``tokenslice-q32#2``: the second round of ``tokenslice-q32`` (round 1 keeps the plain label)."""
+
+
+def rounds_of(group: list[Plan], rounds: int) -> list[Plan]:
+    """The group's plans ``rounds`` times, every other round in reverse (ABBA): drift hits every system alike."""
+    out: list[Plan] = []
+    for r in range(rounds):
+        order = group if r % 2 == 0 else list(reversed(group))
+        out += [p if r == 0 else replace(p, label=f"{p.label}{ROUND_MARK}{r + 1}") for p in order]
+    return out
+
+
+def base_label(label: str) -> str:
+    return label.split(ROUND_MARK, 1)[0]
+
+
 def sweep_policy(scenario: Scenario, chunk_size: int | None, reserved: int | None = None) -> SchedulingPolicySpec:
     """The scenario's policy with one chunk size for every class and one slot per vLLM sequence.
 
@@ -169,7 +185,7 @@ def long_slices(picker_args: list[str]) -> bool:
 
 def salted(trace: list[TraceRequest], label: str) -> list[TraceRequest]:
     salt = hashlib.sha256(label.encode()).hexdigest()[:8]
-    return [dataclasses.replace(r, prompt=f"{salt} {r.prompt}") for r in trace]
+    return [replace(r, prompt=f"{salt} {r.prompt}") for r in trace]
 
 
 def reusable_tokens(prompt_tokens: int, generated: int, chunk_size: int, block_size: int,
@@ -370,8 +386,8 @@ async def run_benchmark(scenario: Scenario, *, progress: Progress = _stderr, mod
                     _announce(scenario, trace, plans, progress)
                     if on_calibrated:
                         on_calibrated(scenario, calibrated)
-                for plan in group:
-                    progress(f"== {plan.label} ({len(out) + 1}/{len(plans)})")
+                for plan in rounds_of(group, scenario.rounds):
+                    progress(f"== {plan.label} ({len(out) + 1}/{len(plans) * scenario.rounds})")
                     try:
                         result = await run_system(plan, scenario, engines, run_dir,
                                                   unloaded if plan.unloaded else trace, progress)

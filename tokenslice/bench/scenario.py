@@ -179,6 +179,11 @@ class Scenario(_Model):
         "affinity) to show the prefix-cache drop; meaningful with engines >= 2")
     calibrate: Calibration | None = Field(
         default=None, description="scale the background load to this machine (tokenslice.bench.calibrate)")
+    rounds: int = Field(
+        default=1, ge=1, le=10, description="run the systems of each engine start this many times, in "
+        "alternating order (ABBA), the same trace each time: the targets are then judged pooled over the "
+        "rounds too (tokenslice.bench.report.pooled_markdown), so one slow window on a noisy machine does not "
+        "decide a ratio")
     policy: SchedulingPolicySpec
 
     @model_validator(mode="after")

@@ -225,7 +225,7 @@ class Fairness:
     """The same, counted only while every tenant was backlogged: the fair-share measure."""
 
 
-def _share_error(service: dict[str, float], weights: dict[str, float]) -> float:
+def share_error(service: dict[str, float], weights: dict[str, float]) -> float:
     total, wtotal = sum(service.values()), sum(weights[t] for t in service)
     if total <= 0:
         return math.nan
@@ -326,7 +326,7 @@ def fairness(results: Iterable[RequestResult], priority_class: str, weights: dic
     served = sum(b_service.values()) > 0
     back = Backlogged(sum(b - a for a, b in both), b_service, b_tokens,
                       jain_index(b_service[t] / ws[t] for t in b_service) if served else math.nan,
-                      _share_error(b_service, ws),
-                      _share_error(b_tokens, ws))
+                      share_error(b_service, ws),
+                      share_error(b_tokens, ws))
     return Fairness(priority_class, service, ws, jain_index(service[t] / ws[t] for t in service),
-                    _share_error(service, ws), tokens, _share_error(tokens, ws), back)
+                    share_error(service, ws), tokens, share_error(tokens, ws), back)
