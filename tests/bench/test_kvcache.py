@@ -26,6 +26,8 @@ def test_overflow_scenario_runs_residency_off_on_off_again_per_chunk_on_a_shrunk
     assert "vllm-fcfs" in by_label
     assert scenario.vllm_args[scenario.vllm_args.index("--kv-cache-memory-bytes") + 1] == str(4 * 2**20)
     assert _interactive(scenario) >= 100  # a p99 that is not just the slowest request
+    # calibrated like the GPU one: fixed rates stopped overflowing once the engine core had a CPU of its own
+    assert scenario.calibrate is not None and scenario.calibrate.multiple == 1.5
 
 
 def test_gpu_overflow_scenario_starts_the_offload_engines_once_for_all_picker_variants():
