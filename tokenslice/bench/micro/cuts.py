@@ -73,7 +73,7 @@ class Stream:
     end: float | None = None
     error: str | None = None
     max_tokens: int = 0
-    """What it asked for (the cutter leaves a stream alone near its end); 0: not recorded."""
+    """What it asked for (set by :func:`run_stream`; the cutter leaves a stream alone near its end)."""
     started: asyncio.Event = field(default_factory=asyncio.Event)
     """Set at the first token."""
 
@@ -92,6 +92,7 @@ class Stream:
 async def run_stream(session: aiohttp.ClientSession, base: str, model: str, prompt: str, max_tokens: int,
                      headers: dict[str, str], s: Stream) -> Stream:
     """Stream one completion into ``s`` (``ignore_eos``, token ids returned so tokens are counted exactly)."""
+    s.max_tokens = max_tokens
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": True, "return_token_ids": True}
     try:
@@ -164,7 +165,6 @@ class Background:
         while True:
             s = Stream(sent=time.perf_counter())
             lane.current, lane.chunk_index, lane.tokens_at_cut, lane.generated_before_chunk = s, 0, 0, 0
-            s.max_tokens = tokens
             await run_stream(self.session, self.base, self.model, f"{uuid.uuid4().hex[:8]} {PROMPT}",
                              tokens, self.headers, s)
             tokens = self.tokens
@@ -481,7 +481,7 @@ class Cutter:
             lane = lanes[(self.next + k) % len(lanes)]
             s = lane.current
             if (s is None or not s.request_id or s.end is not None or s.tokens <= lane.tokens_at_cut
-                    or (s.max_tokens or self.bg.tokens) - s.tokens < 8):
+                    or s.max_tokens - s.tokens < 8):
                 continue  # not started, (nearly) ended, or its continuation has not produced a token yet
             headers = contract.CutHeaders(s.request_id, lane.chunk_index, "bench").sign(self.key)
             try:
