@@ -31,6 +31,7 @@ BENCH_ARGS=${BENCH_ARGS:-}
 # a micro-benchmark instead of the scenario: BENCH_MICRO="slices --parts cut,cutrate ..." runs
 # `tokenslice bench micro slices --parts cut,cutrate ... --model $MODEL --out $RES --keep-logs` (docs/gpu.md)
 BENCH_MICRO=${BENCH_MICRO:-}
+# BACKPORT_PR52923=1: apply vLLM PR #52923 to the installed vLLM 0.26.0 first (the CPU-offload runs)
 export TOKENSLICE_CACHE=${TOKENSLICE_CACHE:-/root/ts-cache}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 mkdir -p "$OUT" "$RES"
@@ -44,6 +45,9 @@ prepare() {
     export PYTHONPATH=/root/site${PYTHONPATH:+:$PYTHONPATH} PATH=/root/site/bin:$PATH
   fi
   python3 -c 'import vllm' || { echo "vLLM does not import: stage the wheels (docs/gpu.md)" >&2; exit 1; }
+  # vLLM 0.26.0's CPU offload needs upstream's fix #52923 (in 0.30.0) to survive a run: opt in, and the
+  # log says so (scripts/gpu/backport_pr52923.py)
+  [ -z "${BACKPORT_PR52923:-}" ] || python3 scripts/gpu/backport_pr52923.py
   say "installed"
   if [ ! -f "$MODEL/model.safetensors.index.json" ]; then
     tok=/root/stage/tokenizer

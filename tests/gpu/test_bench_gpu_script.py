@@ -126,3 +126,49 @@ def test_a_micro_benchmark_runs_in_place_of_the_scenario(tmp_path: Path) -> None
             f"--out {env['RES']} --keep-logs") in log
     assert "usage: tokenslice bench micro slices" in log and "--cut-interval" in log  # the part's own help ran
     assert (tmp_path / "res" / "rc").read_text().strip() == "0"
+
+
+def test_the_offload_backport_patches_vllm_0_26_only_when_asked(tmp_path: Path) -> None:
+    """BACKPORT_PR52923=1 patches the installed offloading scheduler (0.26.0's text, as the wheel ships it);
+    without it the file stays as installed, and a vLLM that is not 0.26.0 is refused, not half-patched."""
+    sched = tmp_path / "stubs" / "py" / "vllm" / "distributed" / "kv_transfer" / "kv_connector" / "v1" / "offloading"
+    sched.mkdir(parents=True)
+    for pkg in (sched, *sched.parents):
+        if pkg.name == "py":
+            break
+        (pkg / "__init__.py").write_text("")
+    sys.path.insert(0, str(REPO / "scripts" / "gpu"))
+    try:
+        import backport_pr52923 as bp
+    finally:
+        sys.path.pop(0)
+    original = ("class RequestOffloadState:\n    def storable_chunks(self, group_config, num_offloadable_tokens):\n"
+                "        num_chunks = num_offloadable_tokens // group_config.tokens_per_chunk\n"
+                "        is_decoding = num_offloadable_tokens > self.req.num_prompt_tokens\n" + bp.ORIGINAL)
+    (sched / "scheduler.py").write_text(original)
+    tree = _tree(tmp_path / "tree")
+    env = {**_env(tmp_path), "BENCH_CMD": "true"}
+
+    out = subprocess.run(["bash", SCRIPT], cwd=tree, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (sched / "scheduler.py").read_text() == original
+
+    out = subprocess.run(["bash", SCRIPT], cwd=tree, env={**env, "BACKPORT_PR52923": "1"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "backport PR #52923" in out.stdout and ": patched" in out.stdout
+    patched = (sched / "scheduler.py").read_text()
+    assert "num_keyed_chunks = len(group_state.offload_keys)" in patched
+    # the cap it adds, run: 5 chunks by tokens, 3 with GPU blocks, 4 with keys -> 3
+    namespace: dict[str, object] = {}
+    exec(compile(patched, "scheduler.py", "exec"), namespace)
+    group_config = type("G", (), {"tokens_per_chunk": 16, "is_eagle_group": False})()
+    group_state = type("S", (), {"block_ids": [1] * 6, "offload_keys": ["k"] * 4})()
+    state = namespace["RequestOffloadState"]()
+    state.req = type("R", (), {"num_prompt_tokens": 40})()
+    state.config = type("C", (), {"kv_group_configs": [group_config], "blocks_per_chunk": 2})()
+    state.group_states = [group_state]
+    assert state.storable_chunks(group_config, 80) == 3
+
+    (sched / "scheduler.py").write_text("def storable_chunks(): return 0\n")  # some other vLLM
+    assert bp.main([str(sched / "scheduler.py")]) == 1
