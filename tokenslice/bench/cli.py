@@ -38,6 +38,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     refair = sub.add_parser("fairness", help="re-read a stored results.json: fair share over the whole window "
                             "(old) and while both batch tenants were backlogged (approximate: no per-token times)")
     refair.add_argument("results", type=Path, help="a results.json written by `tokenslice bench run`")
+    kvplot = sub.add_parser("kv", help="re-read stored results.json files: plot what paused contexts cost under KV "
+                            "overflow (recomputed vs loaded from CPU offload, interactive p99), one row per run")
+    kvplot.add_argument("results", type=Path, nargs="+", help="results.json files written by `tokenslice bench run`")
+    kvplot.add_argument("--out", type=Path, required=True, help="the PNG to write")
     sub.add_parser("list", help="list the built-in scenarios")
     trace = sub.add_parser("trace", help="print a scenario's arrival trace summary (no engines needed)")
     trace.add_argument("scenario")
@@ -85,6 +89,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.bench_command == "affinity":
         return _affinity(args)
+    if args.bench_command == "kv":
+        return _kv_plot(args.results, args.out)
     if args.bench_command == "fairness":
         return _fairness(args.results)
     if args.bench_command == "micro":
@@ -139,6 +145,24 @@ def _affinity(args: argparse.Namespace) -> int:
     rows = asyncio.run(affinity.probe(engines=args.engines, chunk_size=args.chunk_size, tokens=args.tokens,
                                       requests=args.requests, model_dir=args.model, progress=progress))
     print(affinity.markdown(rows, engines=args.engines, chunk_size=args.chunk_size, tokens=args.tokens))
+    return 0
+
+
+def _kv_plot(paths: list[Path], out: Path) -> int:
+    from tokenslice.bench import plots
+
+    runs = []
+    for path in paths:
+        try:
+            runs.append((path.parent.name or str(path), plots.kv_bars_from_json(json.loads(path.read_text()))))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            print(f"tokenslice bench kv: cannot read {path}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 2
+    plots.kv_overflow(runs, out)
+    if not out.exists():
+        print("tokenslice bench kv: no system with KV counters in these results", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
     return 0
 
 

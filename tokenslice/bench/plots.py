@@ -1,17 +1,19 @@
 """PNG plots of a run (matplotlib, Agg): latency CDFs per system, p99 TTFT and throughput vs chunk size,
-and the batch tenants' service shares."""
+the batch tenants' service shares, and -- where the KV cache overflowed -- what pausing cost in context."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tokenslice.bench.report import SystemSummary, fairness_class, focus_stream  # noqa: E402
+from tokenslice.bench.report import SystemSummary, fairness_class, focus_stream, kv_results  # noqa: E402
 from tokenslice.bench.runner import SystemResult  # noqa: E402
 from tokenslice.bench.scenario import SYSTEMS, Scenario  # noqa: E402
 from tokenslice.bench.stats import ttft_censored  # noqa: E402
@@ -159,10 +161,91 @@ def fairness_shares(summaries: list[SystemSummary], scenario: Scenario, path: Pa
     plt.close(fig)
 
 
+@dataclass(frozen=True, slots=True)
+class KVBar:
+    """One system's KV cost under overflow: what its continuations recomputed or loaded, and its focus p99."""
+
+    label: str
+    recomputed: float
+    offloaded: float
+    focus_p99: float | None
+
+    @property
+    def overflowed(self) -> bool:
+        return self.offloaded > 0 or self.recomputed > 0
+
+
+OVERFLOW_SHARE = 0.1
+"""A run is drawn in ``kv_overflow.png`` once some system recomputed more than this share of its prefill
+(or loaded anything from CPU offload): below it the prefix cache held the paused contexts."""
+
+
+def kv_bars(results: list[SystemResult], summaries: list[SystemSummary], scenario: Scenario) -> list[KVBar]:
+    """The loaded systems of a live run; [] when no system's KV cache overflowed."""
+    hi = focus_stream(scenario)
+    bars, pressed = [], False
+    for s, kv in zip(summaries, kv_results(results)):
+        if s.unloaded:
+            continue
+        p99 = s.groups[hi].ttft.p99 if hi in s.groups else None
+        bars.append(KVBar(s.label, kv.recomputed_tokens, kv.offloaded_tokens,
+                          None if p99 is None or math.isnan(p99) else p99))
+        pressed |= kv.offloaded_tokens > 0 or kv.recomputed_tokens > OVERFLOW_SHARE * kv.prefill_tokens
+    return bars if pressed else []
+
+
+def kv_bars_from_json(doc: dict[str, Any]) -> list[KVBar]:
+    """The same from a stored ``results.json`` (its ``kv`` block and the focus stream's TTFT p99)."""
+    hi = focus_stream(Scenario.model_validate(doc["scenario"]))
+    bars = []
+    for system in doc["systems"]:
+        summary, kv = system["summary"], system["kv"]
+        if summary.get("unloaded"):
+            continue
+        p99 = summary["groups"].get(hi, {}).get("ttft", {}).get("p99")
+        bars.append(KVBar(summary["label"], float(kv["recomputed_tokens"]), float(kv["offloaded_tokens"]), p99))
+    return bars
+
+
+def kv_overflow(runs: list[tuple[str, list[KVBar]]], path: Path) -> None:
+    """Per run: continuation tokens recomputed vs loaded back from CPU offload, and the focus stream's p99."""
+    runs = [(title, bars) for title, bars in runs if bars]
+    if not runs:
+        return
+    width = max(10.0, 1.1 * max(len(b) for _, b in runs) + 4)
+    fig, axes = plt.subplots(len(runs), 2, figsize=(width, 4.2 * len(runs)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1]})
+    for (title, bars), (left, right) in zip(runs, axes):
+        xs = range(len(bars))
+        labels = [b.label for b in bars]
+        left.bar([x - 0.2 for x in xs], [b.recomputed for b in bars], 0.4, color="tab:red",
+                 label="continuation tokens recomputed")
+        left.bar([x + 0.2 for x in xs], [b.offloaded for b in bars], 0.4, color="tab:blue",
+                 label="tokens loaded from CPU offload")
+        for x, b in zip(xs, bars):
+            left.annotate(f"{b.recomputed / 1000:.0f}k", (x - 0.2, b.recomputed), ha="center", va="bottom", fontsize=7)
+        left.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
+        left.set_ylabel("tokens")
+        left.set_title(f"{title}: what paused contexts cost")
+        left.set_ylim(0, 1.3 * max(max(b.recomputed, b.offloaded) for b in bars) or 1.0)
+        left.legend(fontsize=8, loc="upper center", ncol=2)
+        left.grid(True, axis="y", alpha=0.3)
+        right.bar(list(xs), [b.focus_p99 or 0.0 for b in bars], 0.6, color="tab:gray")
+        right.set_xticks(list(xs), labels, rotation=30, ha="right", fontsize=8)
+        right.set_ylabel("interactive TTFT p99 (s)")
+        right.set_title("interactive p99")
+        right.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write_all(results: list[SystemResult], summaries: list[SystemSummary], scenario: Scenario,
               out_dir: Path) -> list[Path]:
-    paths = [out_dir / "latency_cdf.png", out_dir / "chunk_size.png", out_dir / "fairness.png"]
+    paths = [out_dir / "latency_cdf.png", out_dir / "chunk_size.png", out_dir / "fairness.png",
+             out_dir / "kv_overflow.png"]
     latency_cdfs(results, scenario, paths[0])
     versus_chunk_size(summaries, scenario, paths[1])
     fairness_shares(summaries, scenario, paths[2])
+    kv_overflow([(scenario.name, kv_bars(results, summaries, scenario))], paths[3])
     return [p for p in paths if p.exists()]
