@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from tokenslice.bench.report import SystemSummary, fairness_class, focus_stream, kv_results  # noqa: E402
+from tokenslice.bench.report import SystemSummary, fairness_class, focus_stream, kv_results, ttft_p99  # noqa: E402
 from tokenslice.bench.runner import SystemResult  # noqa: E402
 from tokenslice.bench.scenario import SYSTEMS, Scenario  # noqa: E402
 from tokenslice.bench.stats import ttft_censored  # noqa: E402
@@ -170,10 +170,6 @@ class KVBar:
     offloaded: float
     focus_p99: float | None
 
-    @property
-    def overflowed(self) -> bool:
-        return self.offloaded > 0 or self.recomputed > 0
-
 
 OVERFLOW_SHARE = 0.1
 """A run is drawn in ``kv_overflow.png`` once some system recomputed more than this share of its prefill
@@ -187,9 +183,7 @@ def kv_bars(results: list[SystemResult], summaries: list[SystemSummary], scenari
     for s, kv in zip(summaries, kv_results(results)):
         if s.unloaded:
             continue
-        p99 = s.groups[hi].ttft.p99 if hi in s.groups else None
-        bars.append(KVBar(s.label, kv.recomputed_tokens, kv.offloaded_tokens,
-                          None if p99 is None or math.isnan(p99) else p99))
+        bars.append(KVBar(s.label, kv.recomputed_tokens, kv.offloaded_tokens, ttft_p99(s, hi)))
         pressed |= kv.offloaded_tokens > 0 or kv.recomputed_tokens > OVERFLOW_SHARE * kv.prefill_tokens
     return bars if pressed else []
 

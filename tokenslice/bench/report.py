@@ -121,7 +121,8 @@ class Check:
     met: bool | None
 
 
-def _p99(s: SystemSummary | None, stream: str) -> float | None:
+def ttft_p99(s: SystemSummary | None, stream: str) -> float | None:
+    """A system's p99 TTFT of ``stream``; None when it has no such stream or no first token."""
     if s is None or stream not in s.groups:
         return None
     v = s.groups[stream].ttft.p99
@@ -139,20 +140,20 @@ def checks(summaries: list[SystemSummary], scenario: Scenario) -> list[Check]:
     out: list[Check] = []
     if not loaded:
         return out
-    best = min(loaded, key=lambda s: _p99(s, hi) if _p99(s, hi) is not None else math.inf)
-    bp = _p99(best, hi)
+    best = min(loaded, key=lambda s: ttft_p99(s, hi) if ttft_p99(s, hi) is not None else math.inf)
+    bp = ttft_p99(best, hi)
     name = f"{best.label}"
     if bp is None:
         return out
-    up = _p99(unloaded, hi)
+    up = ttft_p99(unloaded, hi)
     if up:
         out.append(Check(f"{hi} p99 TTFT <= 2x unloaded ({name})", f"{bp:.3f}s vs 2x{up:.3f}s = "
                          f"{bp / up:.1f}x", bp <= 2 * up))
-    fp = _p99(fcfs, hi)
+    fp = ttft_p99(fcfs, hi)
     if fp:
         out.append(Check(f"{hi} p99 TTFT >= 10x better than vLLM FCFS ({name})",
                          f"{fp:.3f}s / {bp:.3f}s = {fp / bp:.1f}x", fp / bp >= 10))
-    pp = _p99(prio, hi)
+    pp = ttft_p99(prio, hi)
     if pp:
         out.append(Check(f"{hi} p99 TTFT >= 5x better than vLLM priority ({name})",
                          f"{pp:.3f}s / {bp:.3f}s = {pp / bp:.1f}x", pp / bp >= 5))
@@ -414,7 +415,7 @@ def kv_results(results: list[SystemResult]) -> list[kvcache.KVCost]:
 def kv_markdown(results: list[SystemResult], summaries: list[SystemSummary], scenario: Scenario) -> str:
     """The KV table (tokenslice.bench.kvcache) of every loaded system: what pausing cost in recomputed context."""
     hi = focus_stream(scenario)
-    rows = [(s.label, k, s.throughput_tps, _p99(s, hi), kvcache.estimate(r.gateway_counters))
+    rows = [(s.label, k, s.throughput_tps, ttft_p99(s, hi), kvcache.estimate(r.gateway_counters))
             for s, k, r in zip(summaries, kv_results(results), results) if not s.unloaded]
     return kvcache.markdown(rows, results[0].kv_tokens if results else None)
 
